@@ -6,6 +6,7 @@ shrink ranks as training goes, and export any point of the accuracy–cost curve
 """
 
 from .config import FactorizeConfig
+from .errors import CheckpointError, ConfigError, ConfigTypeError, MaestroError, TrainingDiverged
 from .export import export
 from .inject import LayerHandler, Plan, PlanEntry, factorize, low_rank_layers, plan, rank_pattern, register_layer
 from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention
@@ -17,6 +18,7 @@ from .shrinking import shrink_, truncate_
 __version__ = "0.1.0"
 
 __all__ = [
+    "MaestroError", "ConfigError", "ConfigTypeError", "CheckpointError", "TrainingDiverged",
     "FactorizeConfig", "factorize", "plan", "Plan", "PlanEntry", "LayerHandler", "register_layer",
     "low_rank_layers", "rank_pattern", "LowRankLayer", "LowRankLinear", "LowRankConv", "LowRankMultiheadAttention",
     "RankSampler", "SingleLayerSampler", "IndependentSampler", "FixedFractionSampler", "sampled_ranks",

@@ -8,13 +8,10 @@ import sys
 
 from . import __version__
 from .commands import demo, train
+from .errors import MaestroError, UsageError
 
 # One ``register(subparsers)`` per sub-command module in ``maestro_lod.commands``.
 COMMANDS: list = [train.register, demo.register]
-
-
-class UsageError(Exception):
-    """Bad input from the command line: reported as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return int(args.handler(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
+    except MaestroError as exc:
         print(f"maestro-lod: error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .checks import dataclass_from_dict
+from .errors import ConfigError, ConfigTypeError
 
 INITS = ("svd", "random")
 
@@ -18,23 +19,23 @@ def _check_modules(value: Any, what: str) -> Any:
         try:
             re.compile(value)
         except re.error as exc:
-            raise ValueError(f"{what}={value!r} is not a valid regular expression: {exc}") from None
+            raise ConfigError(f"{what}={value!r} is not a valid regular expression: {exc}") from None
         return value
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
         if not value:
-            raise ValueError(f"{what} is an empty list; use None to mean every supported layer")
+            raise ConfigError(f"{what} is an empty list; use None to mean every supported layer")
         return list(value)
-    raise TypeError(f"{what} must be None, a regex string or a list of module names, got {value!r}")
+    raise ConfigTypeError(f"{what} must be None, a regex string or a list of module names, got {value!r}")
 
 
 def check_rank(value: Any, what: str) -> None:
     """A rank is a positive int or a fraction in (0, 1] of the layer's full rank."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be an int or a float fraction, got {value!r}")
+        raise ConfigTypeError(f"{what} must be an int or a float fraction, got {value!r}")
     if isinstance(value, int) and value <= 0:
-        raise ValueError(f"{what}={value} must be a positive int")
+        raise ConfigError(f"{what}={value} must be a positive int")
     if isinstance(value, float) and not 0.0 < value <= 1.0:
-        raise ValueError(f"{what}={value} must be a fraction in (0, 1]")
+        raise ConfigError(f"{what}={value} must be a fraction in (0, 1]")
 
 
 @dataclass
@@ -67,18 +68,18 @@ class FactorizeConfig:
         self.target_modules = _check_modules(self.target_modules, "target_modules")
         self.exclude_modules = _check_modules(self.exclude_modules, "exclude_modules")
         if self.init not in INITS:
-            raise ValueError(f"init={self.init!r} is not one of {', '.join(INITS)}")
+            raise ConfigError(f"init={self.init!r} is not one of {', '.join(INITS)}")
         if self.rank is not None:
             check_rank(self.rank, "rank")
         if not isinstance(self.rank_pattern, dict):
-            raise TypeError(f"rank_pattern must be a dict of pattern -> rank, got {self.rank_pattern!r}")
+            raise ConfigTypeError(f"rank_pattern must be a dict of pattern -> rank, got {self.rank_pattern!r}")
         for key, value in self.rank_pattern.items():
             _check_modules(key, "rank_pattern key")
             check_rank(value, f"rank_pattern[{key!r}]")
         if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank < 0:
-            raise ValueError(f"min_rank={self.min_rank!r} must be a non-negative int")
+            raise ConfigError(f"min_rank={self.min_rank!r} must be a non-negative int")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+            raise ConfigTypeError(f"seed must be an int or None, got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; ``from_dict(to_dict())`` gives an equal config."""

@@ -6,6 +6,7 @@ import copy
 
 from torch import nn
 
+from .errors import ConfigError, ConfigTypeError
 from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention
 
 MERGE_MODES = ("auto", "always", "never")
@@ -33,9 +34,9 @@ def export(model: nn.Module, merge: str = "auto") -> nn.Module:
     reason the feed-forward layers of ``nn.TransformerEncoderLayer`` are exported merged.
     """
     if merge not in MERGE_MODES:
-        raise ValueError(f"merge={merge!r} is not one of {', '.join(MERGE_MODES)}")
+        raise ConfigError(f"merge={merge!r} is not one of {', '.join(MERGE_MODES)}")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        raise ConfigTypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     result = copy.deepcopy(model)
     replacements: dict[int, nn.Module] = {}
     weight_read = {f"{parent}.{child}" if parent else child

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import FactorizeConfig, name_matches, pattern_matches
+from .errors import ConfigError, ConfigTypeError
 from .functional import truncated_rank
 from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention
 from .layers.attention import PROJECTIONS, attention_projection_weights
@@ -102,7 +103,7 @@ LAYER_REGISTRY: list[LayerHandler] = [
 def register_layer(handler: LayerHandler) -> None:
     """Teach :func:`factorize` a new layer type; later registrations take precedence."""
     if not isinstance(handler, LayerHandler):
-        raise TypeError(f"register_layer expects a LayerHandler, got {type(handler).__name__}")
+        raise ConfigTypeError(f"register_layer expects a LayerHandler, got {type(handler).__name__}")
     LAYER_REGISTRY.insert(0, handler)
 
 
@@ -170,7 +171,7 @@ def _start_rank(names: list[str], component: Component, config: FactorizeConfig)
         if any(pattern_matches(n, key) for n in names):
             if isinstance(value, int):
                 if value > component.max_rank:
-                    raise ValueError(f"rank_pattern[{key!r}]={value} exceeds the full rank {component.max_rank} "
+                    raise ConfigError(f"rank_pattern[{key!r}]={value} exceeds the full rank {component.max_rank} "
                                      f"of {names[0]!r}")
                 return value
             return truncated_rank(value, component.max_rank)
@@ -183,9 +184,9 @@ def _start_rank(names: list[str], component: Component, config: FactorizeConfig)
 
 def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Decision]]:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        raise ConfigTypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, FactorizeConfig):
-        raise TypeError(f"config must be a FactorizeConfig, got {type(config).__name__}")
+        raise ConfigTypeError(f"config must be a FactorizeConfig, got {type(config).__name__}")
     paths: dict[int, list[str]] = {}
     modules: dict[int, nn.Module] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -230,7 +231,7 @@ def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Dec
             decisions.append(_Decision(module, handler, names, ranks))
     if unsupported:
         supported = ", ".join(h.label for h in LAYER_REGISTRY)
-        raise ValueError(f"targeted module(s) {', '.join(unsupported)} cannot be factorised; supported: {supported}")
+        raise ConfigError(f"targeted module(s) {', '.join(unsupported)} cannot be factorised; supported: {supported}")
     return entries, decisions
 
 
@@ -254,7 +255,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | None = None) -> nn.Mod
         target = config.target_modules
         detail = "no supported layer found" if target is None else f"target_modules={target!r} matched no supported layer"
         skipped = "; ".join(f"{e.name}: {e.skipped}" for e in entries.skipped)
-        raise ValueError(f"nothing to factorise: {detail}" + (f" (skipped: {skipped})" if skipped else ""))
+        raise ConfigError(f"nothing to factorise: {detail}" + (f" (skipped: {skipped})" if skipped else ""))
     generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
     replacements = [(d, d.handler.build(d.module, d.ranks, config.init, config.min_rank, generator))
                     for d in decisions]

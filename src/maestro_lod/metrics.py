@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import ConfigTypeError
 from .inject import low_rank_layers
 from .tables import format_table
 
@@ -25,7 +26,7 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor | tuple) -> int:
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not all(isinstance(x, torch.Tensor) for x in inputs):
-        raise TypeError("example_inputs must be a tensor or a tuple of tensors")
+        raise ConfigTypeError("example_inputs must be a tensor or a tuple of tensors")
     was_training, fast_path = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)

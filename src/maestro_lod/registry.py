@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+from .errors import ConfigError
+
 Factory = TypeVar("Factory", bound=Callable)
 
 
@@ -18,11 +20,11 @@ class Registry(dict):
     def register(self, name: str) -> Callable[[Factory], Factory]:
         """Decorator adding a factory under ``name`` (a name can be registered only once)."""
         if not isinstance(name, str) or not name:
-            raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
+            raise ConfigError(f"{self.kind} name must be a non-empty string, got {name!r}")
 
         def add(factory: Factory) -> Factory:
             if name in self:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
+                raise ConfigError(f"{self.kind} {name!r} is already registered")
             self[name] = factory
             return factory
 
@@ -35,5 +37,5 @@ class Registry(dict):
     def lookup(self, name: str) -> Callable:
         """The factory registered as ``name``, or a ValueError listing the available names."""
         if name not in self:
-            raise ValueError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
+            raise ConfigError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
         return self[name]

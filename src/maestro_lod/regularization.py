@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .functional import group_lasso_penalty
 from .inject import low_rank_layers
 
@@ -17,7 +18,7 @@ def group_lasso(model: nn.Module, hierarchical: bool = True) -> torch.Tensor:
     """
     terms = [group_lasso_penalty(layer.up, layer.down, hierarchical) for _, layer in low_rank_layers(model)]
     if not terms:
-        raise ValueError("group_lasso: the model has no low-rank layers; call factorize() first")
+        raise ConfigError("group_lasso: the model has no low-rank layers; call factorize() first")
     return torch.stack(terms).sum()
 
 

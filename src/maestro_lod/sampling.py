@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .errors import ConfigError, ConfigTypeError
 from .inject import low_rank_layers
 from .layers import LowRankLayer
 
@@ -25,7 +26,7 @@ def _generator(seed: int | torch.Generator | None) -> torch.Generator:
     if seed is None:
         return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, a torch.Generator or None, got {seed!r}")
+        raise ConfigTypeError(f"seed must be an int, a torch.Generator or None, got {seed!r}")
     return torch.Generator().manual_seed(seed)
 
 
@@ -71,7 +72,7 @@ class FixedFractionSampler(RankSampler):
 
     def __init__(self, fraction: float, seed: int | torch.Generator | None = None):
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction={fraction!r} must be in (0, 1]")
+            raise ConfigError(f"fraction={fraction!r} must be in (0, 1]")
         super().__init__(seed)
         self.fraction = float(fraction)
 
@@ -87,7 +88,7 @@ def sampled_ranks(model: nn.Module, sampler: RankSampler) -> Iterator[dict[str, 
     also when the block raises. Yields the draw.
     """
     if not isinstance(sampler, RankSampler):
-        raise TypeError(f"sampler must be a RankSampler, got {type(sampler).__name__}")
+        raise ConfigTypeError(f"sampler must be a RankSampler, got {type(sampler).__name__}")
     layers = list(low_rank_layers(model))
     draw = sampler.draw(layers)
     by_name = dict(layers)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .errors import ConfigError, ConfigTypeError
 from .functional import DOWN_RANK_DIM, UP_RANK_DIM
 from .inject import low_rank_layers
 from .layers import LowRankLayer
@@ -37,7 +38,7 @@ def shrink_(model: nn.Module, threshold: float, optimizer: torch.optim.Optimizer
     its ``min_rank``. Returns ``{name: (rank before, rank after)}`` for every low-rank layer.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"threshold={threshold!r} must be a finite number ≥ 0")
+        raise ConfigError(f"threshold={threshold!r} must be a finite number ≥ 0")
     changes = {}
     for name, layer in low_rank_layers(model):
         before = layer.rank
@@ -56,15 +57,15 @@ def truncate_(model: nn.Module, ranks: dict[str, int], optimizer: torch.optim.Op
     All names and values are checked before anything changes. Returns ``{name: (before, after)}``.
     """
     if not isinstance(ranks, dict):
-        raise TypeError(f"ranks must be a dict of layer name -> rank, got {type(ranks).__name__}")
+        raise ConfigTypeError(f"ranks must be a dict of layer name -> rank, got {type(ranks).__name__}")
     layers = dict(low_rank_layers(model))
     for name, rank in ranks.items():
         if name not in layers:
-            raise ValueError(f"no low-rank layer named {name!r}")
+            raise ConfigError(f"no low-rank layer named {name!r}")
         if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"rank for {name!r} must be an int, got {rank!r}")
+            raise ConfigTypeError(f"rank for {name!r} must be an int, got {rank!r}")
         if not 0 <= rank <= layers[name].rank:
-            raise ValueError(f"rank {rank} for {name!r} is outside 0..{layers[name].rank} (its current rank)")
+            raise ConfigError(f"rank {rank} for {name!r} is outside 0..{layers[name].rank} (its current rank)")
     changes = {}
     for name, rank in ranks.items():
         changes[name] = (layers[name].rank, rank)

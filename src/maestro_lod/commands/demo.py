@@ -13,7 +13,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from .. import cli
+from ..errors import UsageError
 from ..tables import format_table
 from ..theory import PCA_SETTINGS, SVD_KINDS, SVD_SETTINGS, ExperimentResult, pca_problem, run_experiment, svd_problem
 from ..theory.measures import RankRow
@@ -36,11 +36,11 @@ def register(subparsers) -> None:
 def run_demo(args) -> int:
     out = args.out or Path(f"maestro-lod-demo-{args.which}-seed{args.seed}.png")
     if out.suffix.lower() != ".png":
-        raise cli.UsageError(f"--out {str(out)!r} must end in .png")
+        raise UsageError(f"--out {str(out)!r} must end in .png")
     if not out.parent.is_dir():
-        raise cli.UsageError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist")
+        raise UsageError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist")
     if out.exists() and not args.force:
-        raise cli.UsageError(f"--out {str(out)!r} already exists; pass --force to replace it")
+        raise UsageError(f"--out {str(out)!r} already exists; pass --force to replace it")
     start = time.perf_counter()
     if args.which == "svd":
         settings = dataclasses.replace(SVD_SETTINGS, seed=args.seed)

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import cli
 from ..data import DATASETS, load_data
+from ..errors import TrainingDiverged, UsageError
 from ..models import MODELS, build_model
 from ..tables import format_table
 from ..training.checkpoint import load_checkpoint
 from ..training.config import EXECUTION_KEYS, METHODS, TrainConfig, read_toml
-from ..training.loop import FitResult, Trainer, TrainingDiverged
+from ..training.loop import FitResult, Trainer
 from ..training.presets import PRESETS, preset
 from ..training.progress import Progress
 from ..training.reference import stored_reference
@@ -182,12 +182,12 @@ def _prepare_out(args: argparse.Namespace, config: TrainConfig) -> Path:
         return _fresh_directory(config)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise cli.UsageError(f"--out {str(out)!r} exists and is not a directory")
+        raise UsageError(f"--out {str(out)!r} exists and is not a directory")
     status = run_status(out) if out.is_dir() else "empty"
     if status != "empty" and not args.force:
         if status == "finished":
-            raise cli.UsageError(f"--out {str(out)!r} holds a finished run; choose another directory or pass --force")
-        raise cli.UsageError(f"--out {str(out)!r} holds an unfinished run; continue it with --resume {out} or pass --force")
+            raise UsageError(f"--out {str(out)!r} holds a finished run; choose another directory or pass --force")
+        raise UsageError(f"--out {str(out)!r} holds an unfinished run; continue it with --resume {out} or pass --force")
     if status != "empty":
         clear_run_files(out)
     return out
@@ -198,16 +198,16 @@ def _resume_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     not_allowed = sorted(set(_given(args)) - RESUME_FLAGS) + [f for f in ("preset", "config", "out") if f in args]
     not_allowed += ["force"] if args.force else []
     if not_allowed:
-        raise cli.UsageError(f"--resume continues the run with its saved options; drop {', '.join(not_allowed)} "
+        raise UsageError(f"--resume continues the run with its saved options; drop {', '.join(not_allowed)} "
                          f"(only --device, --threads, --num-workers, --quiet may change)")
     if not (directory / CONFIG_FILE).is_file() or not (directory / CHECKPOINT_FILE).is_file():
-        raise cli.UsageError(f"--resume {str(directory)!r}: no {CONFIG_FILE} and {CHECKPOINT_FILE} there to resume from")
+        raise UsageError(f"--resume {str(directory)!r}: no {CONFIG_FILE} and {CHECKPOINT_FILE} there to resume from")
     if run_status(directory) == "finished":
-        raise cli.UsageError(f"--resume {str(directory)!r}: that run has already finished")
+        raise UsageError(f"--resume {str(directory)!r}: that run has already finished")
     try:
         saved = json.loads((directory / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise cli.UsageError(f"cannot read {str(directory / CONFIG_FILE)!r}: {exc}") from None
+        raise UsageError(f"cannot read {str(directory / CONFIG_FILE)!r}: {exc}") from None
     saved.update({k: v for k, v in _given(args).items() if k in RESUME_FLAGS})
     return TrainConfig.from_dict(saved), directory
 
@@ -234,7 +234,7 @@ def _dense_reference(config: TrainConfig, data, quiet: bool) -> dict[str, Any] |
     try:
         summary = _train(dense, data, [Progress(bars=not quiet, prefix="[dense] ")]).summary
     except TrainingDiverged as exc:
-        raise cli.UsageError(f"dense reference run: {exc}") from None
+        raise UsageError(f"dense reference run: {exc}") from None
     reference = {"accuracy": summary["final_accuracy"], "train_time": summary["train_time"],
                  "source": "dense run with the same recipe and seed (this command)"}
     if "final_perplexity" in summary:
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         kept = (f"the last good checkpoint (epoch {exc.epoch - 1}) is kept in {out}" if exc.epoch > 1
                 else f"no epoch finished, so {out} holds no checkpoint")
-        raise cli.UsageError(f"{exc}; {kept}") from None
+        raise UsageError(f"{exc}; {kept}") from None
     print()
     print(result_table(result.summary, reference))
     print(f"\nrun files: {out}")

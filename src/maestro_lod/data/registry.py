@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError, ConfigTypeError, MissingFileError
 from ..registry import Registry
 from .vocab import Vocabulary
 
@@ -39,7 +40,7 @@ class TaskData:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"TaskData kind={self.kind!r} is not one of {', '.join(KINDS)}")
+            raise ConfigError(f"TaskData kind={self.kind!r} is not one of {', '.join(KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -78,21 +79,21 @@ def load_data(name: str, *, root: str | None = None, download: bool = False, see
     """
     loader = DATASETS.lookup(name)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+        raise ConfigTypeError(f"seed must be an int, got {seed!r}")
     if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2):
-        raise ValueError(f"seq_len={seq_len!r} must be an int >= 2")
+        raise ConfigError(f"seq_len={seq_len!r} must be an int >= 2")
     options = LoadOptions(None if root is None else Path(root).expanduser(), bool(download), seed, bool(augment),
                           seq_len)
     data = loader(options)
     if seq_len is not None and data.seq_len is None:
-        raise ValueError(f"seq_len={seq_len} applies to sequence tasks, but dataset {name!r} is {data.kind}")
+        raise ConfigError(f"seq_len={seq_len} applies to sequence tasks, but dataset {name!r} is {data.kind}")
     return data
 
 
 def require_root(name: str, options: LoadOptions) -> Path:
     """The ``root`` directory of a file-based dataset, which must be given and exist."""
     if options.root is None:
-        raise ValueError(f"dataset {name!r} reads local files: pass root=<directory>")
+        raise ConfigError(f"dataset {name!r} reads local files: pass root=<directory>")
     if not options.root.is_dir():
-        raise FileNotFoundError(f"dataset {name!r}: directory {str(options.root)!r} does not exist")
+        raise MissingFileError(f"dataset {name!r}: directory {str(options.root)!r} does not exist")
     return options.root

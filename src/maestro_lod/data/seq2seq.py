@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError, MissingFileError
 from .registry import IGNORE_INDEX, LoadOptions, TaskData, register_dataset, require_root
 from .vocab import BOS_INDEX, EOS_INDEX, PAD_INDEX, Vocabulary
 
@@ -50,10 +51,10 @@ def random_sequences(rng: np.random.Generator, count: int, lengths: tuple[int, i
     (inclusive), none of them in ``exclude`` (so validation never repeats a training sequence)."""
     low, high = lengths
     if high < low:
-        raise ValueError(f"sequence lengths {lengths} are empty")
+        raise ConfigError(f"sequence lengths {lengths} are empty")
     possible = sum(len(alphabet) ** k for k in range(low, high + 1)) - len(exclude)
     if possible < count:
-        raise ValueError(f"cannot draw {count} distinct sequences of length {low}..{high} over {len(alphabet)} symbols")
+        raise ConfigError(f"cannot draw {count} distinct sequences of length {low}..{high} over {len(alphabet)} symbols")
     found: dict[str, None] = {}
     while len(found) < count:
         length = int(rng.integers(low, high + 1))
@@ -88,11 +89,11 @@ def load_reverse(options: LoadOptions) -> TaskData:
 def read_lines(path: Path) -> list[str]:
     """Non-empty lines of a UTF-8 text file (an empty line is an error: it has nothing to translate)."""
     if not path.is_file():
-        raise FileNotFoundError(f"parallel-text file {str(path)!r} does not exist")
+        raise MissingFileError(f"parallel-text file {str(path)!r} does not exist")
     lines = path.read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
-            raise ValueError(f"{str(path)!r} line {number} is empty")
+            raise ConfigError(f"{str(path)!r} line {number} is empty")
     return lines
 
 
@@ -101,9 +102,9 @@ def read_parallel(root: Path, split: str) -> list[tuple[str, str]]:
     src_path, tgt_path = root / f"{split}.src", root / f"{split}.tgt"
     sources, targets = read_lines(src_path), read_lines(tgt_path)
     if not sources:
-        raise ValueError(f"{str(src_path)!r} has no lines")
+        raise ConfigError(f"{str(src_path)!r} has no lines")
     if len(sources) != len(targets):
-        raise ValueError(f"{str(src_path)!r} has {len(sources)} lines but {str(tgt_path)!r} has {len(targets)}")
+        raise ConfigError(f"{str(src_path)!r} has {len(sources)} lines but {str(tgt_path)!r} has {len(targets)}")
     return list(zip(sources, targets))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError
 from .registry import LoadOptions, TaskData, register_dataset
 from .vocab import Vocabulary
 
@@ -19,9 +20,9 @@ VAL_FRACTION = 0.1
 def check_stream(tokens: torch.Tensor, length: int) -> None:
     """A stream must hold at least one window of ``length`` inputs plus the shifted target."""
     if length < 1:
-        raise ValueError(f"window length {length} must be positive")
+        raise ConfigError(f"window length {length} must be positive")
     if len(tokens) < length + 1:
-        raise ValueError(f"a stream of {len(tokens)} tokens is too short for windows of {length} (+1) tokens")
+        raise ConfigError(f"a stream of {len(tokens)} tokens is too short for windows of {length} (+1) tokens")
 
 
 class TokenWindows(Dataset):
@@ -30,7 +31,7 @@ class TokenWindows(Dataset):
     def __init__(self, tokens: torch.Tensor, length: int, stride: int):
         check_stream(tokens, length)
         if stride < 1:
-            raise ValueError(f"window stride {stride} must be positive")
+            raise ConfigError(f"window stride {stride} must be positive")
         self.tokens = tokens
         self.length = length
         self.stride = stride

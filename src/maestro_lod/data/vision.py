@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
+from ..errors import ConfigError, MissingFileError
 from .embedded import MNIST_MEAN, MNIST_STD
 from .registry import LoadOptions, TaskData, register_dataset, require_root
 
@@ -25,7 +26,7 @@ def import_torchvision(dataset: str) -> ModuleType:
     try:
         import torchvision
     except ImportError:
-        raise ValueError(f'dataset {dataset!r} needs torchvision: pip install "maestro-lod[vision]"') from None
+        raise ConfigError(f'dataset {dataset!r} needs torchvision: pip install "maestro-lod[vision]"') from None
     return torchvision
 
 
@@ -41,7 +42,7 @@ def open_online(name: str, factory, root: Path, options: LoadOptions, **kwargs):
     except RuntimeError as exc:
         if options.download:
             raise
-        raise FileNotFoundError(f"dataset {name!r} not found under {str(root)!r}; pass download=True "
+        raise MissingFileError(f"dataset {name!r} not found under {str(root)!r}; pass download=True "
                                 f"(--download) to fetch it ({exc})") from None
 
 
@@ -88,7 +89,7 @@ def load_image_folder(options: LoadOptions) -> TaskData:
     root = require_root("image-folder", options)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise FileNotFoundError(f"dataset 'image-folder': directory {str(root / split)!r} does not exist")
+            raise MissingFileError(f"dataset 'image-folder': directory {str(root / split)!r} does not exist")
     probe = tv.datasets.ImageFolder(str(root / "train"))
     width, height = probe.loader(probe.samples[0][0]).size
     size = (height, width)
@@ -98,7 +99,7 @@ def load_image_folder(options: LoadOptions) -> TaskData:
                                                                                + normalise[1:]))
     val = tv.datasets.ImageFolder(str(root / "val"), transform=t.Compose(normalise))
     if val.classes != train.classes:
-        raise ValueError(f"image-folder: class folders differ between train {train.classes} and val {val.classes}")
+        raise ConfigError(f"image-folder: class folders differ between train {train.classes} and val {val.classes}")
     return TaskData(
         name="image-folder", kind="classification", train=train, val=val, num_classes=len(train.classes),
         input_shape=(3, height, width), vocab_size=None, seq_len=None,

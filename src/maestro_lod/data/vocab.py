@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..errors import ConfigError
+
 PAD_INDEX, BOS_INDEX, EOS_INDEX, UNK_INDEX = 0, 1, 2, 3
 """Ids of the special tokens every seq2seq vocabulary starts with (models mask ``PAD_INDEX``)."""
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -13,7 +15,7 @@ LEVELS = {"char": "", "word": " "}
 def split_tokens(text: str, level: str) -> list[str]:
     """Characters of ``text`` (``"char"``) or its whitespace-separated words (``"word"``)."""
     if level not in LEVELS:
-        raise ValueError(f"token level {level!r} is not one of {', '.join(LEVELS)}")
+        raise ConfigError(f"token level {level!r} is not one of {', '.join(LEVELS)}")
     return list(text) if level == "char" else text.split()
 
 
@@ -32,7 +34,7 @@ class Vocabulary:
         self.tokens: tuple[str, ...] = (SPECIAL_TOKENS if self.specials else ()) + tuple(body)
         self.index = {token: i for i, token in enumerate(self.tokens)}
         if len(self.index) != len(self.tokens):
-            raise ValueError("vocabulary tokens must be unique")
+            raise ConfigError("vocabulary tokens must be unique")
 
     @classmethod
     def from_texts(cls, texts: Iterable[str], level: str = "char", specials: bool = False) -> "Vocabulary":
@@ -54,7 +56,7 @@ class Vocabulary:
             elif self.specials:
                 ids.append(UNK_INDEX)
             else:
-                raise ValueError(f"token {token!r} is not in the vocabulary")
+                raise ConfigError(f"token {token!r} is not in the vocabulary")
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -66,6 +68,6 @@ class Vocabulary:
             if i < 0 or i in skipped:
                 continue
             if i >= len(self.tokens):
-                raise ValueError(f"token id {i} is outside the vocabulary of {len(self.tokens)} tokens")
+                raise ConfigError(f"token id {i} is outside the vocabulary of {len(self.tokens)} tokens")
             tokens.append(self.tokens[i])
         return LEVELS[self.level].join(tokens)

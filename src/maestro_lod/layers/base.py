@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError, ConfigTypeError
 from ..functional import DOWN_RANK_DIM, UP_RANK_DIM, rank_importance
 
 
@@ -40,9 +41,9 @@ class LowRankLayer(nn.Module):
     def active_rank(self, value: int | None) -> None:
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"active_rank must be an int or None, got {value!r}")
+                raise ConfigTypeError(f"active_rank must be an int or None, got {value!r}")
             if not 0 <= value <= self.rank:
-                raise ValueError(f"active_rank {value} is outside 0..{self.rank} (the layer's current rank)")
+                raise ConfigError(f"active_rank {value} is outside 0..{self.rank} (the layer's current rank)")
         self._active_rank = value
 
     @property
@@ -66,9 +67,9 @@ class LowRankLayer(nn.Module):
     def truncate_(self, rank: int) -> None:
         """Keep only the leading ``rank`` ranks, physically and in place (Parameter identity kept)."""
         if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"rank must be an int, got {rank!r}")
+            raise ConfigTypeError(f"rank must be an int, got {rank!r}")
         if not 0 <= rank <= self.rank:
-            raise ValueError(f"cannot truncate to rank {rank}: the layer's current rank is {self.rank}")
+            raise ConfigError(f"cannot truncate to rank {rank}: the layer's current rank is {self.rank}")
         self._resize_(rank)
 
     @torch.no_grad()

@@ -16,19 +16,20 @@ from torch import nn
 
 from ..checks import check_positive_int
 from ..data import PAD_INDEX, TaskData
+from ..errors import ConfigError
 from .registry import check_dropout, register_model, require_kind
 
 
 def check_length(model: str, length: int, max_len: int) -> None:
     """Refuse sequences longer than the positions a model was built for."""
     if length > max_len:
-        raise ValueError(f"{model}: sequence length {length} exceeds the model's maximum length {max_len}")
+        raise ConfigError(f"{model}: sequence length {length} exceeds the model's maximum length {max_len}")
 
 
 def check_heads(d_model: int, num_heads: int) -> None:
     """Multi-head attention splits ``d_model`` evenly across the heads."""
     if d_model % num_heads:
-        raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+        raise ConfigError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
 
 
 class CharTransformerLM(nn.Module):
@@ -144,7 +145,7 @@ def build_transformer(data: TaskData, size: str = "small", d_model: int | None =
     :data:`TRANSFORMER_SIZES` and any explicit dimension overrides it."""
     require_kind("transformer", data, "seq2seq")
     if size not in TRANSFORMER_SIZES:
-        raise ValueError(f"size={size!r} is not one of {', '.join(TRANSFORMER_SIZES)}")
+        raise ConfigError(f"size={size!r} is not one of {', '.join(TRANSFORMER_SIZES)}")
     overrides = dict(d_model=d_model, num_heads=num_heads, num_encoder_layers=num_encoder_layers,
                      num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward)
     dims = {k: check_positive_int(k, v) if v is not None else TRANSFORMER_SIZES[size][k] for k, v in overrides.items()}

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..data import TaskData
+from ..errors import ConfigError, ConfigTypeError
 from ..registry import Registry
 
 Builder = Callable[..., nn.Module]
@@ -28,10 +29,10 @@ def build_model(name: str, data: TaskData, **options) -> nn.Module:
     """
     accepted = model_options(name)
     if not isinstance(data, TaskData):
-        raise TypeError(f"build_model expects a TaskData, got {type(data).__name__}")
+        raise ConfigTypeError(f"build_model expects a TaskData, got {type(data).__name__}")
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"model {name!r} has no option(s) {', '.join(unknown)}; "
+        raise ConfigError(f"model {name!r} has no option(s) {', '.join(unknown)}; "
                          f"options: {', '.join(accepted) or 'none'}")
     return MODELS[name](data, **options)
 
@@ -39,7 +40,7 @@ def build_model(name: str, data: TaskData, **options) -> nn.Module:
 def require_kind(model: str, data: TaskData, kind: str) -> None:
     """Refuse a dataset of the wrong kind, naming both."""
     if data.kind != kind:
-        raise ValueError(f"model {model!r} needs {kind} data, but dataset {data.name!r} is {data.kind}")
+        raise ConfigError(f"model {model!r} needs {kind} data, but dataset {data.name!r} is {data.kind}")
 
 
 def require_image_shape(model: str, data: TaskData, min_size: int = 1) -> tuple[int, int, int]:
@@ -47,7 +48,7 @@ def require_image_shape(model: str, data: TaskData, min_size: int = 1) -> tuple[
     require_kind(model, data, "classification")
     shape = data.input_shape
     if shape is None or len(shape) != 3 or min(shape[1:]) < min_size:
-        raise ValueError(f"model {model!r} needs (channels, height, width) images of at least {min_size}x{min_size}, "
+        raise ConfigError(f"model {model!r} needs (channels, height, width) images of at least {min_size}x{min_size}, "
                          f"but dataset {data.name!r} has input_shape {shape}")
     return shape
 
@@ -55,5 +56,5 @@ def require_image_shape(model: str, data: TaskData, min_size: int = 1) -> tuple[
 def check_dropout(value: object) -> float:
     """A dropout probability in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"dropout={value!r} must be a number in [0, 1)")
+        raise ConfigError(f"dropout={value!r} must be a number in [0, 1)")
     return float(value)

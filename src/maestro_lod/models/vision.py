@@ -10,6 +10,7 @@ from torch import nn
 
 from ..checks import check_positive_int
 from ..data import TaskData
+from ..errors import ConfigError
 from .registry import register_model, require_image_shape, require_kind
 
 
@@ -49,9 +50,9 @@ def build_lenet5(data: TaskData, padding: int = 0) -> nn.Module:
     """LeNet-5 of the MAESTRO MNIST experiment (see :class:`LeNet5`)."""
     channels, height, width = require_image_shape("lenet5", data)
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding={padding!r} must be a non-negative int")
+        raise ConfigError(f"padding={padding!r} must be a non-negative int")
     if min(lenet_side(height, padding), lenet_side(width, padding)) < 1:
-        raise ValueError(f"model 'lenet5' with padding={padding} cannot handle input_shape {data.input_shape} of "
+        raise ConfigError(f"model 'lenet5' with padding={padding} cannot handle input_shape {data.input_shape} of "
                          f"dataset {data.name!r} (too small for two 5x5 conv + 2x2 pool stages; try padding=2)")
     return LeNet5(channels, height, width, data.num_classes, padding)
 
@@ -61,9 +62,9 @@ def build_mlp(data: TaskData, hidden_sizes: Sequence[int] = (256, 128)) -> nn.Mo
     """Flatten, then Linear+ReLU per hidden size, then a Linear classifier."""
     require_kind("mlp", data, "classification")
     if data.input_shape is None:
-        raise ValueError(f"model 'mlp' needs an input_shape, dataset {data.name!r} has none")
+        raise ConfigError(f"model 'mlp' needs an input_shape, dataset {data.name!r} has none")
     if isinstance(hidden_sizes, (str, bytes)) or not isinstance(hidden_sizes, Sequence):
-        raise ValueError(f"hidden_sizes={hidden_sizes!r} must be a sequence of positive ints")
+        raise ConfigError(f"hidden_sizes={hidden_sizes!r} must be a sequence of positive ints")
     sizes = [math.prod(data.input_shape)]
     sizes += [check_positive_int("hidden_sizes entry", h) for h in hidden_sizes]
     layers: list[nn.Module] = [nn.Flatten()]
@@ -158,5 +159,5 @@ def build_vgg19(data: TaskData, width: int = 64, head: str = "mlp") -> nn.Module
     """CIFAR VGG-19-BN (see :class:`VGG19`); inputs must be at least 32×32 (five max-pools)."""
     channels, _, _ = require_image_shape("vgg19", data, min_size=32)
     if head not in VGG_HEADS:
-        raise ValueError(f"head={head!r} is not one of {', '.join(VGG_HEADS)}")
+        raise ConfigError(f"head={head!r} is not one of {', '.join(VGG_HEADS)}")
     return VGG19(channels, data.num_classes, check_positive_int("width", width), head)

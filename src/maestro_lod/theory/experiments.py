@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from .measures import RankRow, gap_ranks, ordering_violations, rank_rows
 from .problems import LinearProblem, autoencoder_problem, flat_tail_spectrum, geometric_spectrum, linear_map_problem
 from .training import TrainSettings, train_layer
@@ -27,7 +28,7 @@ def svd_problem(kind: str = "geometric", seed: int = 0, dim: int = DIM) -> Linea
     elif kind == "flat":
         values = flat_tail_spectrum(dim, head=5, ratio=0.7, tail=0.12)
     else:
-        raise ValueError(f"unknown svd problem kind {kind!r}; expected one of {', '.join(SVD_KINDS)}")
+        raise ConfigError(f"unknown svd problem kind {kind!r}; expected one of {', '.join(SVD_KINDS)}")
     return linear_map_problem(f"svd-{kind}", values, torch.Generator().manual_seed(seed))
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..layers import LowRankLinear
 from .problems import LinearProblem
 
@@ -45,7 +46,7 @@ class RankRow:
 def principal_angle_deg(basis_a: torch.Tensor, basis_b: torch.Tensor) -> float:
     """Largest principal angle, in degrees, between the column spaces of two n × b matrices."""
     if basis_a.shape != basis_b.shape:
-        raise ValueError(f"bases of shapes {tuple(basis_a.shape)} and {tuple(basis_b.shape)} do not match")
+        raise ConfigError(f"bases of shapes {tuple(basis_a.shape)} and {tuple(basis_b.shape)} do not match")
     qa = torch.linalg.qr(basis_a.to(torch.float64))[0]
     qb = torch.linalg.qr(basis_b.to(torch.float64))[0]
     cosines = torch.linalg.svdvals(qa.T @ qb).clamp(max=1.0)

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..checks import check_positive_int
+from ..errors import ConfigError
 
 
 def geometric_spectrum(count: int, ratio: float) -> torch.Tensor:
     """``1, ratio, ratio², …`` (``count`` values, float64): distinct values, every one a spectral gap."""
     check_positive_int("count", count)
     if not 0.0 < ratio < 1.0:
-        raise ValueError(f"ratio={ratio!r} must be in (0, 1) for strictly decreasing values")
+        raise ConfigError(f"ratio={ratio!r} must be in (0, 1) for strictly decreasing values")
     return ratio ** torch.arange(count, dtype=torch.float64)
 
 
@@ -36,10 +37,10 @@ def flat_tail_spectrum(count: int, head: int, ratio: float, tail: float) -> torc
     """
     check_positive_int("head", head)
     if head >= count:
-        raise ValueError(f"head={head} must be smaller than count={count} to leave a flat tail")
+        raise ConfigError(f"head={head} must be smaller than count={count} to leave a flat tail")
     values = geometric_spectrum(head, ratio)
     if not 0.0 < tail < float(values[-1]):
-        raise ValueError(f"tail={tail!r} must be in (0, {float(values[-1]):.4g}) to keep a gap after the head")
+        raise ConfigError(f"tail={tail!r} must be in (0, {float(values[-1]):.4g}) to keep a gap after the head")
     return torch.cat([values, torch.full((count - head,), float(tail), dtype=torch.float64)])
 
 
@@ -79,7 +80,7 @@ class LinearProblem:
         target = self.target.to(torch.float64)
         root = self.input_root.to(torch.float64)
         if target.dim() != 2 or root.shape != (target.shape[1], target.shape[1]):
-            raise ValueError(f"target {tuple(target.shape)} and input_root {tuple(root.shape)} do not form "
+            raise ConfigError(f"target {tuple(target.shape)} and input_root {tuple(root.shape)} do not form "
                              "an m×n map with an n×n input root")
         p, s, qh = torch.linalg.svd(target @ root, full_matrices=False)
         object.__setattr__(self, "target", target)

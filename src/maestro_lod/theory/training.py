@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_positive_int
+from ..errors import ConfigError, ConfigTypeError
 from ..functional import random_split
 from ..layers import LowRankLinear
 from ..sampling import IndependentSampler, sampled_ranks
@@ -37,16 +38,16 @@ class TrainSettings:
         for name in ("rank", "steps", "batch"):
             check_positive_int(name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
+            raise ConfigTypeError(f"seed must be an int, got {self.seed!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} must be positive")
+            raise ConfigError(f"lr={self.lr!r} must be positive")
 
 
 def random_layer(problem: LinearProblem, rank: int, generator: torch.Generator) -> LowRankLinear:
     """A bias-free ``LowRankLinear`` of the given rank with random factors (no SVD: nothing to copy)."""
     max_rank = min(problem.in_features, problem.out_features)
     if rank > max_rank:
-        raise ValueError(f"rank={rank} exceeds min(in, out) = {max_rank} of problem {problem.name!r}")
+        raise ConfigError(f"rank={rank} exceeds min(in, out) = {max_rank} of problem {problem.name!r}")
     up, down = random_split((problem.out_features, rank), (rank, problem.in_features), problem.in_features,
                             torch.float32, generator)
     return LowRankLinear(up, down, None, max_rank)

@@ -6,9 +6,10 @@ step; progressive shrinking, BatchNorm recalibration and evaluation after each e
 ``maestro-lod train`` command is a thin layer over this package.
 """
 
+from ..errors import TrainingDiverged
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, read_toml
-from .loop import Callback, FitResult, Trainer, TrainingDiverged, fit
+from .loop import Callback, FitResult, Trainer, fit
 from .presets import PRESETS, preset
 
 __all__ = ["TrainConfig", "read_toml", "Trainer", "fit", "FitResult", "Callback", "TrainingDiverged",

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from ..errors import CheckpointError, ConfigTypeError, MissingFileError
 from ..files import write_bytes_atomic
 
 METADATA_KEY = "maestro_lod"
@@ -30,13 +31,13 @@ def _pack(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         return {TENSOR_TAG: path}
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
-            raise TypeError(f"checkpoint dict keys must be strings, got {sorted(map(repr, value))[:3]} at {path or '<root>'}")
+            raise ConfigTypeError(f"checkpoint dict keys must be strings, got {sorted(map(repr, value))[:3]} at {path or '<root>'}")
         return {k: _pack(v, f"{path}.{k}" if path else k, tensors) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_pack(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint (at {path or '<root>'})")
+    raise ConfigTypeError(f"cannot store a {type(value).__name__} in a checkpoint (at {path or '<root>'})")
 
 
 def _unpack(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -61,16 +62,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (tuples come back as lists)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+        raise MissingFileError(f"no checkpoint at {str(path)!r}")
     try:
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
             tensors = {key: file.get_tensor(key) for key in file.keys()}
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file: {exc}") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file: {exc}") from None
     if METADATA_KEY not in metadata:
-        raise ValueError(f"{str(path)!r} is a safetensors file but not a maestro-lod checkpoint")
+        raise CheckpointError(f"{str(path)!r} is a safetensors file but not a maestro-lod checkpoint")
     document = json.loads(metadata[METADATA_KEY])
     if document.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {str(path)!r} has format {document.get('format')!r}; this version reads {FORMAT}")
+        raise CheckpointError(f"checkpoint {str(path)!r} has format {document.get('format')!r}; this version reads {FORMAT}")
     return _unpack(document["state"], tensors)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..checks import dataclass_from_dict
 from ..config import FactorizeConfig
+from ..errors import ConfigError, ConfigTypeError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,17 +39,17 @@ def _is_number(value: Any) -> bool:
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
     if not _is_int(value) or value < low:
-        raise ValueError(f"{name}={value!r} must be an int >= {low}")
+        raise ConfigError(f"{name}={value!r} must be an int >= {low}")
 
 
 def _check_number(name: str, value: Any, low: float, *, strict: bool = False) -> None:
     if not _is_number(value) or value < low or (strict and value == low):
-        raise ValueError(f"{name}={value!r} must be a number {'>' if strict else '>='} {low}")
+        raise ConfigError(f"{name}={value!r} must be a number {'>' if strict else '>='} {low}")
 
 
 @dataclass
@@ -133,14 +134,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("model", "data"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a non-empty name")
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a non-empty name")
         if not isinstance(self.model_options, dict):
-            raise TypeError(f"model_options must be a table of option = value, got {self.model_options!r}")
+            raise ConfigTypeError(f"model_options must be a table of option = value, got {self.model_options!r}")
         if self.data_root is not None and not isinstance(self.data_root, str):
-            raise TypeError(f"data_root must be a path string, got {self.data_root!r}")
+            raise ConfigTypeError(f"data_root must be a path string, got {self.data_root!r}")
         for name in ("download", "augment", "nesterov", "amp", "full_pass", "hierarchical"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name}={getattr(self, name)!r} must be true or false")
+                raise ConfigTypeError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.seq_len is not None:
             _check_int("seq_len", self.seq_len, 2)
         _check_choice("method", self.method, METHODS)
@@ -162,24 +163,24 @@ class TrainConfig:
         _check_number("lr", self.lr, 0.0, strict=True)
         _check_number("momentum", self.momentum, 0.0)
         if self.momentum >= 1:
-            raise ValueError(f"momentum={self.momentum!r} must be below 1")
+            raise ConfigError(f"momentum={self.momentum!r} must be below 1")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            raise ValueError("nesterov=true needs optimizer='sgd' with momentum > 0")
+            raise ConfigError("nesterov=true needs optimizer='sgd' with momentum > 0")
         _check_number("weight_decay", self.weight_decay, 0.0)
         if (not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2
                 or not all(_is_number(b) and 0 <= b < 1 for b in self.betas)):
-            raise ValueError(f"betas={self.betas!r} must be two numbers in [0, 1)")
+            raise ConfigError(f"betas={self.betas!r} must be two numbers in [0, 1)")
         self.betas = [float(b) for b in self.betas]
         _check_choice("schedule", self.schedule, SCHEDULES)
         if (not isinstance(self.milestones, (list, tuple))
                 or not all(_is_number(m) and 0 < m < 1 for m in self.milestones)
                 or list(self.milestones) != sorted(self.milestones)):
-            raise ValueError(f"milestones={self.milestones!r} must be increasing fractions of the epochs in (0, 1)")
+            raise ConfigError(f"milestones={self.milestones!r} must be increasing fractions of the epochs in (0, 1)")
         self.milestones = [float(m) for m in self.milestones]
         _check_number("gamma", self.gamma, 0.0, strict=True)
         _check_int("warmup_steps", self.warmup_steps, 0)
         if self.schedule == "noam" and self.warmup_steps == 0:
-            raise ValueError("schedule='noam' needs warmup_steps > 0")
+            raise ConfigError("schedule='noam' needs warmup_steps > 0")
         if self.grad_clip is not None:
             _check_number("grad_clip", self.grad_clip, 0.0, strict=True)
 
@@ -187,16 +188,16 @@ class TrainConfig:
         _check_choice("sampler", self.sampler, SAMPLERS)
         _check_number("sample_fraction", self.sample_fraction, 0.0, strict=True)
         if self.sample_fraction > 1:
-            raise ValueError(f"sample_fraction={self.sample_fraction!r} must be in (0, 1]")
+            raise ConfigError(f"sample_fraction={self.sample_fraction!r} must be in (0, 1]")
         _check_choice("reuse_prefix", self.reuse_prefix, REUSE_MODES)
         _check_number("lambda_gl", self.lambda_gl, 0.0)
         _check_number("eps_ps", self.eps_ps, 0.0)
         _check_int("shrink_every", self.shrink_every, 1)
         _check_int("warmup_epochs", self.warmup_epochs, 0)
         if self.method == "maestro" and self.warmup_epochs >= self.epochs:
-            raise ValueError(f"warmup_epochs={self.warmup_epochs} leaves no factorised epoch of epochs={self.epochs}")
+            raise ConfigError(f"warmup_epochs={self.warmup_epochs} leaves no factorised epoch of epochs={self.epochs}")
         if not isinstance(self.factorize, dict):
-            raise TypeError(f"factorize must be a table of FactorizeConfig fields, got {self.factorize!r}")
+            raise ConfigTypeError(f"factorize must be a table of FactorizeConfig fields, got {self.factorize!r}")
         self.factorize_config()  # validates the table
 
     def factorize_config(self) -> FactorizeConfig:
@@ -232,10 +233,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         with path.open("rb") as handle:
             table = tomllib.load(handle)
     except OSError as exc:
-        raise ValueError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
     unknown = sorted(set(table) - config_keys())
     if unknown:
-        raise ValueError(f"config file {str(path)!r}: unknown option(s) {', '.join(unknown)}")
+        raise ConfigError(f"config file {str(path)!r}: unknown option(s) {', '.join(unknown)}")
     return table

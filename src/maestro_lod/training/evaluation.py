@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE_INDEX
+from ..errors import ConfigError
 
 LANGUAGE_KINDS = ("language-model", "seq2seq")
 
@@ -40,7 +41,7 @@ def evaluate(model: nn.Module, batches: Iterable, run: Callable[[object], tuple[
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("evaluation data has no target positions (empty dataset or all targets ignored)")
+        raise ConfigError("evaluation data has no target positions (empty dataset or all targets ignored)")
     loss = float(total_loss) / count
     metrics = {"loss": loss, "accuracy": correct / count}
     if kind in LANGUAGE_KINDS:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import KINDS
+from ..errors import CheckpointError, ConfigError, ConfigTypeError, TrainingDiverged
 from ..export import export
 from ..inject import factorize, low_rank_layers, rank_pattern
 from ..metrics import count_macs, count_params
@@ -39,14 +40,6 @@ SAMPLER_SEED_OFFSET = 7919
 stream from the data shuffling generator (seeded with ``seed``)."""
 RECALIBRATION_SEED_BASE = 1_000_003
 """BatchNorm recalibration batches of epoch e are shuffled with seed ``seed·BASE + e`` (no state to save)."""
-
-
-class TrainingDiverged(ValueError):
-    """The loss became NaN or infinite; training stopped before the bad update was applied."""
-
-    def __init__(self, epoch: int, step: int, value: float):
-        super().__init__(f"loss is {value} at epoch {epoch}, step {step}; training stopped")
-        self.epoch, self.step, self.value = epoch, step, value
 
 
 class Callback:
@@ -82,7 +75,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but PyTorch sees no CUDA device; use --device cpu or auto")
+        raise ConfigError("device='cuda' but PyTorch sees no CUDA device; use --device cpu or auto")
     return torch.device(name)
 
 
@@ -122,17 +115,17 @@ class Trainer:
                  kind: str = "classification", callbacks: Sequence[Callback] = ()):
         config = config or TrainConfig()
         if not isinstance(config, TrainConfig):
-            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+            raise ConfigTypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         if kind not in KINDS:
-            raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
+            raise ConfigError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if len(train_data) == 0 or len(val_data) == 0:
-            raise ValueError(f"empty dataset: {len(train_data)} training and {len(val_data)} validation items")
+            raise ConfigError(f"empty dataset: {len(train_data)} training and {len(val_data)} validation items")
         self.config, self.kind, self.callbacks = config, kind, list(callbacks)
         self.device = resolve_device(config.device)
         if config.amp and self.device.type != "cuda":
-            raise ValueError(f"amp=true needs a CUDA device, but the run uses {self.device.type}")
+            raise ConfigError(f"amp=true needs a CUDA device, but the run uses {self.device.type}")
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         seed_everything(config.seed)
@@ -324,7 +317,7 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         """The run in numbers: final metrics, ranks before → after, cost against the dense model, time."""
         if not self.history:
-            raise ValueError("no epoch has been trained yet")
+            raise ConfigError("no epoch has been trained yet")
         last = self.history[-1]
         summary = {"model": self.config.model, "data": self.config.data, "method": self.config.method,
                    "kind": self.kind, "epochs": self.epoch, "device": self.device.type,
@@ -375,7 +368,7 @@ class Trainer:
         current = self.config.to_dict()
         changed = sorted(k for k, v in state["config"].items() if k not in EXECUTION_KEYS and current.get(k) != v)
         if changed:
-            raise ValueError(f"checkpoint was written with a different config (differs in: {', '.join(changed)})")
+            raise CheckpointError(f"checkpoint was written with a different config (differs in: {', '.join(changed)})")
         self._close_step()
         if state["factorized"] and not self.factorized:
             self._factorize()

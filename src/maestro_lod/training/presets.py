@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import ConfigError
+
 _CIFAR = {"data": "cifar10", "epochs": 300, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
           "weight_decay": 1e-4, "schedule": "multistep", "milestones": [0.5, 0.75], "gamma": 0.1,
           "lambda_gl": 5e-4, "eps_ps": 1e-5, "bn_recal_batches": 50, "threads": None}
@@ -37,5 +39,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str) -> dict[str, Any]:
     """A copy of the named preset's options; unknown names raise a ValueError listing the presets."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
     return {key: list(value) if isinstance(value, list) else value for key, value in PRESETS[name].items()}
