@@ -8,8 +8,10 @@ shrink ranks as training goes, and export any point of the accuracy–cost curve
 from .config import FactorizeConfig
 from .errors import CheckpointError, ConfigError, ConfigTypeError, MaestroError, TrainingDiverged
 from .export import export
-from .inject import LayerHandler, Plan, PlanEntry, factorize, low_rank_layers, plan, rank_pattern, register_layer
-from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention
+from .inject import (BuildSpec, Component, LayerHandler, LeftDense, Plan, PlanEntry, PlanTotals, factorize, plan,
+                     register_layer)
+from .layers import (ComputedWeight, Factorized, LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention,
+                     low_rank_layers, rank_pattern)
 from .metrics import count_macs, count_params, layer_summary
 from .regularization import group_lasso, importances
 from .sampling import FixedFractionSampler, IndependentSampler, RankSampler, SingleLayerSampler, sampled_ranks
@@ -19,8 +21,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MaestroError", "ConfigError", "ConfigTypeError", "CheckpointError", "TrainingDiverged",
-    "FactorizeConfig", "factorize", "plan", "Plan", "PlanEntry", "LayerHandler", "register_layer",
-    "low_rank_layers", "rank_pattern", "LowRankLayer", "LowRankLinear", "LowRankConv", "LowRankMultiheadAttention",
+    "FactorizeConfig", "factorize", "plan", "Plan", "PlanEntry", "LeftDense", "PlanTotals", "LayerHandler",
+    "Component", "BuildSpec", "register_layer", "low_rank_layers", "rank_pattern", "Factorized", "ComputedWeight",
+    "LowRankLayer", "LowRankLinear", "LowRankConv", "LowRankMultiheadAttention",
     "RankSampler", "SingleLayerSampler", "IndependentSampler", "FixedFractionSampler", "sampled_ranks",
     "group_lasso", "importances", "shrink_", "truncate_", "export", "count_params", "count_macs", "layer_summary",
 ]

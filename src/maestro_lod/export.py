@@ -7,7 +7,8 @@ import copy
 from torch import nn
 
 from .errors import ConfigError, ConfigTypeError
-from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention
+from .layers import Factorized, outermost_factorized
+from .layers.hooks import carry_hooks
 
 MERGE_MODES = ("auto", "always", "never")
 
@@ -16,43 +17,39 @@ MERGE_MODES = ("auto", "always", "never")
 WEIGHT_READERS: dict[type, tuple[str, ...]] = {nn.TransformerEncoderLayer: ("linear1", "linear2")}
 
 
-def _should_merge(layer: LowRankLayer, merge: str) -> bool:
-    if merge != "auto":
-        return merge == "always"
-    m, n, groups = layer.dense_shape()
-    rank = layer.effective_rank
-    return rank * (m + n) >= m * n // groups
+def _merges(module: Factorized, merge: str, weight_read: bool) -> bool:
+    """Whether ``module`` is exported as one dense layer."""
+    if weight_read or merge == "always":
+        return True
+    return merge == "auto" and module.merge_saves_params()
 
 
 def export(model: nn.Module, merge: str = "auto") -> nn.Module:
     """A deep copy of ``model`` made only of standard ``torch.nn`` modules, with the same outputs.
 
-    Each low-rank layer at its effective rank becomes two stacked Linear/Conv layers, or one dense
+    Each factorised module is replaced by its :meth:`~maestro_lod.layers.Factorized.to_standard`
+    form at its effective rank: a low-rank layer becomes two stacked Linear/Conv layers, or one dense
     layer when ``merge="always"`` or (``"auto"``) when that has no more parameters
     (``r·(m+n) ≥ m·n`` per group). Attention modules become dense ``nn.MultiheadAttention``: PyTorch
     reads their packed projection weights directly, so they cannot hold a pair of layers; for the same
-    reason the feed-forward layers of ``nn.TransformerEncoderLayer`` are exported merged.
+    reason the feed-forward layers of ``nn.TransformerEncoderLayer`` are exported merged, and so is a
+    convolution at rank 0 (PyTorch has no zero-channel convolution). Forward and full backward hooks
+    move to the exported modules. A model without factorised modules is returned as a plain copy.
     """
     if merge not in MERGE_MODES:
         raise ConfigError(f"merge={merge!r} is not one of {', '.join(MERGE_MODES)}")
     if not isinstance(model, nn.Module):
         raise ConfigTypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     result = copy.deepcopy(model)
-    replacements: dict[int, nn.Module] = {}
     weight_read = {f"{parent}.{child}" if parent else child
                    for parent, module in result.named_modules(remove_duplicate=False)
                    for kind, children in WEIGHT_READERS.items() if isinstance(module, kind) for child in children}
-    targets = [(name, module) for name, module in result.named_modules(remove_duplicate=False)
-               if isinstance(module, (LowRankLinear, LowRankConv, LowRankMultiheadAttention))]
-    for name, module in targets:
-        if any(name.startswith(other + ".") for other, m in targets if isinstance(m, LowRankMultiheadAttention)):
-            continue  # projections of an attention module are exported with it
+    replacements: dict[int, nn.Module] = {}
+    for name, module in outermost_factorized(result):
         if id(module) not in replacements:
-            if isinstance(module, LowRankMultiheadAttention):
-                new = module.to_standard()
-            else:
-                new = module.to_standard(name in weight_read or _should_merge(module, merge))
+            new = module.to_standard(_merges(module, merge, name in weight_read))
             new.train(module.training)
+            carry_hooks(module, new)
             replacements[id(module)] = new
         if name == "":
             return replacements[id(module)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -11,104 +11,15 @@ from torch import nn
 from .config import FactorizeConfig, name_matches, pattern_matches
 from .errors import ConfigError, ConfigTypeError
 from .functional import truncated_rank
-from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention
-from .layers.attention import PROJECTIONS, attention_projection_weights
+from .layers import Factorized, LowRankLayer
+from .layers.handlers import (LAYER_HANDLERS, BuildSpec, Component, LayerHandler, handler_for, register_layer,
+                              supported_labels)
+from .layers.hooks import carry_hooks, hook_refusal
+from .layers.query import low_rank_layers, rank_pattern
 from .tables import format_table
 
-
-@dataclass(frozen=True)
-class Component:
-    """One weight matrix of a layer: ``groups`` blocks of ``out_features × in_features``."""
-
-    suffix: str
-    out_features: int
-    in_features: int
-    groups: int = 1
-
-    @property
-    def max_rank(self) -> int:
-        return min(self.out_features, self.in_features)
-
-
-@dataclass(frozen=True)
-class LayerHandler:
-    """How one kind of dense layer is described and replaced (an entry of the layer registry)."""
-
-    label: str
-    matches: Callable[[nn.Module], bool]
-    components: Callable[[nn.Module], list[Component]]
-    build: Callable[[nn.Module, dict[str, int], str, int, torch.Generator | None], nn.Module]
-    skip_reason: Callable[[nn.Module], str | None] = lambda module: None
-
-
-def _conv_components(conv: nn.Module) -> list[Component]:
-    groups = conv.groups
-    return [Component("", conv.out_channels // groups, conv.weight[0].numel(), groups)]
-
-
-def _conv_skip_reason(conv: nn.Module) -> str | None:
-    if _conv_components(conv)[0].max_rank == 1:
-        return f"grouped convolution with rank 1 per group (groups={conv.groups}, e.g. depthwise): nothing to factorise"
-    return None
-
-
-def _build_attention(mha: nn.MultiheadAttention, ranks: dict[str, int], init: str, min_rank: int,
-                     generator: torch.Generator | None) -> nn.Module:
-    weights = attention_projection_weights(mha)
-    projections = {
-        name: LowRankLinear.from_weight(weights[name], mha.out_proj.bias if name == "out_proj" else None,
-                                        ranks[name], init, min_rank, generator)
-        for name in PROJECTIONS
-    }
-    return LowRankMultiheadAttention(mha, projections)
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    """Hugging Face transformers' ``Conv1D`` (GPT-2): a linear layer storing its weight as in × out."""
-    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
-            and isinstance(getattr(module, "weight", None), torch.Tensor)
-            and tuple(module.weight.shape) == (module.nx, module.nf))
-
-
-LAYER_REGISTRY: list[LayerHandler] = [
-    LayerHandler(
-        "nn.Linear",
-        lambda m: isinstance(m, nn.Linear),
-        lambda m: [Component("", m.out_features, m.in_features)],
-        lambda m, r, init, k, g: LowRankLinear.from_dense(m, r[""], init, k, g),
-    ),
-    LayerHandler(
-        "nn.Conv1d/Conv2d/Conv3d",
-        lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
-        _conv_components,
-        lambda m, r, init, k, g: LowRankConv.from_dense(m, r[""], init, k, g),
-        _conv_skip_reason,
-    ),
-    LayerHandler(
-        "nn.MultiheadAttention",
-        lambda m: isinstance(m, nn.MultiheadAttention) and not isinstance(m, LowRankMultiheadAttention),
-        lambda m: [Component("q_proj", m.embed_dim, m.embed_dim), Component("k_proj", m.embed_dim, m.kdim),
-                   Component("v_proj", m.embed_dim, m.vdim), Component("out_proj", m.embed_dim, m.embed_dim)],
-        _build_attention,
-    ),
-    LayerHandler(
-        "transformers Conv1D",
-        _is_hf_conv1d,
-        lambda m: [Component("", m.nf, m.nx)],
-        lambda m, r, init, k, g: LowRankLinear.from_weight(m.weight.t(), m.bias, r[""], init, k, g),
-    ),
-]
-
-
-def register_layer(handler: LayerHandler) -> None:
-    """Teach :func:`factorize` a new layer type; later registrations take precedence."""
-    if not isinstance(handler, LayerHandler):
-        raise ConfigTypeError(f"register_layer expects a LayerHandler, got {type(handler).__name__}")
-    LAYER_REGISTRY.insert(0, handler)
-
-
-def _handler_for(module: nn.Module) -> LayerHandler | None:
-    return next((h for h in LAYER_REGISTRY if h.matches(module)), None)
+__all__ = ["factorize", "plan", "Plan", "PlanEntry", "LeftDense", "PlanTotals", "LayerHandler", "Component",
+           "BuildSpec", "LAYER_HANDLERS", "register_layer", "low_rank_layers", "rank_pattern"]
 
 
 @dataclass
@@ -136,8 +47,43 @@ class PlanEntry:
         return self.groups * self.rank * (self.out_features + self.in_features)
 
 
+@dataclass(frozen=True)
+class LeftDense:
+    """A module with parameters of its own that no handler factorises, and why it stays as it is."""
+
+    name: str
+    layer_type: str
+    params: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class PlanTotals:
+    """Parameter counts of a plan: the model now, and after :func:`factorize` split into the
+    factors and the parameters left dense (biases, norms, embeddings, skipped layers)."""
+
+    dense_params: int
+    factorized_params: int
+    left_dense_params: int
+
+    @property
+    def params_after(self) -> int:
+        return self.factorized_params + self.left_dense_params
+
+
 class Plan(list):
-    """The list of :class:`PlanEntry` that :func:`plan` returns; ``str()`` renders a table."""
+    """The list of :class:`PlanEntry` that :func:`plan` returns; ``str()`` renders a table.
+
+    ``left_dense`` lists the other modules with parameters (no handler, already factorised) and
+    ``totals`` the parameter counts before and after.
+    """
+
+    def __init__(self, entries=(), left_dense: list[LeftDense] = (), total_params: int = 0,
+                 existing_factor_params: int = 0):
+        super().__init__(entries)
+        self.left_dense = list(left_dense)
+        self.total_params = total_params
+        self.existing_factor_params = existing_factor_params
 
     @property
     def factorized(self) -> list[PlanEntry]:
@@ -147,6 +93,12 @@ class Plan(list):
     def skipped(self) -> list[PlanEntry]:
         return [e for e in self if e.skipped is not None]
 
+    @property
+    def totals(self) -> PlanTotals:
+        replaced = sum(e.dense_params for e in self.factorized)
+        factors = sum(e.factorized_params for e in self.factorized) + self.existing_factor_params
+        return PlanTotals(self.total_params, factors, self.total_params - replaced - self.existing_factor_params)
+
     def __str__(self) -> str:
         rows = [("module", "type", "shape", "rank", "dense params", "factorised params", "note")]
         for e in self:
@@ -155,6 +107,11 @@ class Plan(list):
             fact = "-" if e.factorized_params is None else f"{e.factorized_params:,}"
             note = e.skipped or ("shared with " + ", ".join(e.aliases) if e.aliases else "")
             rows.append((e.name or "<root>", e.layer_type, shape, rank, f"{e.dense_params:,}", fact, note))
+        for d in self.left_dense:
+            rows.append((d.name or "<root>", d.layer_type, "-", "-", f"{d.params:,}", "-", d.reason))
+        t = self.totals
+        rows.append(("total", "", "", "", f"{t.dense_params:,}", f"{t.factorized_params:,}",
+                     f"{t.left_dense_params:,} left dense; {t.params_after:,} after factorize"))
         return format_table(rows)
 
 
@@ -172,7 +129,7 @@ def _start_rank(names: list[str], component: Component, config: FactorizeConfig)
             if isinstance(value, int):
                 if value > component.max_rank:
                     raise ConfigError(f"rank_pattern[{key!r}]={value} exceeds the full rank {component.max_rank} "
-                                     f"of {names[0]!r}")
+                                      f"of {names[0]!r}")
                 return value
             return truncated_rank(value, component.max_rank)
     if config.rank is None:
@@ -182,7 +139,62 @@ def _start_rank(names: list[str], component: Component, config: FactorizeConfig)
     return truncated_rank(config.rank, component.max_rank)
 
 
-def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Decision]]:
+def _parameter_owners(modules: dict[int, nn.Module]) -> dict[int, list[int]]:
+    """For every parameter (by id), the modules (by id) that register it as their own."""
+    owners: dict[int, list[int]] = {}
+    for key, module in modules.items():
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), []).append(key)
+    return owners
+
+
+def _shared_weight(module: nn.Module, owners: dict[int, list[int]], paths: dict[int, list[str]]) -> str | None:
+    """``"weight shared with lm_head"`` when a parameter of ``module`` is also registered by a module
+    outside it (tied weights: factorising would untie them)."""
+    inside = {id(m) for m in module.modules()}
+    for name, param in module.named_parameters():
+        others = [key for key in owners.get(id(param), []) if key not in inside]
+        if others:
+            return f"{name} shared with {paths[others[0]][0] or '<root>'} (tied weights would be untied)"
+    return None
+
+
+def _skip_reason(module: nn.Module, names: list[str], handler: LayerHandler, components: list[Component],
+                 config: FactorizeConfig, owners: dict[int, list[int]], paths: dict[int, list[str]]) -> str | None:
+    """Why a module some handler claims stays dense (None: it is factorised)."""
+    if config.target_modules is not None and not any(name_matches(n, config.target_modules) for n in names):
+        return "not in target_modules"
+    if any(name_matches(n, config.exclude_modules) for n in names):
+        return "in exclude_modules"
+    reason = handler.skip_reason(module)
+    if reason:
+        return reason
+    overridden = handler.overridden_forward(module)
+    if overridden:
+        return f"overrides forward: {overridden} computes something the factorised {handler.label} would not"
+    if all(c.max_rank <= 1 for c in components):
+        return "full rank 1: its factors would be larger than the dense weight and could never shrink"
+    return hook_refusal(module) or _shared_weight(module, owners, paths)
+
+
+def _unmatched_patterns(config: FactorizeConfig, candidate_names: list[str]) -> list[str]:
+    """Warnings for ``exclude_modules`` entries and ``rank_pattern`` keys that match no candidate layer."""
+    messages = []
+    excludes = config.exclude_modules
+    specs = [] if excludes is None else [excludes] if isinstance(excludes, str) else [[e] for e in excludes]
+    for spec in specs:
+        if not any(name_matches(n, spec) for n in candidate_names):
+            shown = spec if isinstance(spec, str) else spec[0]
+            messages.append(f"exclude_modules entry {shown!r} matches no factorisable layer")
+    for key in config.rank_pattern:
+        if not any(pattern_matches(n, key) for n in candidate_names):
+            messages.append(f"rank_pattern key {key!r} matches no factorisable layer")
+    return messages
+
+
+def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Decision], list[str]]:
+    """The plan, the replacements to build, and warnings about patterns that matched nothing."""
     if not isinstance(model, nn.Module):
         raise ConfigTypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, FactorizeConfig):
@@ -192,36 +204,40 @@ def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Dec
     for name, module in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), []).append(name)
         modules[id(module)] = module
+    owners = _parameter_owners(modules)
 
     owned: list[str] = []  # modules whose sub-modules are handled as part of them
-    entries, decisions, unsupported = Plan(), [], []
+    entries, left_dense, decisions, unsupported, candidates = [], [], [], [], []
+    existing_factors = 0
     explicit = config.target_modules is not None
     for key, module in modules.items():
         names = paths[key]
         if any(n.startswith(p + ".") or p == "" and n for p in owned for n in names):
             continue
-        handler = _handler_for(module)
-        targeted = not explicit or any(name_matches(n, config.target_modules) for n in names)
-        if isinstance(module, (LowRankLayer, LowRankMultiheadAttention)):
+        own_params = sum(p.numel() for p in module.parameters(recurse=False))
+        if isinstance(module, Factorized):
             owned.extend(names)
+            left_dense.append(LeftDense(names[0], type(module).__name__, sum(p.numel() for p in module.parameters()),
+                                        "already factorised"))
+            existing_factors += sum(layer.up.numel() + layer.down.numel()
+                                    for layer in module.modules() if isinstance(layer, LowRankLayer))
             continue
+        handler = handler_for(module)
         if handler is None:
-            has_weights = any(True for _ in module.parameters(recurse=False))
-            if explicit and targeted and has_weights and not list(module.children()):
-                unsupported.append(f"{names[0]!r} ({type(module).__name__})")
+            if own_params:
+                left_dense.append(LeftDense(names[0], type(module).__name__, own_params,
+                                            f"no handler for {type(module).__name__}"))
+                if explicit and any(name_matches(n, config.target_modules) for n in names) and not list(module.children()):
+                    unsupported.append(f"{names[0]!r} ({type(module).__name__})")
             continue
         owned.extend(names)
         components = handler.components(module)
-        reason = None
-        if not targeted:
-            reason = "not in target_modules"
-        elif any(name_matches(n, config.exclude_modules) for n in names):
-            reason = "in exclude_modules"
-        else:
-            reason = handler.skip_reason(module)
+        reason = _skip_reason(module, names, handler, components, config, owners, paths)
         ranks = {}
+        candidates.extend(names)
         for comp in components:
             comp_names = [f"{n}.{comp.suffix}" if comp.suffix else n for n in names]
+            candidates.extend(comp_names if comp.suffix else [])
             rank = None if reason else _start_rank(comp_names + (names if comp.suffix else []), comp, config)
             ranks[comp.suffix] = rank
             entries.append(PlanEntry(comp_names[0], handler.label + (f".{comp.suffix}" if comp.suffix else ""),
@@ -230,16 +246,47 @@ def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Dec
         if reason is None:
             decisions.append(_Decision(module, handler, names, ranks))
     if unsupported:
-        supported = ", ".join(h.label for h in LAYER_REGISTRY)
-        raise ConfigError(f"targeted module(s) {', '.join(unsupported)} cannot be factorised; supported: {supported}")
-    return entries, decisions
+        raise ConfigError(f"targeted module(s) {', '.join(unsupported)} cannot be factorised; "
+                          f"supported: {supported_labels()}")
+    total = sum(p.numel() for p in model.parameters())
+    return Plan(entries, left_dense, total, existing_factors), decisions, _unmatched_patterns(config, candidates)
 
 
 def plan(model: nn.Module, config: FactorizeConfig | None = None) -> Plan:
     """Dry run of :func:`factorize`: every candidate weight, its shape, start rank, dense vs
-    factorised parameter count, and why each skipped candidate is skipped. Changes nothing."""
-    entries, _ = _analyse(model, config or FactorizeConfig())
+    factorised parameter count, and why each skipped candidate is skipped; every other module with
+    parameters and why it stays dense; totals. Changes nothing."""
+    entries, _, notes = _analyse(model, config or FactorizeConfig())
+    for message in notes:
+        warnings.warn(message, stacklevel=2)
     return entries
+
+
+def _nothing_to_factorise(entries: Plan, config: FactorizeConfig) -> str:
+    """The message of the error raised when no layer would be replaced."""
+    already = [d for d in entries.left_dense if d.reason == "already factorised"]
+    if already and not entries:
+        detail = f"the model is already factorised ({len(already)} factorised module(s)) and has no dense layer left"
+    elif already:
+        detail = f"the model is already factorised ({len(already)} factorised module(s)); no other layer qualifies"
+    elif config.target_modules is None:
+        detail = "no supported layer found"
+    else:
+        detail = f"target_modules={config.target_modules!r} matched no supported layer"
+    skipped = "; ".join(f"{e.name}: {e.skipped}" for e in entries.skipped)
+    return f"nothing to factorise: {detail}" + (f" (skipped: {skipped})" if skipped else "")
+
+
+def _build(decision: _Decision, config: FactorizeConfig, generator: torch.Generator | None) -> nn.Module:
+    """The replacement of one module, checked to follow the :class:`~maestro_lod.layers.Factorized` protocol."""
+    spec = BuildSpec(decision.ranks, config.init, config.min_rank, generator)
+    new = decision.handler.build(decision.module, spec)
+    if not isinstance(new, Factorized):
+        raise ConfigTypeError(f"layer handler {decision.handler.label!r} built a {type(new).__name__}, "
+                              f"not a maestro_lod.layers.Factorized module")
+    new.train(decision.module.training)
+    carry_hooks(decision.module, new)
+    return new
 
 
 def factorize(model: nn.Module, config: FactorizeConfig | None = None) -> nn.Module:
@@ -248,19 +295,35 @@ def factorize(model: nn.Module, config: FactorizeConfig | None = None) -> nn.Mod
     Every alias of a shared module is replaced by the same low-rank layer. All replacements are
     built before any is swapped in, so on error the model is left unchanged. Returns ``model``
     (or the replacement, when ``model`` itself is a single supported layer).
+
+    The model stays what it was; whatever cannot be kept exactly stays dense, with the reason in
+    :func:`plan`:
+
+    * full rank with SVD init computes what the dense layer did; ``requires_grad=False`` weights
+      give frozen factors, and a frozen bias stays frozen;
+    * forward pre-hooks, forward hooks and full backward (pre-)hooks move to the new layer (their
+      handles keep working): it has the same inputs and outputs;
+    * layers with a parametrization (``torch.nn.utils.parametrize``, e.g. ``weight_norm``), legacy
+      weight_norm/spectral_norm or ``register_backward_hook`` hooks, state-dict hooks, or hooks on
+      their sub-modules are skipped;
+    * subclasses that override ``forward`` (e.g. a "same"-padding or weight-standardising conv)
+      are skipped unless a handler lists their class;
+    * layers with a parameter shared with another module (tied embeddings) are skipped, so ties
+      such as ``tie_weights()`` keep working;
+    * layers whose full rank is 1 are skipped (their factors would be larger than the weight).
+
+    A factorised layer's ``.weight`` reads like the dense weight (metadata for free, values
+    computed from the factors) and refuses writes.
     """
     config = config or FactorizeConfig()
-    entries, decisions = _analyse(model, config)
+    entries, decisions, notes = _analyse(model, config)
+    for message in notes:
+        warnings.warn(message, stacklevel=2)
     if not decisions:
-        target = config.target_modules
-        detail = "no supported layer found" if target is None else f"target_modules={target!r} matched no supported layer"
-        skipped = "; ".join(f"{e.name}: {e.skipped}" for e in entries.skipped)
-        raise ConfigError(f"nothing to factorise: {detail}" + (f" (skipped: {skipped})" if skipped else ""))
+        raise ConfigError(_nothing_to_factorise(entries, config))
     generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
-    replacements = [(d, d.handler.build(d.module, d.ranks, config.init, config.min_rank, generator))
-                    for d in decisions]
+    replacements = [(d, _build(d, config, generator)) for d in decisions]
     for decision, new in replacements:
-        new.train(decision.module.training)
         for path in decision.paths:
             if path == "":
                 return new
@@ -268,14 +331,3 @@ def factorize(model: nn.Module, config: FactorizeConfig | None = None) -> nn.Mod
             setattr(model.get_submodule(parent_name), child, new)
     return model
 
-
-def low_rank_layers(model: nn.Module) -> Iterator[tuple[str, LowRankLayer]]:
-    """Yield ``(name, layer)`` for every low-rank layer of ``model`` (shared layers once)."""
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankLayer):
-            yield name, module
-
-
-def rank_pattern(model: nn.Module) -> dict[str, int]:
-    """Current physical rank of every low-rank layer, by name."""
-    return {name: layer.rank for name, layer in low_rank_layers(model)}

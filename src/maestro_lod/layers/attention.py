@@ -5,9 +5,11 @@ rank) and computes scaled dot-product attention with ``nn.MultiheadAttention``'s
 batch_first either way, unbatched inputs, key-padding and attention masks (boolean or additive),
 ``bias_k``/``bias_v``, ``add_zero_attn``, dropout, and the returned attention weights.
 
-The fused inference fast path of ``nn.TransformerEncoderLayer`` bypasses ``forward`` and reads
-``in_proj_weight`` and ``out_proj.weight`` directly; those are properties that assemble the dense
-matrices from the factors at the current (or sampled) rank, so that path keeps working too.
+``in_proj_weight`` and ``out_proj.weight`` (read by ``nn.TransformerEncoderLayer`` and
+``nn.TransformerEncoder`` when they consider PyTorch's fused inference path) are
+:class:`~maestro_lod.layers.weight.ComputedWeight` views of the factors: reading them costs nothing,
+and because they are tensor subclasses PyTorch takes its ordinary path, which calls this module's
+``forward``, so the factorised computation is what runs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+from .base import Factorized, follow_requires_grad
 from .linear import LowRankLinear
+from .weight import ComputedWeight
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -33,8 +38,22 @@ def attention_projection_weights(mha: nn.MultiheadAttention) -> dict[str, torch.
     return {"q_proj": q, "k_proj": k, "v_proj": v, "out_proj": mha.out_proj.weight}
 
 
-class LowRankMultiheadAttention(nn.MultiheadAttention):
+def _projection_ranks(rank: int | dict[str, int] | None, full: dict[str, int]) -> dict[str, int]:
+    """Start rank of each projection: full, one int for all (capped at each full rank), or by name."""
+    if rank is None:
+        return dict(full)
+    if isinstance(rank, dict):
+        unknown = sorted(set(rank) - set(PROJECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown attention projection(s) {', '.join(unknown)}; known: {', '.join(PROJECTIONS)}")
+        return {name: rank.get(name, full[name]) for name in PROJECTIONS}
+    return {name: min(rank, full[name]) for name in PROJECTIONS}
+
+
+class LowRankMultiheadAttention(Factorized, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose four projection matrices are :class:`LowRankLinear` layers."""
+
+    computed_weights = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
     def __init__(self, source: nn.MultiheadAttention, projections: dict[str, LowRankLinear]):
         nn.Module.__init__(self)
@@ -48,6 +67,25 @@ class LowRankMultiheadAttention(nn.MultiheadAttention):
         self.k_proj = projections["k_proj"]
         self.v_proj = projections["v_proj"]
         self.out_proj = projections["out_proj"]
+
+    @classmethod
+    def from_dense(cls, mha: nn.MultiheadAttention, rank: int | dict[str, int] | None = None, init: str = "svd",
+                   min_rank: int = 1, generator: torch.Generator | None = None) -> "LowRankMultiheadAttention":
+        """Factorise the four projections of ``mha`` at ``rank`` (None: full; an int for all; or
+        ``{"q_proj": …}``). Frozen weights and biases stay frozen."""
+        weights = attention_projection_weights(mha)
+        ranks = _projection_ranks(rank, {name: min(w.shape) for name, w in weights.items()})
+        projections = {}
+        for name in PROJECTIONS:
+            bias = mha.out_proj.bias if name == "out_proj" else None
+            layer = LowRankLinear.from_weight(weights[name], bias, ranks[name], init, min_rank, generator)
+            projections[name] = follow_requires_grad(layer, weights[name], bias)
+        attention = cls(mha, projections)
+        for attr in ("in_proj_bias", "bias_k", "bias_v"):
+            source = getattr(mha, attr)
+            if source is not None:
+                getattr(attention, attr).requires_grad_(source.requires_grad)
+        return attention
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
@@ -96,10 +134,15 @@ class LowRankMultiheadAttention(nn.MultiheadAttention):
         return out, weights
 
     @property
-    def in_proj_weight(self) -> torch.Tensor | None:
+    def in_proj_weight(self) -> ComputedWeight | None:
+        """The packed q/k/v weight (3E × E), computed from the factors only when its values are used."""
         if not self._qkv_same_embed_dim:
             return None
-        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        up = self.q_proj.up
+        return ComputedWeight(lambda: torch.cat([p.dense_weight() for p in projections]),
+                              (3 * self.embed_dim, self.embed_dim), up.dtype, up.device,
+                              any(p.weight.requires_grad for p in projections), f"{type(self).__name__}.in_proj_weight")
 
     @property
     def q_proj_weight(self) -> torch.Tensor | None:
@@ -113,15 +156,20 @@ class LowRankMultiheadAttention(nn.MultiheadAttention):
     def v_proj_weight(self) -> torch.Tensor | None:
         return None if self._qkv_same_embed_dim else self.v_proj.weight
 
-    def to_standard(self) -> nn.MultiheadAttention:
-        """A dense ``nn.MultiheadAttention`` with the same outputs (its projections cannot be split)."""
+    def merge_saves_params(self) -> bool:
+        """Attention is only ever exported merged (see :meth:`to_standard`)."""
+        return True
+
+    def to_standard(self, merge: bool = True) -> nn.MultiheadAttention:
+        """A dense ``nn.MultiheadAttention`` with the same outputs, whatever ``merge`` says: PyTorch's
+        attention reads its packed projection weights directly, so they cannot be split in two."""
         param = self.out_proj.up
         dense = nn.MultiheadAttention(self.embed_dim, self.num_heads, self.dropout, bias=self.in_proj_bias is not None,
                                       add_bias_kv=self.bias_k is not None, add_zero_attn=self.add_zero_attn,
                                       kdim=self.kdim, vdim=self.vdim, batch_first=self.batch_first,
                                       device=param.device, dtype=param.dtype)
         with torch.no_grad():
-            weights = attention_projection_weights(self)
+            weights = {name: getattr(self, name).dense_weight() for name in PROJECTIONS}
             if self._qkv_same_embed_dim:
                 dense.in_proj_weight.copy_(torch.cat([weights["q_proj"], weights["k_proj"], weights["v_proj"]]))
             else:

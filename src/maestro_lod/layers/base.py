@@ -1,15 +1,72 @@
-"""The shared behaviour of every factorised layer: factors, ranks, importance, physical truncation."""
+"""The shared behaviour of every factorised module: the :class:`Factorized` protocol that
+``factorize``, ``export`` and the layer queries rely on, and :class:`LowRankLayer` (factors, ranks,
+importance, physical truncation)."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, ConfigTypeError
 from ..functional import DOWN_RANK_DIM, UP_RANK_DIM, rank_importance
+from .weight import ComputedWeight
 
 
-class LowRankLayer(nn.Module):
+class Factorized:
+    """Protocol of every module that :func:`maestro_lod.factorize` puts in place of a dense one.
+
+    A factorised module is built from its dense counterpart by :meth:`from_dense` (called by the
+    layer's handler, see :mod:`maestro_lod.layers.handlers`) and turned back into plain ``torch.nn``
+    by :meth:`to_standard`, which is all :func:`maestro_lod.export` calls. Its low-rank factors are
+    the :class:`LowRankLayer` modules it is or contains. The dense weights it stands for
+    (``computed_weights``) are read-only views computed from the factors.
+    """
+
+    computed_weights: tuple[str, ...] = ()
+    """Attribute names that read as dense weights computed from the factors; assigning them fails."""
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, rank: int | dict[str, int] | None = None, init: str = "svd",
+                   min_rank: int = 1, generator: torch.Generator | None = None) -> "Factorized":
+        """The factorised replacement of ``module`` at ``rank`` (None: full rank; exact with SVD init)."""
+        raise NotImplementedError(f"{cls.__name__} does not implement from_dense")
+
+    def to_standard(self, merge: bool) -> nn.Module:
+        """A plain ``torch.nn`` module with the same outputs at the current (effective) rank:
+        one dense layer when ``merge``, else the cheapest faithful form the module has."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement to_standard")
+
+    def merge_saves_params(self) -> bool:
+        """Whether the merged dense form has no more parameters than the factorised one."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement merge_saves_params")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.computed_weights:
+            raise ConfigError(f"{type(self).__name__}.{name} is computed from the factors up @ down and cannot be "
+                              f"assigned; change the factors instead")
+        super().__setattr__(name, value)
+
+
+def follow_requires_grad(layer: "LowRankLayer", weight: torch.Tensor, bias: torch.Tensor | None) -> "LowRankLayer":
+    """Freeze ``layer``'s factors if the dense ``weight`` was frozen, and its bias like ``bias``."""
+    layer.up.requires_grad_(weight.requires_grad)
+    layer.down.requires_grad_(weight.requires_grad)
+    if bias is not None and layer.bias is not None:
+        layer.bias.requires_grad_(bias.requires_grad)
+    return layer
+
+
+def plain_layer(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)`` whose parameters are about to be replaced: PyTorch's warning that
+    initialising a zero-width weight (rank 0) does nothing is silenced, as nothing is initialised."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        return cls(*args, **kwargs)
+
+
+class LowRankLayer(Factorized, nn.Module):
     """A layer whose weight is ``up @ down`` with ranks ordered by importance.
 
     * ``rank`` is the physical rank, read from the factor shapes (no mask, no separate counter).
@@ -17,7 +74,11 @@ class LowRankLayer(nn.Module):
       view of the factors: this is how ordered dropout samples a sub-model without copying.
     * ``truncate_`` drops trailing ranks physically while keeping each Parameter object, so an
       existing optimiser keeps training (see :func:`maestro_lod.shrink_`).
+    * ``weight`` is a :class:`ComputedWeight`: metadata reads are free, value reads compute
+      ``up @ down`` at the effective rank, writes raise.
     """
+
+    computed_weights = ("weight",)
 
     def __init__(self, up: torch.Tensor, down: torch.Tensor, max_rank: int, min_rank: int = 1):
         super().__init__()
@@ -92,7 +153,24 @@ class LowRankLayer(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight ``up @ down`` at the effective rank, in the original layer's layout."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement dense_weight")
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of :meth:`dense_weight` (known without computing it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement weight_shape")
+
+    @property
+    def weight(self) -> ComputedWeight:
+        """The dense weight for code that reads ``.weight`` (``nn.MultiheadAttention`` internals,
+        ``nn.TransformerEncoderLayer``, T5's dtype checks): free for metadata, computed for values."""
+        return ComputedWeight(self.dense_weight, self.weight_shape, self.up.dtype, self.up.device,
+                              self.up.requires_grad or self.down.requires_grad, f"{type(self).__name__}.weight")
+
+    def merge_saves_params(self) -> bool:
+        """``r·(m+n) ≥ m·n`` per group at the effective rank: one dense layer is no larger than the pair."""
+        m, n, groups = self.dense_shape()
+        return self.effective_rank * (m + n) >= m * n // groups
 
     def dense_shape(self) -> tuple[int, int, int]:
         """``(m, n, groups)``: outputs and inputs per group of the factorised matrix."""
