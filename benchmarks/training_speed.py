@@ -1,14 +1,14 @@
 """Training speed of MAESTRO against dense training: LeNet-5 on the offline mnist5k set.
 
-The issue's setting: batch 64, SGD lr 0.01 momentum 0.9, 30 epochs, λ_gl = 1e-3, ε_ps = 1e-3, same
-seed for both. For each seed a dense and a MAESTRO trainer are built and their epochs interleaved
+The setting: the ``lenet5-mnist5k`` preset (batch 64, SGD lr 0.01 momentum 0.9, 30 epochs,
+λ_gl = 1e-3, ε_ps = 1e-3), the same seed for both. For each seed a dense and a MAESTRO trainer are built and their epochs interleaved
 (dense, MAESTRO, MAESTRO, dense, ...), so load from other processes on a shared machine hits both
 alike; the ratio of their total times, measured within one run, is the figure that counts. An epoch's
 time covers everything the loop does: the optimisation steps, shrinking, BatchNorm recalibration (a
 no-op for LeNet-5), evaluation on the 1,000 validation digits and counting MACs.
 
-Targets (issue 3): MAESTRO total time ≤ 2.2× dense (aim 1.6×), median accuracy over seeds ≥ 96.4%,
-total rank ≤ 6 + 16 + 35 + 27 + 10 = 94.
+Targets: MAESTRO total time ≤ 2.2× dense (aim 1.6×), median accuracy over seeds ≥ 96.4%, total
+rank ≤ 6 + 16 + 35 + 27 + 10 = 94 (the ranks the MAESTRO research code reaches in this setting).
 
     python benchmarks/training_speed.py                     # seeds 0 1 2, table + JSON
     python benchmarks/training_speed.py --seeds 0 --profile # where the time goes (cProfile, one epoch each)
@@ -59,7 +59,8 @@ def run_seed(data, seed: int, args: argparse.Namespace) -> dict:
                   f"maestro {m['epoch_time']:.2f}s {100 * m['val_accuracy']:.1f}% rank {m['total_rank']}", flush=True)
     for trainer in trainers.values():
         trainer.close()
-    return {method: {"history": trainer.history, "summary": trainer.summary()} for method, trainer in trainers.items()}
+    return {method: {"history": [r.to_dict() for r in trainer.history], "summary": trainer.summary().to_dict()}
+            for method, trainer in trainers.items()}
 
 
 def profile(data, args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ from maestro_lod.training import (Callback, TrainConfig, Trainer, TrainingDiverg
                                   read_toml, save_checkpoint)
 from maestro_lod.training.batchnorm import recalibrate_batchnorm
 from maestro_lod.training.optim import lr_factor
-from maestro_lod.training.penalty import GroupLassoGradient
+from maestro_lod.regularization import GroupLassoGradient
 from maestro_lod.training.reference import stored_reference
 from maestro_lod.training.reuse import PrefixReuse, prefix_reuse_supported
 from maestro_lod.training.steps import MaestroStep, soft_loss

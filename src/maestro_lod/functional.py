@@ -74,18 +74,6 @@ def rank_importance(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return tail_norms(up, UP_RANK_DIM) * tail_norms(down, DOWN_RANK_DIM)
 
 
-def group_lasso_penalty(up: torch.Tensor, down: torch.Tensor, hierarchical: bool = True) -> torch.Tensor:
-    """Group-lasso penalty of one factorised layer.
-
-    Hierarchical: ``Σ_b ‖U[:, b:]‖_F + ‖V[:, b:]‖_F`` (nested tail groups, so trailing ranks are
-    penalised more often than leading ones and the order is learned). Plain: one group per rank
-    column, ``Σ_b ‖U[:, b]‖ + ‖V[:, b]‖``.
-    """
-    if hierarchical:
-        return tail_norms(up, UP_RANK_DIM).sum() + tail_norms(down, DOWN_RANK_DIM).sum()
-    return safe_sqrt(rank_sq_norms(up, UP_RANK_DIM)).sum() + safe_sqrt(rank_sq_norms(down, DOWN_RANK_DIM)).sum()
-
-
 def truncated_rank(fraction: float, max_rank: int) -> int:
     """``ceil(fraction · max_rank)``, at least 1: the rank a float fraction stands for."""
     return max(1, min(max_rank, math.ceil(fraction * max_rank - 1e-9)))

@@ -1,13 +1,14 @@
 """Ordered dropout over the rank: samplers that draw a sub-model, and a scope that applies a draw.
 
-A draw maps layer names to ranks; layers not in the draw run at full rank. Samplers read the
-layers' *current* ranks at every draw, so they keep working while progressive shrinking removes
-ranks. The draw is plain state on each layer (``active_rank``), so it stays fixed from the forward
+A draw maps layer names to ranks; layers not in the draw keep their active rank (normally full).
+Samplers read the layers' *current* ranks at every draw, so they keep working while progressive
+shrinking removes ranks. The draw is plain state on each layer (``active_rank``), so it stays fixed from the forward
 pass through the backward pass of the same scope and no model code has to know about it.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from torch import nn
 from .errors import ConfigError, ConfigTypeError
 from .inject import low_rank_layers
 from .layers import LowRankLayer
+from .registry import Registry
 
 
 def _generator(seed: int | torch.Generator | None) -> torch.Generator:
@@ -28,6 +30,11 @@ def _generator(seed: int | torch.Generator | None) -> torch.Generator:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigTypeError(f"seed must be an int, a torch.Generator or None, got {seed!r}")
     return torch.Generator().manual_seed(seed)
+
+
+SAMPLERS = Registry("rank sampler")
+"""Rank samplers by name (the values of ``TrainConfig.sampler``); register a :class:`RankSampler`
+subclass with ``@SAMPLERS.register("name")``."""
 
 
 class RankSampler:
@@ -44,6 +51,7 @@ class RankSampler:
         raise NotImplementedError
 
 
+@SAMPLERS.register("single")
 class SingleLayerSampler(RankSampler):
     """The paper's default: one pair (layer i, rank b), 1 ≤ b ≤ r_i, uniform over all such pairs;
     that layer runs at rank b, every other layer at full rank."""
@@ -60,6 +68,7 @@ class SingleLayerSampler(RankSampler):
         raise AssertionError("unreachable: pick exceeded the total rank")
 
 
+@SAMPLERS.register("independent")
 class IndependentSampler(RankSampler):
     """Every layer draws its own rank uniformly from 1 … r_i."""
 
@@ -67,6 +76,7 @@ class IndependentSampler(RankSampler):
         return {name: self._uniform_int(layer.rank) + 1 for name, layer in layers if layer.rank > 0}
 
 
+@SAMPLERS.register("fixed")
 class FixedFractionSampler(RankSampler):
     """Every layer at ``ceil(fraction · r_i)`` (Pufferfish-style fixed sub-model); deterministic."""
 
@@ -84,12 +94,16 @@ class FixedFractionSampler(RankSampler):
 def sampled_ranks(model: nn.Module, sampler: RankSampler) -> Iterator[dict[str, int]]:
     """Apply one draw of ``sampler`` to ``model`` for the scope of the ``with`` block.
 
-    Run both forward and backward inside the block. Every layer is restored to full rank on exit,
-    also when the block raises. Yields the draw.
+    Run both forward and backward inside the block. Layers the draw does not name keep their
+    active rank (full rank unless an enclosing block set one). On exit, also when the block raises,
+    every layer gets back the active rank it had before, so blocks nest. Yields the draw.
     """
     if not isinstance(sampler, RankSampler):
         raise ConfigTypeError(f"sampler must be a RankSampler, got {type(sampler).__name__}")
     layers = list(low_rank_layers(model))
+    if not layers:
+        raise ConfigError("sampled_ranks: the model has no low-rank layers; call factorize() first")
+    previous = [(layer, layer.active_rank) for _, layer in layers]
     draw = sampler.draw(layers)
     by_name = dict(layers)
     try:
@@ -97,5 +111,12 @@ def sampled_ranks(model: nn.Module, sampler: RankSampler) -> Iterator[dict[str, 
             by_name[name].active_rank = rank
         yield draw
     finally:
-        for _, layer in layers:
-            layer.active_rank = None
+        for layer, rank in previous:
+            layer.active_rank = rank if rank is None or rank <= layer.rank else None
+
+def build_sampler(name: str, generator: torch.Generator | None = None, **options) -> RankSampler:
+    """The sampler registered as ``name``, drawing from ``generator``; of ``options`` (e.g.
+    ``fraction``) it receives those its constructor accepts."""
+    cls = SAMPLERS.lookup(name)
+    accepted = inspect.signature(cls).parameters
+    return cls(**{key: value for key, value in options.items() if key in accepted}, seed=generator)

@@ -23,8 +23,8 @@ class TaskData:
     """A dataset split into train / validation plus the facts a model builder needs.
 
     Every item is ``(inputs, targets)``: inputs a tensor or a tuple of tensors, targets a LongTensor,
-    all of fixed shape so the default ``DataLoader`` collate works. ``vocab`` (an addition to the
-    shared contract, optional) maps token ids back to text for language tasks.
+    all of fixed shape so the default ``DataLoader`` collate works. ``vocab`` (optional) maps
+    token ids back to text for language tasks.
     """
 
     name: str
@@ -75,7 +75,7 @@ def load_data(name: str, *, root: str | None = None, download: bool = False, see
         seed: passed to loaders; built-in splits are fixed whatever its value.
         augment: training-set augmentation where a dataset defines one (CIFAR-10, image folders).
         seq_len: optional override of the context length (language model) or maximum sequence
-            length (seq2seq); an addition to the shared contract.
+            length (seq2seq).
     """
     loader = DATASETS.lookup(name)
     if isinstance(seed, bool) or not isinstance(seed, int):

@@ -11,16 +11,15 @@ from typing import Any
 from ..checks import dataclass_from_dict
 from ..config import FactorizeConfig
 from ..errors import ConfigError, ConfigTypeError
+from ..sampling import SAMPLERS
+from .methods import METHODS
+from .optim import OPTIMIZERS, SCHEDULES
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser, published as ``tomli``
     import tomli as tomllib
 
-METHODS = ("maestro", "dense")
-SAMPLERS = ("single", "independent", "fixed")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("constant", "multistep", "cosine", "noam")
 DEVICES = ("auto", "cpu", "cuda")
 REFERENCES = ("stored", "run", "none")
 REUSE_MODES = ("auto", "on", "off")
@@ -194,8 +193,7 @@ class TrainConfig:
         _check_number("eps_ps", self.eps_ps, 0.0)
         _check_int("shrink_every", self.shrink_every, 1)
         _check_int("warmup_epochs", self.warmup_epochs, 0)
-        if self.method == "maestro" and self.warmup_epochs >= self.epochs:
-            raise ConfigError(f"warmup_epochs={self.warmup_epochs} leaves no factorised epoch of epochs={self.epochs}")
+        METHODS[self.method].check_config(self)
         if not isinstance(self.factorize, dict):
             raise ConfigTypeError(f"factorize must be a table of FactorizeConfig fields, got {self.factorize!r}")
         self.factorize_config()  # validates the table

@@ -8,48 +8,87 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov, weight decay) or AdamW over ``model.parameters()`` in module order.
+OPTIMIZERS = Registry("optimizer")
+"""Optimisers by name (the values of ``TrainConfig.optimizer``): ``factory(params, config)``."""
+
+SCHEDULES = Registry("LR schedule")
+"""LR schedules by name (the values of ``TrainConfig.schedule``): ``factory(config, total_steps,
+steps_per_epoch)`` returns the multiplier of ``config.lr`` at 0-based step ``s``, before warm-up."""
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(params: list[nn.Parameter], config: "TrainConfig") -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                           weight_decay=config.weight_decay)
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(params: list[nn.Parameter], config: "TrainConfig") -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+
+
+def build_optimizer(model: nn.Module, config: "TrainConfig") -> torch.optim.Optimizer:
+    """The optimiser named by ``config.optimizer`` over ``model.parameters()`` in module order.
 
     The order matters: a resumed run rebuilds the optimiser on a freshly built model and loads the
     saved state by parameter position.
     """
-    params = list(model.parameters())
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-                               weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    return OPTIMIZERS.lookup(config.optimizer)(list(model.parameters()), config)
 
 
-def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """The multiplier of ``config.lr`` at optimisation step ``s`` (0-based) for the chosen schedule."""
-    total = config.epochs * steps_per_epoch
-    warmup = config.warmup_steps
+@SCHEDULES.register("constant")
+def _constant(config: "TrainConfig", total: int, steps_per_epoch: int) -> Callable[[int], float]:
+    return lambda step: 1.0
+
+
+@SCHEDULES.register("multistep")
+def _multistep(config: "TrainConfig", total: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """×``gamma`` at each milestone (fractions of the epochs, applied at epoch boundaries)."""
     milestones = [int(m * config.epochs) * steps_per_epoch for m in config.milestones]
+    return lambda step: config.gamma ** sum(step >= m for m in milestones)
+
+
+@SCHEDULES.register("cosine")
+def _cosine(config: "TrainConfig", total: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """Cosine annealing to 0 over the steps after the warm-up."""
+    warmup = config.warmup_steps
 
     def factor(step: int) -> float:
-        if config.schedule == "noam":
-            s = step + 1
-            return min(s / warmup, math.sqrt(warmup / s))
-        ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
-        if config.schedule == "multistep":
-            return ramp * config.gamma ** sum(step >= m for m in milestones)
-        if config.schedule == "cosine":
-            progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
-            return ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
-        return ramp
+        progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+@SCHEDULES.register("noam")
+def _noam(config: "TrainConfig", total: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """The Transformer schedule ``min(s/w, sqrt(w/s))``: it is its own warm-up (peak at step w)."""
+    warmup = config.warmup_steps
+    return lambda step: min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
+
+
+def lr_factor(config: "TrainConfig", steps_per_epoch: int) -> Callable[[int], float]:
+    """The multiplier of ``config.lr`` at optimisation step ``s`` (0-based): the schedule, times a
+    linear warm-up over ``warmup_steps`` (except for ``noam``, which has its own)."""
+    schedule = SCHEDULES.lookup(config.schedule)(config, config.epochs * steps_per_epoch, steps_per_epoch)
+    warmup = 0 if config.schedule == "noam" else config.warmup_steps
+    if not warmup:
+        return schedule
+    return lambda step: min(1.0, (step + 1) / warmup) * schedule(step)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: "TrainConfig",
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step ``LambdaLR`` implementing ``config.schedule``."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps_per_epoch))

@@ -11,18 +11,24 @@ loss backpropagates through the recorded tensors into the full pass's graph of t
 
 It holds only when the model is deterministic (no dropout: the two passes would draw different
 masks), does not modify module outputs in place, and uses each factorised layer through its forward
-(not by reading its weight elsewhere). :func:`prefix_reuse_supported` checks the modules; a recorded
-output changed in place is detected and ends the reusable prefix there.
+(not by reading its weight elsewhere). Randomness can hide anywhere in a forward (``F.dropout``
+called in user code, ``nn.LSTM(dropout=…)``, stochastic depth), so the decision is made from two
+checks that must both pass: :func:`prefix_reuse_supported` inspects the modules, and
+:func:`runs_deterministically` runs the model twice on a real training batch and requires identical
+outputs. A recorded output changed in place is detected and ends the reusable prefix there.
+The recording hooks are attached only while a full pass records, so evaluation, BatchNorm
+recalibration and MAC counting run the model untouched.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from ..layers import LowRankLayer
 
@@ -41,6 +47,26 @@ def prefix_reuse_supported(model: nn.Module) -> str | None:
         if getattr(module, "inplace", False) is True:
             return f"{label} works in place"
     return None
+
+
+@torch.no_grad()
+def runs_deterministically(model: nn.Module, run: Callable[[], object]) -> bool:
+    """Whether two training-mode calls of ``run()`` (a forward pass of ``model``) give bit-identical
+    outputs. Leaves no trace: every random generator and every buffer (BatchNorm statistics) is
+    restored afterwards, so the run's numbers are the same as without the check."""
+    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    was_training = model.training
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.train()
+            first, second = tree_leaves(run()), tree_leaves(run())
+    finally:
+        model.train(was_training)
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+    return len(first) == len(second) and all(
+        not isinstance(a, torch.Tensor) or torch.equal(a, b) for a, b in zip(first, second))
 
 
 class _Replay:
@@ -62,30 +88,31 @@ class PrefixReuse:
 
     Use ``with reuse.recording(): out_full = model(x)`` then
     ``with reuse.replaying(changed): out_s = model(x)`` where ``changed`` holds the factorised layers
-    whose rank the draw lowered. Call :meth:`close` to remove the hooks.
+    whose rank the draw lowered. :meth:`close` releases what is still recorded.
     """
 
     def __init__(self, model: nn.Module):
         self._calls: list[tuple[nn.Module, torch.Tensor, int]] = []
-        self._recording = False
-        modules = {id(m): m for m in model.modules() if isinstance(m, LowRankLayer) or not any(m.children())}
-        self._handles = [m.register_forward_hook(self._record) for m in modules.values()]
+        self._modules = list({id(m): m for m in model.modules()
+                              if isinstance(m, LowRankLayer) or not any(m.children())}.values())
         self.replayed = 0
         """Number of module calls replayed so far (for profiling and tests)."""
 
     def _record(self, module: nn.Module, args: tuple, output: object) -> None:
-        if self._recording and isinstance(output, torch.Tensor):
+        if isinstance(output, torch.Tensor):
             self._calls.append((module, output, output._version))
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Record the outputs of the modules called inside the block, in call order."""
+        """Record the outputs of the modules called inside the block, in call order; the hooks
+        that record exist only inside the block."""
         self._calls = []
-        self._recording = True
+        handles = [module.register_forward_hook(self._record) for module in self._modules]
         try:
             yield
         finally:
-            self._recording = False
+            for handle in handles:
+                handle.remove()
 
     def prefix(self, changed: set[LowRankLayer]) -> list[tuple[nn.Module, torch.Tensor]]:
         """The recorded calls the sampled pass can reuse: those before the first call of a changed
@@ -128,8 +155,5 @@ class PrefixReuse:
         self._calls = []
 
     def close(self) -> None:
-        """Remove the recording hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Release the recorded outputs (the hooks are already gone outside :meth:`recording`)."""
         self.clear()

@@ -49,7 +49,7 @@ class RunDirectory(Callback):
         write_json_atomic(self.directory / CONFIG_FILE, trainer.config.to_dict())
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        lines = "".join(json.dumps(r) + "\n" for r in trainer.history)
+        lines = "".join(json.dumps(r.to_dict()) + "\n" for r in trainer.history)
         write_text_atomic(self.directory / METRICS_FILE, lines)
         save_checkpoint(self.directory / CHECKPOINT_FILE, trainer.state_dict())
 

@@ -1,8 +1,10 @@
 """One optimisation step's forward and backward passes: the MAESTRO objective, or plain dense training.
 
-A step computes the losses and runs ``backward``; the trainer owns zeroing, the group-lasso gradient
-(:mod:`.penalty`), clipping and the optimiser update. Each step returns its numbers as one tensor
-(``loss, loss_full, loss_sampled, correct, count``) so the trainer synchronises once per step.
+A step computes the losses and runs ``backward``; the trainer owns zeroing, gradient unscaling
+(mixed precision), clipping and the optimiser update, and asks the step for its regulariser's
+gradient (:meth:`Step.add_penalty_gradients_`) once the gradients are unscaled. Each step returns
+its numbers as one tensor (``loss, loss_full, loss_sampled, correct, count``) so the trainer
+synchronises once per step.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from ..data import IGNORE_INDEX
 from ..layers import LowRankLayer
+from ..regularization import GroupLassoGradient
 from ..sampling import RankSampler, sampled_ranks
 from .reuse import PrefixReuse
 
@@ -57,7 +60,22 @@ def _numbers(loss, loss_full, loss_sampled, correct, count) -> torch.Tensor:
                         for v in (loss, loss_full, loss_sampled, correct, count)])
 
 
-class DenseStep:
+class Step:
+    """What the trainer calls once per optimisation step: ``step(inputs, targets, backward)``
+    runs the forward passes and ``backward(loss)`` and returns the step's numbers."""
+
+    def __call__(self, inputs, targets: torch.Tensor, backward: Backward) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_penalty_gradients_(self) -> torch.Tensor:
+        """Add the regulariser's gradient to ``.grad`` (after unscaling); returns its value."""
+        return torch.zeros(())
+
+    def close(self) -> None:
+        """Release what the step holds on the model (recorded activations)."""
+
+
+class DenseStep(Step):
     """Plain training: cross-entropy on the hard labels."""
 
     def __init__(self, model: nn.Module, autocast: Autocast):
@@ -72,20 +90,23 @@ class DenseStep:
         return _numbers(loss, loss, 0.0, *count_correct(logits, targets))
 
 
-class MaestroStep:
-    """The MAESTRO step (DESIGN.md §1):
+class MaestroStep(Step):
+    """The MAESTRO step: the full model learns from the labels and one sampled sub-model (a draw of
+    ``sampler``) learns from the full model,
 
     ``loss = CE(full(x), y) + CE(sampled(x), softmax(full(x)).detach())``, backward inside the
-    sampled-rank scope (the group lasso is added to the gradients by the trainer). With
-    ``full_pass=False`` only the sampled pass runs, on the hard labels. ``reuse`` (a
+    sampled-rank scope; ``penalty`` (the group lasso) adds its closed-form gradient when the
+    trainer asks. With ``full_pass=False`` only the sampled pass runs, on the hard labels. ``reuse`` (a
     :class:`PrefixReuse`) skips recomputing the layers before the first sampled one; a draw that
     lowers no rank makes the sampled pass identical to the full pass, whose distillation gradient is
     exactly zero, so the second pass is skipped altogether.
     """
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, LowRankLayer]], sampler: RankSampler,
-                 autocast: Autocast, *, full_pass: bool = True, masked: bool = False, reuse: PrefixReuse | None = None):
+                 autocast: Autocast, *, full_pass: bool = True, masked: bool = False, reuse: PrefixReuse | None = None,
+                 penalty: GroupLassoGradient | None = None):
         self.model = model
+        self.penalty = penalty
         self.by_name = dict(layers)
         self.sampler = sampler
         self.autocast = autocast
@@ -128,3 +149,10 @@ class MaestroStep:
                 loss = loss_full + loss_sampled
             backward(loss)
         return _numbers(loss, loss_full, loss_sampled, *count_correct(full, targets))
+
+    def add_penalty_gradients_(self) -> torch.Tensor:
+        return torch.zeros(()) if self.penalty is None else self.penalty.add_to_grads_()
+
+    def close(self) -> None:
+        if self.reuse is not None:
+            self.reuse.close()

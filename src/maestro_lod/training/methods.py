@@ -1,0 +1,146 @@
+"""Training methods as strategies that the one training loop calls at fixed points.
+
+:class:`~maestro_lod.training.Trainer` runs every method through the same epoch::
+
+    method.before_epoch     (e.g. factorise the model once a dense warm-up is over)
+    steps                   (method.build_step gives the forward/backward of one step)
+    method.after_steps      (e.g. progressive shrinking)
+    BatchNorm recalibration (when method.recalibrates)
+    evaluation, record, callbacks, checkpoint
+
+so checkpoints, resumption, the run directory, progress, plots and the summary work for every method
+without it knowing about them. A method is registered under a name in :data:`METHODS`; that name is
+``TrainConfig.method`` and a choice of ``maestro-lod train --method``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from ..inject import low_rank_layers
+from ..registry import Registry
+from ..regularization import GroupLassoGradient
+from ..shrinking import shrink_
+from .evaluation import LANGUAGE_KINDS
+from .reuse import PrefixReuse, prefix_reuse_supported, runs_deterministically
+from .steps import DenseStep, MaestroStep, Step, forward
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .loop import Trainer
+
+
+class TrainingMethod:
+    """Base class: plain training of the model as it is (override what a method changes).
+
+    One instance serves one :class:`Trainer`. Methods that keep state across epochs return it from
+    :meth:`state_dict` (tensors and JSON values) so that a resumed run continues exactly.
+    """
+
+    name = ""
+
+    @classmethod
+    def check_config(cls, config: "TrainConfig") -> None:
+        """Refuse option combinations this method cannot run (a :class:`ConfigError`)."""
+
+    def setup(self, trainer: "Trainer") -> None:
+        """Once, when the trainer is built (model on its device, before the optimiser exists)."""
+
+    def before_epoch(self, trainer: "Trainer", epoch: int) -> None:
+        """Before the steps of ``epoch`` (1-based)."""
+
+    def build_step(self, trainer: "Trainer") -> Step:
+        """The forward/backward of one optimisation step for the model as it is now; rebuilt
+        whenever the trainer's model or layers change."""
+        return DenseStep(trainer.model, trainer.autocast)
+
+    def after_steps(self, trainer: "Trainer", epoch: int) -> None:
+        """After the steps of ``epoch``, before recalibration and evaluation."""
+
+    def recalibrates(self, trainer: "Trainer") -> bool:
+        """Whether BatchNorm statistics are re-estimated before evaluation (sampled sub-models or
+        changed layers left them describing another model)."""
+        return False
+
+    def phase(self, trainer: "Trainer") -> str:
+        """The label of the current epoch in the records."""
+        return self.name
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+
+
+METHODS = Registry("training method")
+"""Training methods by name: classes of :class:`TrainingMethod` (``METHODS.register(name)`` as a decorator)."""
+
+
+@METHODS.register("dense")
+class DenseMethod(TrainingMethod):
+    """The model trained as it is, on the hard labels: the reference that MAESTRO is compared with."""
+
+    name = "dense"
+
+
+@METHODS.register("maestro")
+class MaestroMethod(TrainingMethod):
+    """MAESTRO: factorise (after ``warmup_epochs`` dense epochs), then every step trains the full model
+    on the labels and one sampled sub-model distilled from it, the group lasso orders the ranks,
+    and every ``shrink_every`` epochs the ranks whose tail importance fell to ``eps_ps`` are dropped."""
+
+    name = "maestro"
+
+    @classmethod
+    def check_config(cls, config: "TrainConfig") -> None:
+        if config.warmup_epochs >= config.epochs:
+            raise ConfigError(f"warmup_epochs={config.warmup_epochs} leaves no factorised epoch of "
+                              f"epochs={config.epochs}")
+
+    def setup(self, trainer: "Trainer") -> None:
+        if not trainer.factorized and trainer.config.warmup_epochs == 0:
+            trainer.factorize_model()
+
+    def before_epoch(self, trainer: "Trainer", epoch: int) -> None:
+        if not trainer.factorized and epoch > trainer.config.warmup_epochs:
+            trainer.factorize_model()
+
+    def build_step(self, trainer: "Trainer") -> Step:
+        if not trainer.factorized:
+            return DenseStep(trainer.model, trainer.autocast)
+        config = trainer.config
+        layers = list(low_rank_layers(trainer.model))
+        penalty = None
+        if config.lambda_gl > 0:
+            penalty = GroupLassoGradient([layer for _, layer in layers], config.lambda_gl, config.hierarchical)
+        return MaestroStep(trainer.model, layers, trainer.sampler, trainer.autocast, full_pass=config.full_pass,
+                           masked=trainer.kind in LANGUAGE_KINDS, reuse=self._prefix_reuse(trainer), penalty=penalty)
+
+    def _prefix_reuse(self, trainer: "Trainer") -> PrefixReuse | None:
+        """Reuse the full pass's prefix only where it is exact: asked for (``on``), or (``auto``)
+        the modules allow it and the model gives identical outputs twice on a training batch."""
+        config, model = trainer.config, trainer.model
+        if not config.full_pass or config.reuse_prefix == "off":
+            return None
+        if config.reuse_prefix == "auto":
+            if prefix_reuse_supported(model) is not None:
+                return None
+            inputs = trainer.probe_inputs()
+            with trainer.autocast():
+                if not runs_deterministically(model, lambda: forward(model, inputs)):
+                    return None
+        return PrefixReuse(model)
+
+    def after_steps(self, trainer: "Trainer", epoch: int) -> None:
+        config = trainer.config
+        if trainer.factorized and (epoch - config.warmup_epochs) % config.shrink_every == 0:
+            shrink_(trainer.model, config.eps_ps, trainer.optimizer)
+
+    def recalibrates(self, trainer: "Trainer") -> bool:
+        return trainer.factorized
+
+    def phase(self, trainer: "Trainer") -> str:
+        return "maestro" if trainer.factorized else "dense-warmup"
+
