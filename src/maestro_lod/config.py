@@ -43,16 +43,21 @@ class FactorizeConfig:
     """How :func:`maestro_lod.factorize` picks and initialises layers.
 
     Attributes:
-        target_modules: None for every supported layer; a regex matched against the full module
-            name (``re.fullmatch``); or a list whose entries match a name exactly or as a suffix
-            after a dot (``"fc"`` matches ``"head.fc"``).
-        exclude_modules: same forms; matching modules stay dense.
+        target_modules: None for every supported layer; a string is a regex matched against the
+            *whole* module name (``re.fullmatch``); a list's entries each match a name exactly or
+            as a suffix after a dot (``"fc"`` matches ``"head.fc"``). So ``"0"`` selects only the
+            top-level module ``0``, while ``["0"]`` also selects ``features.0`` and ``head.0``.
+            A target that matches no supported layer is an error.
+        exclude_modules: same forms; matching modules stay dense. An exclusion that matches no
+            factorisable layer is warned about (it is probably misspelt).
         init: ``"svd"`` (exact at full rank, Eckart–Young at every truncation) or ``"random"``.
         rank: start rank of every layer: None for full rank ``min(m, n)``; an int (capped at each
             layer's full rank); or a float fraction of the full rank (rounded up).
         rank_pattern: ``{name pattern: rank}`` overrides, matched like ``target_modules`` list
-            entries or as a regex; an int above the matched layer's full rank is an error.
-        min_rank: progressive shrinking never takes a layer below this rank.
+            entries or as a regex; an int above the matched layer's full rank is an error, a key
+            matching no factorisable layer is warned about.
+        min_rank: progressive shrinking never takes a layer below this rank (0 allowed: a layer
+            at rank 0 outputs its bias).
         seed: seed of the random initialisation (``init="random"``).
     """
 

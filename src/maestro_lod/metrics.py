@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ConfigTypeError
-from .inject import low_rank_layers
+from .layers import low_rank_layers
 from .tables import format_table
 
 
@@ -16,23 +16,30 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, example_inputs: torch.Tensor | tuple) -> int:
-    """Multiply–accumulates of one forward pass on ``example_inputs`` (a tensor or a tuple).
+def count_macs(model: nn.Module, example_inputs: torch.Tensor | tuple = (), kwargs: dict | None = None) -> int:
+    """Multiply–accumulates of one forward pass ``model(*example_inputs, **kwargs)``.
 
-    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2) in eval mode without
+    ``example_inputs`` is a tensor or a tuple of tensors; ``kwargs`` holds keyword inputs (e.g.
+    ``{"input_ids": ids, "attention_mask": mask}`` for a Hugging Face model; any values). Counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2) in eval mode without
     gradients, so BatchNorm statistics and dropout are untouched; the training mode is restored.
     PyTorch's fused transformer inference path is switched off while counting: it would multiply
-    factorised attention back into dense weights and hide the model's own computation.
+    factorised attention back into dense weights and hide the model's own computation. Reading a
+    factorised layer's ``.weight`` for its dtype or shape costs nothing; reading its values costs
+    the product of the factors, which is counted.
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not all(isinstance(x, torch.Tensor) for x in inputs):
         raise ConfigTypeError("example_inputs must be a tensor or a tuple of tensors")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ConfigTypeError(f"kwargs must be a dict of keyword inputs, got {type(kwargs).__name__}")
     was_training, fast_path = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*inputs)
+            model(*inputs, **kwargs)
     finally:
         model.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fast_path)

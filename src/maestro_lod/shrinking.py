@@ -1,4 +1,12 @@
-"""Progressive shrinking: physically drop unimportant ranks and keep the optimiser training."""
+"""Progressive shrinking: physically drop unimportant ranks and keep the optimiser training.
+
+Every state tensor an optimiser keeps for a factor is sliced along the factor's rank dimension:
+full-shape state (momentum, ``exp_avg``, ``exp_avg_sq``, …) and factored state with the rank
+dimension (Adafactor's column/row second moments); state reduced over the rank dimension (size 1
+there) is kept as it is. An optimiser whose state for a factor has any other shape is refused
+before anything changes. A factor shrunk without its optimiser is remembered, so the optimiser's
+next ``step`` fails with a message saying to pass it, instead of a shape error deep inside.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +14,119 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import ConfigError, ConfigTypeError
 from .functional import DOWN_RANK_DIM, UP_RANK_DIM
-from .inject import low_rank_layers
-from .layers import LowRankLayer
+from .layers import LowRankLayer, low_rank_layers
+
+_RESIZED = WeakIdKeyDictionary()
+"""Factors resized so far (Parameter → its rank dimension), checked before every optimiser step."""
+_STEP_CHECK: list = []  # the handle of the global optimiser pre-step hook, once registered
+
+
+def _factors(layer: LowRankLayer) -> tuple[tuple[nn.Parameter, int], ...]:
+    return (layer.up, UP_RANK_DIM), (layer.down, DOWN_RANK_DIM)
+
+
+def _state_action(value: object, param: torch.Tensor, dim: int) -> str:
+    """How one optimiser state entry follows a rank change of ``param``: ``"slice"`` along ``dim``,
+    ``"keep"`` (not a tensor, a scalar, or reduced over the rank dimension), or ``"refuse"``."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return "keep"
+    if value.dim() != param.dim():
+        return "refuse"
+    d = dim % param.dim()
+    if any(v not in (p, 1) for i, (v, p) in enumerate(zip(value.shape, param.shape)) if i != d):
+        return "refuse"
+    if value.shape == param.shape or value.shape[d] == param.shape[d] != 1:
+        return "slice"
+    return "keep" if value.shape[d] == 1 else "refuse"
+
+
+def _check_sliceable(optimizer: torch.optim.Optimizer, layers: list[tuple[str, LowRankLayer]]) -> None:
+    """Refuse, naming it, an optimiser whose state for some factor cannot follow a rank change."""
+    for name, layer in layers:
+        for param, dim in _factors(layer):
+            for key, value in optimizer.state.get(param, {}).items():
+                if _state_action(value, param, dim) == "refuse":
+                    raise ConfigError(f"{type(optimizer).__name__} keeps state {key!r} of shape {tuple(value.shape)} for "
+                                      f"a factor of {name!r} shaped {tuple(param.shape)}; it cannot be sliced to a "
+                                      f"smaller rank (use an optimiser with per-element or factored state)")
 
 
 def _slice_optimizer_state(optimizer: torch.optim.Optimizer, layer: LowRankLayer, rank: int) -> None:
-    """Slice every optimiser state tensor shaped like a factor (momentum, exp_avg, exp_avg_sq, …)."""
-    for param, dim in ((layer.up, UP_RANK_DIM), (layer.down, DOWN_RANK_DIM)):
+    """Slice every optimiser state tensor of the factors that has a rank dimension."""
+    for param, dim in _factors(layer):
         state = optimizer.state.get(param)
         if not state:
             continue
         for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            if _state_action(value, param, dim) == "slice":
                 state[key] = value.narrow(dim, 0, rank).clone(memory_format=torch.contiguous_format)
+
+
+def _stale_state(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Optimiser pre-step hook: fail clearly if a resized factor still has state of its old rank."""
+    if not _RESIZED:
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            dim = _RESIZED.get(param)
+            if dim is None:
+                continue
+            d = dim % param.dim()
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.shape[d] not in (param.shape[d], 1):
+                    raise ConfigError(
+                        f"{type(optimizer).__name__} state {key!r} has shape {tuple(value.shape)} but its factor was "
+                        f"shrunk to {tuple(param.shape)}: pass the optimizer to shrink_/truncate_ so its state is sliced")
+
+
+def _remember_resized(layer: LowRankLayer) -> None:
+    if not _STEP_CHECK:
+        _STEP_CHECK.append(register_optimizer_step_pre_hook(_stale_state))
+    for param, dim in _factors(layer):
+        _RESIZED[param] = dim
 
 
 def _resize_layer(layer: LowRankLayer, rank: int, optimizer: torch.optim.Optimizer | None) -> None:
     if optimizer is not None:
         _slice_optimizer_state(optimizer, layer, rank)
     layer.truncate_(rank)
+    _remember_resized(layer)
+
+
+def _layers(model: nn.Module, what: str) -> list[tuple[str, LowRankLayer]]:
+    """The low-rank layers of ``model``; a model with none is a mistake (factorize first)."""
+    layers = list(low_rank_layers(model))
+    if not layers:
+        raise ConfigError(f"{what}: the model has no low-rank layers; call factorize() first")
+    return layers
+
+
+def _check_optimizer(optimizer: object) -> None:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigTypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
 
 
 def shrink_(model: nn.Module, threshold: float, optimizer: torch.optim.Optimizer | None = None) -> dict[str, tuple[int, int]]:
     """Drop, in every low-rank layer, the ranks from the first one whose importance ≤ ``threshold``.
 
     Physical and in place: the factors keep their Parameter identity and ``optimizer``'s state is
-    sliced to match, so the same optimiser (and LR scheduler) carry on. A layer never goes below
-    its ``min_rank``. Returns ``{name: (rank before, rank after)}`` for every low-rank layer.
+    sliced to match, so the same optimiser (and LR scheduler) carry on; pass every optimiser that
+    holds state for the model. A layer never goes below its ``min_rank``. Returns
+    ``{name: (rank before, rank after)}`` for every low-rank layer.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
         raise ConfigError(f"threshold={threshold!r} must be a finite number ≥ 0")
+    _check_optimizer(optimizer)
+    layers = _layers(model, "shrink_")
+    if optimizer is not None:
+        _check_sliceable(optimizer, layers)
     changes = {}
-    for name, layer in low_rank_layers(model):
+    for name, layer in layers:
         before = layer.rank
         small = torch.nonzero(layer.importance() <= threshold)
         first = int(small[0]) if len(small) else before
@@ -58,7 +144,8 @@ def truncate_(model: nn.Module, ranks: dict[str, int], optimizer: torch.optim.Op
     """
     if not isinstance(ranks, dict):
         raise ConfigTypeError(f"ranks must be a dict of layer name -> rank, got {type(ranks).__name__}")
-    layers = dict(low_rank_layers(model))
+    _check_optimizer(optimizer)
+    layers = dict(_layers(model, "truncate_"))
     for name, rank in ranks.items():
         if name not in layers:
             raise ConfigError(f"no low-rank layer named {name!r}")
@@ -66,6 +153,8 @@ def truncate_(model: nn.Module, ranks: dict[str, int], optimizer: torch.optim.Op
             raise ConfigTypeError(f"rank for {name!r} must be an int, got {rank!r}")
         if not 0 <= rank <= layers[name].rank:
             raise ConfigError(f"rank {rank} for {name!r} is outside 0..{layers[name].rank} (its current rank)")
+    if optimizer is not None:
+        _check_sliceable(optimizer, [(name, layers[name]) for name in ranks])
     changes = {}
     for name, rank in ranks.items():
         changes[name] = (layers[name].rank, rank)
