@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+from torch import nn
+
+from maestro_lod.data import load_data
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -13,3 +16,26 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The embedded 8×8 digits task (1,797 images), loaded once per test session."""
+    return load_data("digits")
+
+
+class SmallConvNet(nn.Module):
+    """Conv-BN-ReLU ×2 and a two-layer head: exercises BatchNorm recalibration and conv factors."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1, self.fc2 = nn.Linear(16 * 4, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        x = self.pool(x).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))

@@ -1,0 +1,195 @@
+"""The MAESTRO method itself, pinned down through the trainer: each test names one part of the recipe
+and fails when that part is broken (the sampled pass, the distillation target, the detached teacher,
+the group-lasso gradient after unscaling, clipping, recalibration, shrinking by tail importance,
+the safe use of prefix reuse, layers at rank 0).
+
+The trainer is driven for exactly one optimisation step where a step is checked: one batch holding
+the whole (small) training set, plain SGD without momentum, so the update is ``-lr · gradient``.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SmallConvNet
+from torch import nn
+from torch.utils.data import Subset
+
+import maestro_lod as ml
+from maestro_lod.training import TrainConfig, Trainer
+
+LR = 0.5
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def _one_step_config(**changes) -> TrainConfig:
+    options = dict(epochs=1, batch_size=64, lr=LR, momentum=0.0, lambda_gl=0.0, eps_ps=0.0, augment=False)
+    return TrainConfig(**{**options, **changes})
+
+
+def _lowering_seed(model: nn.Module) -> int:
+    """A seed whose first single-layer draw lowers the rank of a layer (not a full-rank draw)."""
+    layers = list(ml.low_rank_layers(model))
+    for seed in range(100):
+        draw = ml.SingleLayerSampler(seed).draw(layers)
+        if all(rank < dict(layers)[name].rank for name, rank in draw.items()):
+            return seed
+    raise AssertionError("no seed below 100 draws a lower rank")
+
+
+def _batch(data, count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [data[i] for i in range(count)]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+def _expected_maestro_gradients(model: nn.Module, sampler: ml.SingleLayerSampler, inputs, targets, lambda_gl=0.0):
+    """∇ of CE(full, y) + CE(sampled, softmax(full).detach()) (+ λ·HGL), written out by hand."""
+    model = copy.deepcopy(model)
+    full = model(inputs)
+    loss = F.cross_entropy(full, targets)
+    with ml.sampled_ranks(model, sampler):
+        sampled = model(inputs)
+        loss = loss + F.cross_entropy(sampled, full.softmax(-1).detach())
+        if lambda_gl:
+            loss = loss + lambda_gl * ml.group_lasso(model)
+        loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _update(before: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() - before[name] for name, p in model.named_parameters()}
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("reuse", ["auto", "off"])
+def test_a_step_is_the_full_pass_plus_one_lower_rank_sub_model_distilled_from_it(digits, reuse):
+    data = Subset(digits.train, range(64))
+    model = ml.factorize(_mlp())
+    seed = _lowering_seed(model)
+    expected = _expected_maestro_gradients(model, ml.SingleLayerSampler(seed), *_batch(data))
+    trainer = Trainer(model, data, data, _one_step_config(reuse_prefix=reuse), sampler=ml.SingleLayerSampler(seed))
+    lowered = []
+    for _, layer in ml.low_rank_layers(trainer.model):
+        layer.register_forward_pre_hook(lambda module, args: lowered.append(module.effective_rank < module.rank))
+    before = _snapshot(trainer.model)
+    trainer.train_epoch()
+    assert sum(lowered) == 1, "exactly one layer call runs at a lower rank: the sampled sub-model"
+    for name, delta in _update(before, trainer.model).items():
+        torch.testing.assert_close(delta, -LR * expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_group_lasso_gradient_is_added_after_unscaling_the_mixed_precision_gradients(digits):
+    data = Subset(digits.train, range(64))
+    model = ml.factorize(_mlp())
+    seed = _lowering_seed(model)
+    expected = _expected_maestro_gradients(model, ml.SingleLayerSampler(seed), *_batch(data), lambda_gl=0.05)
+    trainer = Trainer(model, data, data, _one_step_config(lambda_gl=0.05), sampler=ml.SingleLayerSampler(seed))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)  # the AMP path, on the CPU
+    before = _snapshot(trainer.model)
+    trainer.train_epoch()
+    for name, delta in _update(before, trainer.model).items():
+        torch.testing.assert_close(delta, -LR * expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_clipping_bounds_the_whole_update(digits):
+    data = Subset(digits.train, range(64))
+    clip = 1e-3
+    trainer = Trainer(ml.factorize(_mlp()), data, data, _one_step_config(lambda_gl=0.05, grad_clip=clip))
+    before = _snapshot(trainer.model)
+    trainer.train_epoch()
+    norm = torch.linalg.vector_norm(torch.cat([d.flatten() for d in _update(before, trainer.model).values()]))
+    assert norm.item() == pytest.approx(LR * clip, rel=1e-4)
+
+
+def test_recalibration_sets_batchnorm_statistics_to_those_of_the_current_ranks(digits):
+    config = TrainConfig(epochs=1, batch_size=128, lr=0.05, lambda_gl=5e-3, eps_ps=0.2, bn_recal_batches=3)
+    torch.manual_seed(0)
+    trainer = Trainer(SmallConvNet(), digits.train, digits.val, config)
+    initial = sum(ml.rank_pattern(trainer.model).values())
+    trainer.train_epoch()
+    assert sum(ml.rank_pattern(trainer.model).values()) < initial  # the epoch shrank the model first
+    reference = copy.deepcopy(trainer.model).train()
+    norms = [m for m in reference.modules() if isinstance(m, nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    with torch.no_grad():
+        for index, (inputs, _) in enumerate(trainer._recalibration_batches(1)):
+            if index == config.bn_recal_batches:
+                break
+            reference(inputs)
+    trained = [m for m in trainer.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for got, want in zip(trained, norms):
+        torch.testing.assert_close(got.running_mean, want.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.running_var, want.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_shrinking_cuts_at_the_first_tail_importance_not_the_first_small_rank():
+    layer = ml.LowRankLinear.from_dense(nn.Linear(6, 6))
+    with torch.no_grad():
+        layer.truncate_(4)
+        scale = torch.tensor([1.0, 1e-4, 1.0, 1e-4])  # rank 2 is tiny on its own, but ranks 2..4 are not
+        layer.up.copy_(torch.eye(6, 4) * scale)
+        layer.down.copy_(torch.eye(4, 6) * scale[:, None])
+    assert ml.shrink_(layer, 1e-3) == {"": (4, 3)}
+
+
+def test_the_trainer_shrinks_every_layer_whose_tail_importance_is_below_eps(digits):
+    data = Subset(digits.train, range(64))
+    trainer = Trainer(ml.factorize(_mlp()), data, data, _one_step_config(eps_ps=1e9))
+    trainer.train_epoch()
+    assert set(ml.rank_pattern(trainer.model).values()) == {1}  # everything down to min_rank
+
+
+class _FunctionalDropoutNet(nn.Module):
+    """Dropout called in forward, invisible to a scan of the modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc2(F.dropout(torch.relu(self.fc1(x.flatten(1))), 0.3, self.training))
+
+
+class _LSTMNet(nn.Module):
+    """An LSTM with dropout between its layers (a leaf module whose randomness a scan cannot see)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, num_layers=2, dropout=0.3, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.lstm(x.flatten(1).reshape(-1, 8, 8))[0][:, -1])
+
+
+@pytest.mark.parametrize("model, reused", [(_FunctionalDropoutNet, False), (_LSTMNet, False), (_mlp, True)])
+def test_prefix_reuse_is_used_only_for_models_that_run_deterministically(digits, model, reused):
+    data = Subset(digits.train, range(64))
+    trainer = Trainer(ml.factorize(model()), data, data, _one_step_config())
+    state = torch.get_rng_state()
+    step = trainer.method.build_step(trainer)
+    assert (step.reuse is not None) == reused
+    assert torch.equal(torch.get_rng_state(), state), "the check must not change the run's random numbers"
+    trainer.train_epoch()
+    assert all(not m._forward_hooks for m in trainer.model.modules()), "no hooks outside a step"
+
+
+def test_a_layer_at_rank_zero_trains_and_outputs_its_bias(digits):
+    data = Subset(digits.train, range(64))
+    model = ml.factorize(_mlp())
+    ml.truncate_(model, {"3": 0})
+    trainer = Trainer(model, data, data, _one_step_config(lambda_gl=1e-3))
+    trainer.train_epoch()
+    layer = dict(ml.low_rank_layers(trainer.model))["3"]
+    assert layer.rank == 0 and torch.isfinite(torch.tensor(trainer.history[-1].train_loss))
+    torch.testing.assert_close(layer(torch.randn(5, 24)), layer.bias.detach().expand(5, 16))

@@ -1,0 +1,86 @@
+"""One optimisation step's pieces: the closed-form group-lasso gradient, reuse of the full pass's
+prefix, and the masked distillation loss."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from conftest import SmallConvNet
+from torch import nn
+
+import maestro_lod as ml
+from maestro_lod.data import IGNORE_INDEX
+from maestro_lod.regularization import GroupLassoGradient
+from maestro_lod.training.reuse import PrefixReuse, prefix_reuse_supported
+from maestro_lod.training.steps import MaestroStep, soft_loss
+
+
+@pytest.mark.parametrize("hierarchical", [True, False])
+def test_closed_form_group_lasso_matches_autograd(hierarchical):
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(8, 6, 3), nn.Flatten(), nn.Linear(24, 7))
+    ml.factorize(model)
+    layers = [layer for _, layer in ml.low_rank_layers(model)]
+    with torch.no_grad():  # exactly zero trailing ranks: the subgradient must stay finite
+        layers[-1].up[:, 4:] = 0
+        layers[-1].down[4:] = 0
+    (0.01 * ml.group_lasso(model, hierarchical)).backward()
+    expected = [p.grad.clone() for layer in layers for p in (layer.up, layer.down)]
+    model.zero_grad(set_to_none=True)
+    value = GroupLassoGradient(layers, 0.01, hierarchical).add_to_grads_()
+    assert value.item() == pytest.approx(0.01 * ml.group_lasso(model, hierarchical).item(), rel=1e-6)
+    for want, (layer, p) in zip(expected, [(lay, p) for lay in layers for p in (lay.up, lay.down)]):
+        assert torch.isfinite(p.grad).all()
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-8)
+
+
+def _grads_after_step(model, reuse, sampler_seed, inputs, targets):
+    layers = list(ml.low_rank_layers(model))
+    step = MaestroStep(model, layers, ml.SingleLayerSampler(sampler_seed), contextlib.nullcontext,
+                       reuse=PrefixReuse(model) if reuse else None)
+    model.zero_grad(set_to_none=True)
+    numbers = step(inputs, targets, lambda loss: loss.backward())
+    return numbers, {n: p.grad.clone() for n, p in model.named_parameters()}, step
+
+
+def test_prefix_reuse_gives_the_same_gradients_and_skips_work():
+    torch.manual_seed(0)
+    model = ml.factorize(SmallConvNet())
+    inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    replayed = 0
+    for seed in range(8):  # draws across the layers, including full-rank draws
+        plain_numbers, plain, _ = _grads_after_step(copy.deepcopy(model), False, seed, inputs, targets)
+        reuse_numbers, reused, step = _grads_after_step(copy.deepcopy(model), True, seed, inputs, targets)
+        torch.testing.assert_close(reuse_numbers, plain_numbers, rtol=1e-5, atol=1e-6)
+        for name in plain:
+            torch.testing.assert_close(reused[name], plain[name], rtol=1e-4, atol=1e-6)
+        replayed += step.reuse.replayed + step.second_passes_skipped
+        step.reuse.close()
+    assert replayed > 0
+
+
+def test_prefix_reuse_prefix_stops_at_the_first_changed_layer():
+    model = ml.factorize(SmallConvNet())
+    reuse = PrefixReuse(model)
+    with reuse.recording():
+        model(torch.randn(4, 1, 8, 8))
+    assert [m for m, _ in reuse.prefix({model.conv1})] == []
+    assert [m for m, _ in reuse.prefix({model.fc1})][:2] == [model.conv1, model.bn1]
+    assert model.fc1 not in [m for m, _ in reuse.prefix({model.fc1})]
+    reuse.close()
+    assert not model.conv1._forward_hooks
+
+
+def test_prefix_reuse_refuses_dropout_and_inplace_models():
+    assert prefix_reuse_supported(SmallConvNet()) is None
+    assert "dropout" in prefix_reuse_supported(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1)))
+    assert "in place" in prefix_reuse_supported(nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True)))
+
+
+def test_soft_loss_ignores_padding_positions():
+    logits, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    targets = torch.randint(0, 7, (2, 5))
+    targets[:, 3:] = IGNORE_INDEX
+    masked = soft_loss(logits, teacher, targets, masked=True)
+    expected = soft_loss(logits[:, :3], teacher[:, :3], targets[:, :3], masked=False)
+    assert masked.item() == pytest.approx(expected.item(), rel=1e-6)
