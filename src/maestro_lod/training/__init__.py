@@ -2,15 +2,19 @@
 
 ``fit(model, train_data, val_data, TrainConfig(...))`` (or a :class:`Trainer` with callbacks) trains
 any model with low-rank ordered layers: full pass + sampled pass distilled from it + group lasso per
-step; progressive shrinking, BatchNorm recalibration and evaluation after each epoch. The
-``maestro-lod train`` command is a thin layer over this package.
+step; progressive shrinking, BatchNorm recalibration and evaluation after each epoch. Other
+training methods (dense training, ablations, baselines) are strategies of the same loop, registered
+in :data:`METHODS`. The ``maestro-lod train`` command is a thin layer over this package.
 """
 
 from ..errors import TrainingDiverged
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, read_toml
-from .loop import Callback, FitResult, Trainer, fit
+from .loop import Callback, FitResult, Trainer, TrainerState, fit
+from .methods import METHODS, DenseMethod, MaestroMethod, TrainingMethod
 from .presets import PRESETS, preset
+from .records import EpochRecord, RunSummary, StepStats
 
-__all__ = ["TrainConfig", "read_toml", "Trainer", "fit", "FitResult", "Callback", "TrainingDiverged",
+__all__ = ["TrainConfig", "read_toml", "Trainer", "TrainerState", "fit", "FitResult", "Callback", "TrainingDiverged",
+           "METHODS", "TrainingMethod", "DenseMethod", "MaestroMethod", "EpochRecord", "RunSummary", "StepStats",
            "save_checkpoint", "load_checkpoint", "PRESETS", "preset"]
