@@ -51,9 +51,11 @@ def _mlp() -> nn.Module:
 def test_a_registered_method_runs_in_the_trainer_and_is_a_config_choice(registered, digits):
     small = Subset(digits.train, range(256))
     namespace = registered("Adding a training method", model=_mlp(), train_data=small, val_data=small)
-    assert namespace["result"].summary["method"] == "maestro-no-shrink"
-    run = ml.training.fit(_mlp(), small, small, TrainConfig(method="maestro-no-shrink", epochs=1, eps_ps=1e9))
-    assert run.summary["final_ranks"] == run.summary["initial_ranks"]  # MAESTRO itself would cut them to 1
+    assert namespace["result"].summary["method"] == "maestro-late-shrink"
+    run = ml.training.fit(_mlp(), small, small, TrainConfig(method="maestro-late-shrink", epochs=2, eps_ps=1e5))
+    initial = sum(run.summary["initial_ranks"].values())
+    assert run.history[0]["total_rank"] == initial  # MAESTRO itself would cut them to 1 after epoch 1
+    assert run.history[1]["total_rank"] == len(run.summary["initial_ranks"])  # cut in the second half
     assert run.history[-1]["phase"] == "maestro"
 
 

@@ -11,10 +11,12 @@ from ..errors import TrainingDiverged
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, read_toml
 from .loop import Callback, FitResult, Trainer, TrainerState, fit
-from .methods import METHODS, DenseMethod, MaestroMethod, TrainingMethod
+from .methods import METHODS, DenseMethod, MaestroFullRanks, MaestroMethod, MaestroWithoutShrinking, TrainingMethod
 from .presets import PRESETS, preset
 from .records import EpochRecord, RunSummary, StepStats
 
 __all__ = ["TrainConfig", "read_toml", "Trainer", "TrainerState", "fit", "FitResult", "Callback", "TrainingDiverged",
            "METHODS", "TrainingMethod", "DenseMethod", "MaestroMethod", "EpochRecord", "RunSummary", "StepStats",
-           "save_checkpoint", "load_checkpoint", "PRESETS", "preset"]
+           "save_checkpoint", "load_checkpoint", "PRESETS", "preset", "MaestroWithoutShrinking", "MaestroFullRanks"]
+
+from .. import baselines  # noqa: E402,F401  (registers the baseline methods in METHODS)

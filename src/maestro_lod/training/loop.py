@@ -31,6 +31,7 @@ from ..metrics import count_macs, count_params
 from ..sampling import RankSampler, build_sampler
 from .batchnorm import recalibrate_batchnorm
 from .config import EXECUTION_KEYS, TrainConfig
+from .cost import PassCost
 from .evaluation import evaluate
 from .methods import METHODS, TrainingMethod
 from .optim import build_optimizer, build_scheduler, continue_schedule
@@ -235,10 +236,12 @@ class Trainer:
     def _backward(self, loss: torch.Tensor) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
-    def _train_steps(self, epoch: int) -> dict[str, float]:
-        """One pass over the training data; returns the epoch's mean loss parts and accuracy."""
+    def _train_steps(self, epoch: int, cost: PassCost) -> tuple[dict[str, float], int]:
+        """One pass over the training data; returns the epoch's mean loss parts and accuracy, and
+        its training MACs (see :mod:`.cost`)."""
         self.model.train()
         totals = EpochTotals()
+        train_macs = 0
         total_rank = sum(layer.rank for _, layer in low_rank_layers(self.model))  # ranks change only when shrinking
         for index, (inputs, targets) in enumerate(self.train_loader, start=1):
             inputs, targets = _to_device(inputs, self.device), targets.to(self.device, non_blocking=True)
@@ -258,11 +261,12 @@ class Trainer:
                 self.scaler.update()
             self.scheduler.step()
             totals.add(stats)
+            train_macs += cost.step_macs(self._step.passes, len(targets))
             if self.callbacks:
                 metrics = {"loss": stats.objective, "accuracy": totals.accuracy, "total_rank": total_rank}
                 for callback in self.callbacks:
                     callback.on_step_end(self, index, metrics)
-        return totals.means()
+        return totals.means(), train_macs
 
     def _run_batch(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = batch
@@ -285,7 +289,7 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_epoch_start(self, epoch)
         phase = self.method.phase(self)
-        train = self._train_steps(epoch)
+        train, train_macs = self._train_steps(epoch, PassCost.measure(self.model, self.example_inputs))
         lr = self.optimizer.param_groups[0]["lr"]
         train_time = time.perf_counter() - started
         self.method.after_steps(self, epoch)
@@ -299,7 +303,8 @@ class Trainer:
         record = EpochRecord(epoch=epoch, phase=phase, **train, lr=lr, val_loss=val["loss"],
                              val_accuracy=val["accuracy"], val_perplexity=val.get("perplexity"), ranks=ranks,
                              total_rank=sum(ranks.values()), params=count_params(self.model), macs=self._macs(),
-                             train_time=train_time, epoch_time=time.perf_counter() - started)
+                             train_time=train_time, epoch_time=time.perf_counter() - started,
+                             extra={"train_macs": train_macs, **self.method.epoch_extra(self)})
         self.state.history.append(record)
         self.state.epoch = epoch
         return record
@@ -340,7 +345,8 @@ class Trainer:
             # what a user ships: export merges a factor pair back where it is no cheaper than the
             # dense weight (the convolutions of LeNet-5 at full rank, for instance)
             exported_params=count_params(deployed), exported_macs=count_macs(deployed, self.example_inputs),
-            train_time=sum(r.epoch_time for r in self.history))
+            train_time=sum(r.epoch_time for r in self.history),
+            extra={"train_macs": sum(r.extra.get("train_macs", 0) for r in self.history)})
 
     # ------------------------------------------------------------------------------ checkpoints
     def _generators(self) -> dict[str, torch.Generator]:
@@ -371,8 +377,9 @@ class Trainer:
         if changed:
             raise CheckpointError(f"checkpoint was written with a different config (differs in: {', '.join(changed)})")
         self._close_step()
+        self.method.load_state_dict(state.get("method", {}))
         if state["factorized"] and not self.factorized:
-            self.model = factorize(self.model, self.config.factorize_config())
+            self.model = factorize(self.model, self.method.factorize_config(self))
         self.model.load_state_dict(state["model"])
         self.optimizer = build_optimizer(self.model, self.config)
         self.optimizer.load_state_dict({"state": {int(k): v for k, v in state["optimizer"]["state"].items()},
@@ -382,7 +389,6 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"], self._generators())
-        self.method.load_state_dict(state.get("method", {}))
         self.state = TrainerState.from_dict(state)
 
 

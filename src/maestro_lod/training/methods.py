@@ -24,9 +24,10 @@ from ..regularization import GroupLassoGradient
 from ..shrinking import shrink_
 from .evaluation import LANGUAGE_KINDS
 from .reuse import PrefixReuse, prefix_reuse_supported, runs_deterministically
-from .steps import DenseStep, MaestroStep, Step, forward
+from .steps import DenseStep, MaestroStep, PenalisedDenseStep, Step, forward
 
 if TYPE_CHECKING:
+    from ..config import FactorizeConfig
     from .config import TrainConfig
     from .loop import Trainer
 
@@ -66,6 +67,15 @@ class TrainingMethod:
     def phase(self, trainer: "Trainer") -> str:
         """The label of the current epoch in the records."""
         return self.name
+
+    def epoch_extra(self, trainer: "Trainer") -> dict[str, Any]:
+        """Method-specific numbers of the epoch just evaluated, added to its record (JSON values)."""
+        return {}
+
+    def factorize_config(self, trainer: "Trainer") -> "FactorizeConfig":
+        """How the model was factorised, for rebuilding it when a checkpoint of a factorised run
+        is loaded (called after :meth:`load_state_dict`): the run's ``factorize`` table by default."""
+        return trainer.config.factorize_config()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -144,3 +154,38 @@ class MaestroMethod(TrainingMethod):
     def phase(self, trainer: "Trainer") -> str:
         return "maestro" if trainer.factorized else "dense-warmup"
 
+
+
+@METHODS.register("maestro-no-shrink")
+class MaestroWithoutShrinking(MaestroMethod):
+    """Ablation: MAESTRO's factorisation, sampled sub-models and group lasso, but progressive
+    shrinking never cuts a rank during training (the ranks stay where they started)."""
+
+    name = "maestro-no-shrink"
+
+    def after_steps(self, trainer: "Trainer", epoch: int) -> None:
+        pass
+
+    def phase(self, trainer: "Trainer") -> str:
+        return self.name if trainer.factorized else "dense-warmup"
+
+
+@METHODS.register("maestro-full")
+class MaestroFullRanks(MaestroMethod):
+    """Ablation: every step trains all ranks (no sampled sub-model): the factorised model on the
+    labels plus the group lasso, with progressive shrinking as in MAESTRO."""
+
+    name = "maestro-full"
+
+    def build_step(self, trainer: "Trainer") -> Step:
+        if not trainer.factorized:
+            return DenseStep(trainer.model, trainer.autocast)
+        config = trainer.config
+        penalty = None
+        if config.lambda_gl > 0:
+            layers = [layer for _, layer in low_rank_layers(trainer.model)]
+            penalty = GroupLassoGradient(layers, config.lambda_gl, config.hierarchical)
+        return PenalisedDenseStep(trainer.model, trainer.autocast, penalty)
+
+    def phase(self, trainer: "Trainer") -> str:
+        return self.name if trainer.factorized else "dense-warmup"

@@ -62,7 +62,14 @@ def _numbers(loss, loss_full, loss_sampled, correct, count) -> torch.Tensor:
 
 class Step:
     """What the trainer calls once per optimisation step: ``step(inputs, targets, backward)``
-    runs the forward passes and ``backward(loss)`` and returns the step's numbers."""
+    runs the forward passes and ``backward(loss)`` and returns the step's numbers.
+
+    After each call, :attr:`passes` lists the forward passes it ran (each with a backward), as the
+    ranks it lowered: ``{}`` for the model at its current ranks, ``{name: rank}`` for a sampled
+    sub-model. The trainer counts training MACs from it.
+    """
+
+    passes: list[dict[str, int]] = [{}]
 
     def __call__(self, inputs, targets: torch.Tensor, backward: Backward) -> torch.Tensor:
         raise NotImplementedError
@@ -88,6 +95,18 @@ class DenseStep(Step):
             loss = hard_loss(logits, targets)
         backward(loss)
         return _numbers(loss, loss, 0.0, *count_correct(logits, targets))
+
+
+class PenalisedDenseStep(DenseStep):
+    """Plain training of the model at its current ranks plus a regulariser's gradient (``penalty``,
+    the group lasso, or None)."""
+
+    def __init__(self, model: nn.Module, autocast: Autocast, penalty: GroupLassoGradient | None):
+        super().__init__(model, autocast)
+        self.penalty = penalty
+
+    def add_penalty_gradients_(self) -> torch.Tensor:
+        return torch.zeros(()) if self.penalty is None else self.penalty.add_to_grads_()
 
 
 class MaestroStep(Step):
@@ -118,7 +137,8 @@ class MaestroStep(Step):
 
     def __call__(self, inputs, targets: torch.Tensor, backward: Backward) -> torch.Tensor:
         if not self.full_pass:
-            with sampled_ranks(self.model, self.sampler):
+            with sampled_ranks(self.model, self.sampler) as draw:
+                self.passes = [dict(draw)]
                 with self.autocast():
                     logits = forward(self.model, inputs)
                     loss = hard_loss(logits, targets)
@@ -134,6 +154,7 @@ class MaestroStep(Step):
             loss_full = hard_loss(full, targets)
         with sampled_ranks(self.model, self.sampler) as draw:
             changed = {self.by_name[name] for name, rank in draw.items() if rank < self.by_name[name].rank}
+            self.passes = [{}, dict(draw)] if changed or self.reuse is None else [{}]
             with self.autocast():
                 if self.reuse is not None and not changed:
                     self.second_passes_skipped += 1
