@@ -8,6 +8,20 @@ from typing import Any
 import numpy as np
 import torch
 
+SEED_LIMIT = 2**32
+"""Seeds of a run are ints in [0, SEED_LIMIT): what NumPy accepts, and far inside every generator's range."""
+DERIVED_SEED_LIMIT = 2**63
+"""Seeds derived from a run's seed lie in [0, DERIVED_SEED_LIMIT), which ``torch.Generator.manual_seed`` accepts."""
+
+
+def derive_seed(seed: int, scale: int = 1, offset: int = 0) -> int:
+    """``seed · scale + offset`` as the seed of a generator of its own, reduced modulo 2^63 so that it
+    always fits ``torch.Generator.manual_seed`` (a value already in [0, 2^63) comes back unchanged, so
+    derived streams of ordinary seeds stay as they were)."""
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (seed, scale, offset)):
+        raise TypeError(f"derive_seed takes ints, got {seed!r}, {scale!r}, {offset!r}")
+    return (seed * scale + offset) % DERIVED_SEED_LIMIT
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and PyTorch's (CPU and CUDA) global generators."""
