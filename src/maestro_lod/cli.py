@@ -7,11 +7,11 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import demo, train
+from .commands import bench, demo, train
 from .errors import MaestroError, UsageError
 
 # One ``register(subparsers)`` per sub-command module in ``maestro_lod.commands``.
-COMMANDS: list = [train.register, demo.register]
+COMMANDS: list = [train.register, demo.register, bench.register]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except MaestroError as exc:
         print(f"maestro-lod: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("maestro-lod: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,24 +9,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
-from ..data import DATASETS, load_data
+from ..data import DATASETS
 from ..errors import TrainingDiverged, UsageError
-from ..models import MODELS, build_model
-from ..tables import format_table
-from ..training.checkpoint import load_checkpoint
-from ..training.config import EXECUTION_KEYS, METHODS, TrainConfig, read_toml
-from ..training.loop import FitResult, Trainer
+from ..models import MODELS
+from ..training.config import EXECUTION_KEYS, METHODS, TrainConfig, check_nesting, read_toml
 from ..training.presets import PRESETS, preset
 from ..training.progress import Progress
-from ..training.reference import stored_reference
-from ..training.rng import seed_everything
-from ..training.rundir import CHECKPOINT_FILE, CONFIG_FILE, RunDirectory, clear_run_files, run_status
+from ..training.rundir import CONFIG_FILE, RunDirectory
+from .report import dense_reference, result_table
+from .runs import Claim, build_trainer, claim_output, claim_resume, load_task, restore
 
-RUNS_ROOT = Path("runs")
+INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
 
 
 def _floats(text: str) -> list[float]:
@@ -55,9 +53,16 @@ def _option(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key, json.loads(value)
+        parsed = json.loads(value)
     except json.JSONDecodeError:
         return key, value
+    except RecursionError:
+        raise argparse.ArgumentTypeError(f"{key}=... is nested too deeply") from None
+    try:
+        check_nesting(parsed, f"--model-option {key}")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return key, parsed
 
 
 # (flag, config key, argparse keyword arguments); ``factorize.<field>`` keys go into the factorize table.
@@ -113,6 +118,7 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                   "help": "dense accuracy to compare with: stored figure, a dense run, or none"}),
 ]
 RESUME_FLAGS = set(EXECUTION_KEYS)
+"""The config flags ``--resume`` accepts: those that do not change what the run computes."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -167,136 +173,60 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-def _fresh_directory(config: TrainConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = RUNS_ROOT / f"{config.model}-{config.data}-{stamp}"
-    path, suffix = base, 1
-    while path.exists():
-        suffix += 1
-        path = base.with_name(f"{base.name}-{suffix}")
-    return path
-
-
-def _prepare_out(args: argparse.Namespace, config: TrainConfig) -> Path:
-    if "out" not in args:
-        return _fresh_directory(config)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} exists and is not a directory")
-    status = run_status(out) if out.is_dir() else "empty"
-    if status != "empty" and not args.force:
-        if status == "finished":
-            raise UsageError(f"--out {str(out)!r} holds a finished run; choose another directory or pass --force")
-        raise UsageError(f"--out {str(out)!r} holds an unfinished run; continue it with --resume {out} or pass --force")
-    if status != "empty":
-        clear_run_files(out)
-    return out
-
-
-def _resume_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
-    directory = Path(args.resume)
-    not_allowed = sorted(set(_given(args)) - RESUME_FLAGS) + [f for f in ("preset", "config", "out") if f in args]
+def _resume(args: argparse.Namespace) -> Claim:
+    """Claim ``--resume DIR``; only the execution flags (and ``--quiet``) may be given with it."""
+    given = _given(args)
+    not_allowed = sorted(set(given) - RESUME_FLAGS) + [f for f in ("preset", "config", "out") if f in args]
     not_allowed += ["force"] if args.force else []
     if not_allowed:
+        allowed = ", ".join(f"--{key.replace('_', '-')}" for key in sorted(RESUME_FLAGS))
         raise UsageError(f"--resume continues the run with its saved options; drop {', '.join(not_allowed)} "
-                         f"(only --device, --threads, --num-workers, --quiet may change)")
-    if not (directory / CONFIG_FILE).is_file() or not (directory / CHECKPOINT_FILE).is_file():
-        raise UsageError(f"--resume {str(directory)!r}: no {CONFIG_FILE} and {CHECKPOINT_FILE} there to resume from")
-    if run_status(directory) == "finished":
-        raise UsageError(f"--resume {str(directory)!r}: that run has already finished")
-    try:
-        saved = json.loads((directory / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {str(directory / CONFIG_FILE)!r}: {exc}") from None
-    saved.update({k: v for k, v in _given(args).items() if k in RESUME_FLAGS})
-    return TrainConfig.from_dict(saved), directory
+                         f"(only {allowed} and --quiet may be given)")
+    return claim_resume(Path(args.resume), given)
 
 
-def _train(config: TrainConfig, data, callbacks: list, checkpoint: Path | None = None) -> FitResult:
-    seed_everything(config.seed)
-    model = build_model(config.model, data, **config.model_options)
-    trainer = Trainer(model, data.train, data.val, config, kind=data.kind, callbacks=callbacks)
-    if checkpoint is not None:
-        trainer.load_state_dict(load_checkpoint(checkpoint))
-    return trainer.fit()
+def _interrupted(claim: Claim, files: RunDirectory) -> str:
+    """The line printed after Ctrl-C: where the last checkpoint is and how to continue."""
+    directory = claim.directory
+    if files.saved_epoch is not None:
+        return (f"interrupted; the checkpoint of epoch {files.saved_epoch} is in {directory}: continue with "
+                f"maestro-lod train --resume {directory}")
+    if (directory / CONFIG_FILE).is_file():
+        return f"interrupted before the first epoch ended; maestro-lod train --resume {directory} starts it again"
+    return "interrupted before training started; nothing was written"
 
 
-def _dense_reference(config: TrainConfig, data, quiet: bool) -> dict[str, Any] | None:
-    if config.reference == "none" or config.method == "dense":
-        return None
-    if config.reference == "stored":
-        stored = stored_reference(config)
-        if stored is None:
-            return {"source": "none stored for this recipe (use --reference run to measure one)"}
-        return {"accuracy": stored.accuracy, "source": f"stored figure: {stored.source}"}
-    print("dense reference: training the dense model with the same recipe first", flush=True)
-    dense = config.replace(method="dense", reference="none")
-    try:
-        summary = _train(dense, data, [Progress(bars=not quiet, prefix="[dense] ")]).summary
-    except TrainingDiverged as exc:
-        raise UsageError(f"dense reference run: {exc}") from None
-    reference = {"accuracy": summary["final_accuracy"], "train_time": summary["train_time"],
-                 "source": "dense run with the same recipe and seed (this command)"}
-    if "final_perplexity" in summary:
-        reference["perplexity"] = summary["final_perplexity"]
-    return reference
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def _cost(value: int, dense: int) -> str:
-    return f"{value:,} ({value / max(dense, 1):.2f}x)"
-
-
-def result_table(summary: dict[str, Any], reference: dict[str, Any] | None) -> str:
-    """The closing report: dense reference vs result, ranks per layer before → after."""
-    reference = reference or {}
-    method = "MAESTRO" if summary["method"] == "maestro" else "dense"
-    rows = [("", "dense model", method),
-            ("validation accuracy", _percent(reference.get("accuracy")), _percent(summary["final_accuracy"]))]
-    if "final_perplexity" in summary:
-        ppl = reference.get("perplexity")
-        rows.append(("validation perplexity", "-" if ppl is None else f"{ppl:.3f}", f"{summary['final_perplexity']:.3f}"))
-    rows += [("parameters", f"{summary['dense_params']:,}", _cost(summary["params"], summary["dense_params"])),
-             ("MACs per sample", f"{summary['dense_macs']:,}", _cost(summary["macs"], summary["dense_macs"])),
-             ("exported parameters", "", _cost(summary["exported_params"], summary["dense_params"])),
-             ("exported MACs per sample", "", _cost(summary["exported_macs"], summary["dense_macs"])),
-             ("training time", f"{reference['train_time']:.1f} s" if "train_time" in reference else "-",
-              f"{summary['train_time']:.1f} s")]
-    text = format_table(rows)
-    if summary["initial_ranks"]:
-        ranks = [("layer", "rank before", "rank after")]
-        ranks += [(name, str(before), str(summary["final_ranks"].get(name, "-")))
-                  for name, before in summary["initial_ranks"].items()]
-        ranks.append(("total", str(summary["initial_total_rank"]), str(summary["final_total_rank"])))
-        text += "\n\n" + format_table(ranks)
-    if reference.get("source"):
-        text += f"\n\ndense reference: {reference['source']}"
-    return text
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``maestro-lod train``."""
-    if "resume" in args:
-        config, out = _resume_config(args)
-        checkpoint = out / CHECKPOINT_FILE
-    else:
-        config = build_config(args)
-        out, checkpoint = _prepare_out(args, config), None
-    data = load_data(config.data, root=config.data_root, download=config.download, seed=config.seed,
-                     augment=config.augment, seq_len=config.seq_len)
-    reference = _dense_reference(config, data, args.quiet)
+def _train(args: argparse.Namespace, claim: Claim, files: RunDirectory) -> int:
+    """Load the data, build the run (with its dense reference) and train it into the claimed directory."""
+    config, out = claim.config, claim.directory
+    data = load_task(config)
+    reference = dense_reference(config, data, args.quiet)
+    files.summary_extra["dense_reference"] = reference
+    trainer = build_trainer(config, data, [files, Progress(bars=not args.quiet)])
+    if claim.checkpoint is not None:
+        restore(trainer, claim.checkpoint)
+        files.saved_epoch = trainer.epoch
+    claim.prepare_files()
     print(f"training {config.model} on {config.data} ({config.method}, {config.epochs} epochs) into {out}", flush=True)
-    callbacks = [RunDirectory(out, {"dense_reference": reference}), Progress(bars=not args.quiet)]
     try:
-        result = _train(config, data, callbacks, checkpoint)
+        result = trainer.fit()
     except TrainingDiverged as exc:
-        kept = (f"the last good checkpoint (epoch {exc.epoch - 1}) is kept in {out}" if exc.epoch > 1
+        kept = (f"the last good checkpoint (epoch {files.saved_epoch}) is kept in {out}" if files.saved_epoch
                 else f"no epoch finished, so {out} holds no checkpoint")
         raise UsageError(f"{exc}; {kept}") from None
     print()
     print(result_table(result.summary, reference))
     print(f"\nrun files: {out}")
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``maestro-lod train``: options → config → a claimed run directory → training → report."""
+    claim = _resume(args) if "resume" in args else claim_output(args, build_config(args))
+    files = RunDirectory(claim.directory)
+    with claim.lock:
+        try:
+            return _train(args, claim, files)
+        except KeyboardInterrupt:
+            print(f"maestro-lod: {_interrupted(claim, files)}", file=sys.stderr)
+            return INTERRUPTED

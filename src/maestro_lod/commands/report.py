@@ -1,0 +1,72 @@
+"""The closing report of ``maestro-lod train``: the dense accuracy to compare with (a stored figure
+or a dense run of the same recipe) and the table of the result against the dense model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..data import TaskData
+from ..errors import TrainingDiverged, UsageError
+from ..tables import format_table
+from ..training.config import TrainConfig
+from ..training.progress import Progress
+from ..training.reference import stored_reference
+from .runs import build_trainer
+
+
+def dense_reference(config: TrainConfig, data: TaskData | None, quiet: bool) -> dict[str, Any] | None:
+    """The dense model's figures shown next to the result (None for ``reference = "none"`` and dense
+    runs): the stored figure of this recipe, or (``reference = "run"``) a dense run trained now."""
+    if config.reference == "none" or config.method == "dense":
+        return None
+    if config.reference == "stored":
+        stored = stored_reference(config)
+        if stored is None:
+            return {"source": "none stored for this recipe (use --reference run to measure one)"}
+        return {"accuracy": stored.accuracy, "source": f"stored figure: {stored.source}"}
+    print("dense reference: training the dense model with the same recipe first", flush=True)
+    dense = config.replace(method="dense", reference="none")
+    try:
+        summary = build_trainer(dense, data, [Progress(bars=not quiet, prefix="[dense] ")]).fit().summary
+    except TrainingDiverged as exc:
+        raise UsageError(f"dense reference run: {exc}") from None
+    reference = {"accuracy": summary["final_accuracy"], "train_time": summary["train_time"],
+                 "source": "dense run with the same recipe and seed (this command)"}
+    if summary.get("final_perplexity") is not None:
+        reference["perplexity"] = summary["final_perplexity"]
+    return reference
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _cost(value: int, dense: int) -> str:
+    return f"{value:,} ({value / max(dense, 1):.2f}x)"
+
+
+def result_table(summary: Any, reference: dict[str, Any] | None) -> str:
+    """The closing report: dense reference vs result, ranks per layer before → after."""
+    reference = reference or {}
+    method = "MAESTRO" if summary["method"] == "maestro" else "dense"
+    rows = [("", "dense model", method),
+            ("validation accuracy", _percent(reference.get("accuracy")), _percent(summary["final_accuracy"]))]
+    if summary.get("final_perplexity") is not None:
+        ppl = reference.get("perplexity")
+        rows.append(("validation perplexity", "-" if ppl is None else f"{ppl:.3f}", f"{summary['final_perplexity']:.3f}"))
+    rows += [("parameters", f"{summary['dense_params']:,}", _cost(summary["params"], summary["dense_params"])),
+             ("MACs per sample", f"{summary['dense_macs']:,}", _cost(summary["macs"], summary["dense_macs"])),
+             ("exported parameters", "", _cost(summary["exported_params"], summary["dense_params"])),
+             ("exported MACs per sample", "", _cost(summary["exported_macs"], summary["dense_macs"])),
+             ("training time", f"{reference['train_time']:.1f} s" if "train_time" in reference else "-",
+              f"{summary['train_time']:.1f} s")]
+    text = format_table(rows)
+    if summary["initial_ranks"]:
+        ranks = [("layer", "rank before", "rank after")]
+        ranks += [(name, str(before), str(summary["final_ranks"].get(name, "-")))
+                  for name, before in summary["initial_ranks"].items()]
+        ranks.append(("total", str(summary["initial_total_rank"]), str(summary["final_total_rank"])))
+        text += "\n\n" + format_table(ranks)
+    if reference.get("source"):
+        text += f"\n\ndense reference: {reference['source']}"
+    return text

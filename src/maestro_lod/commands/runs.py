@@ -1,0 +1,141 @@
+"""Starting and continuing runs of ``maestro-lod train`` without ever losing one.
+
+A run first claims its directory (:class:`~maestro_lod.training.rundir.RunLock`), so two commands
+never train into the same place; then everything that can fail is checked (the model's size on
+PyTorch's ``meta`` device, the model, the device, a checkpoint's contents) before a file of an
+earlier run is deleted, right before training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import TaskData, load_data
+from ..errors import ConfigError, RunDirectoryError, UsageError
+from ..models import build_model
+from ..training.checkpoint import check_trainer_state, load_checkpoint
+from ..training.config import EXECUTION_KEYS, TrainConfig
+from ..training.loop import Callback, Trainer
+from ..training.rng import seed_everything
+from ..training.rundir import (CHECKPOINT_FILE, CONFIG_FILE, RUN_FILES, RunLock, claim_directory,
+                               claim_new_directory, clean_temporaries, foreign_message, read_json_file, run_status)
+
+RUNS_ROOT = Path("runs")
+PARAMETER_LIMIT = 2_000_000_000
+"""Largest model (dense parameters) a run may build: 8 GB of float32 weights before factorising."""
+
+
+def load_task(config: TrainConfig) -> TaskData:
+    """The dataset of ``config``."""
+    return load_data(config.data, root=config.data_root, download=config.download, seed=config.seed,
+                     augment=config.augment, seq_len=config.seq_len)
+
+
+def check_model_size(config: TrainConfig, data: TaskData) -> None:
+    """Build the model on PyTorch's ``meta`` device (no memory) and refuse it above
+    :data:`PARAMETER_LIMIT` parameters, before a real build tries to allocate them. The builder's
+    own checks (options, model/data pairing) run here too. A builder that cannot run on ``meta`` is
+    left to the real build."""
+    try:
+        with torch.device("meta"):
+            model = build_model(config.model, data, **config.model_options)
+    except (NotImplementedError, RuntimeError):
+        return
+    count = sum(p.numel() for p in model.parameters())
+    if count > PARAMETER_LIMIT:
+        options = ", ".join(f"{k}={v!r}" for k, v in config.model_options.items()) or "default options"
+        raise ConfigError(f"model {config.model!r} ({options}) would have {count:,} parameters, more than "
+                          f"{PARAMETER_LIMIT:,}; choose smaller model options")
+
+
+def build_trainer(config: TrainConfig, data: TaskData, callbacks: list[Callback]) -> Trainer:
+    """The model of ``config`` (size-checked first), seeded by ``config.seed``, in a :class:`Trainer`."""
+    check_model_size(config, data)
+    seed_everything(config.seed)
+    model = build_model(config.model, data, **config.model_options)
+    return Trainer(model, data.train, data.val, config, kind=data.kind, callbacks=callbacks)
+
+
+def restore(trainer: Trainer, checkpoint: Path) -> None:
+    """Load ``checkpoint`` into ``trainer`` after checking that it fits the run."""
+    state = load_checkpoint(checkpoint)
+    if isinstance(state, dict) and state.get("factorized") is True and not trainer.factorized:
+        trainer.factorize_model()
+    check_trainer_state(state, trainer.model, trainer.config.epochs, where=f"checkpoint {str(checkpoint)!r}")
+    trainer.load_state_dict(state)
+
+
+@dataclass
+class Claim:
+    """A run directory this process holds, and what must happen there before training starts."""
+
+    lock: RunLock
+    config: TrainConfig
+    checkpoint: Path | None = None  # resume from it
+    clear: tuple[str, ...] = ()  # files of the run that was there, to delete (--force, or starting over)
+
+    @property
+    def directory(self) -> Path:
+        return self.lock.directory
+
+    def prepare_files(self) -> None:
+        """Right before training: delete the earlier run's files when asked, and stale temporaries."""
+        for name in self.clear:
+            (self.directory / name).unlink(missing_ok=True)
+        clean_temporaries(self.directory)
+
+
+def _default_directory(config: TrainConfig) -> Path:
+    return RUNS_ROOT / f"{config.model}-{config.data}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def claim_output(args: argparse.Namespace, config: TrainConfig) -> Claim:
+    """Claim ``--out`` (or a new ``runs/<model>-<data>-<time>``) for a new run. A directory holding a
+    run is refused unless ``--force`` (its files are deleted only when training starts); files with
+    run-file names that this package did not write are refused even then."""
+    if "out" not in args:
+        return Claim(claim_new_directory(_default_directory(config)), config)
+    out = Path(args.out)
+    lock = claim_directory(out)
+    try:
+        status = run_status(out)
+        if status == "foreign":
+            raise RunDirectoryError(foreign_message("--out", out))
+        if status == "finished" and not args.force:
+            raise UsageError(f"--out {str(out)!r} holds a finished run; choose another directory or pass --force")
+        if status in ("started", "unfinished") and not args.force:
+            raise UsageError(f"--out {str(out)!r} holds an unfinished run; continue it with --resume {out} "
+                             f"or pass --force")
+    except BaseException:
+        lock.release()
+        raise
+    return Claim(lock, config, clear=RUN_FILES if status != "empty" else ())
+
+
+def claim_resume(directory: Path, changes: dict[str, Any]) -> Claim:
+    """Claim ``directory`` to continue its run from the checkpoint with its saved config (``changes``:
+    the execution options given again); a run killed before its first checkpoint starts over."""
+    if not (directory / CONFIG_FILE).is_file():
+        raise UsageError(f"--resume {str(directory)!r}: no {CONFIG_FILE} and {CHECKPOINT_FILE} there to resume from")
+    lock = RunLock(directory).acquire()
+    try:
+        status = run_status(directory)
+        if status == "foreign":
+            raise RunDirectoryError(foreign_message("--resume", directory))
+        if status == "finished":
+            raise UsageError(f"--resume {str(directory)!r}: that run has already finished")
+        saved = read_json_file(directory / CONFIG_FILE, "run config")
+        saved.update({k: v for k, v in changes.items() if k in EXECUTION_KEYS})
+        config = TrainConfig.from_dict(saved)
+    except BaseException:
+        lock.release()
+        raise
+    if status == "started":  # killed during epoch 1: nothing to continue, so start over
+        return Claim(lock, config, clear=tuple(name for name in RUN_FILES if name != CONFIG_FILE))
+    return Claim(lock, config, checkpoint=directory / CHECKPOINT_FILE)
