@@ -3,6 +3,7 @@ in one line on stderr with exit code 2 — never a traceback — and leaves ever
 byte for byte as it was."""
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -155,10 +156,18 @@ def deep_checkpoint(tmp, runs, monkeypatch):
     (tmp / "run" / "checkpoint.safetensors").write_bytes(save({"x": torch.zeros(1)}, metadata=metadata))
 
 
+HELD: list[int] = []
+"""File descriptors of locks a case holds while the command runs (closed after it)."""
+
+
 def live_lock(tmp, runs, monkeypatch):
-    """An unfinished run that another live process (this test's parent) is training right now."""
+    """An unfinished run that another process is training right now: its lock is held (an flock on
+    its own open file conflicts with the command's even within this process)."""
     unfinished(tmp, runs, monkeypatch)
-    (tmp / "run" / ".maestro-lod.lock").write_text(f"{os.getppid()}\n")
+    handle = os.open(tmp / "run" / ".maestro-lod.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(handle, b"4242\n")
+    HELD.append(handle)
 
 
 def symlink(tmp, runs, monkeypatch):
@@ -213,8 +222,8 @@ CASES = [
     ("force-foreign-files", foreign, [*TINY, "--epochs", "1", "--out", R, "--force"], "not written by maestro-lod"),
     ("out-foreign-files", foreign, [*TINY, "--epochs", "1", "--out", R], "not written by maestro-lod"),
     ("resume-foreign-files", foreign, ["--resume", R], "not written by maestro-lod"),
-    ("run-in-use", live_lock, [*TINY, "--epochs", "1", "--out", R, "--force"], "in use"),
-    ("resume-in-use", live_lock, ["--resume", R], "in use"),
+    ("run-in-use", live_lock, [*TINY, "--epochs", "1", "--out", R, "--force"], "in use by process 4242"),
+    ("resume-in-use", live_lock, ["--resume", R], "in use by process 4242"),
     ("resume-finished", finished, ["--resume", R], "already finished"),
     ("resume-nothing", nothing, ["--resume", R], None),
     ("resume-threads", unfinished, ["--resume", R, "--threads", "2"], "threads"),
@@ -318,8 +327,12 @@ def test_bad_input_is_one_line_and_touches_nothing(setup, args, message, runs, t
     monkeypatch.chdir(tmp_path)
     setup(tmp_path, runs, monkeypatch)
     before = snapshot(tmp_path)
-    code = train(*[arg.replace("{tmp}", str(tmp_path)) for arg in args])
-    monkeypatch.undo()
+    try:
+        code = train(*[arg.replace("{tmp}", str(tmp_path)) for arg in args])
+    finally:
+        monkeypatch.undo()
+        while HELD:
+            os.close(HELD.pop())
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     lines = captured.err.strip().splitlines()
@@ -334,18 +347,20 @@ def test_bad_input_is_one_line_and_touches_nothing(setup, args, message, runs, t
 # ------------------------------------------------------------------------- behaviours behind the sweep
 def test_a_stale_lock_of_a_killed_process_does_not_block_resume(runs, tmp_path, capsys):
     unfinished(tmp_path, runs, None)
-    dead = 2**22 + 12345  # above the default pid_max: no such process
-    (tmp_path / "run" / ".maestro-lod.lock").write_text(f"{dead}\n")
+    (tmp_path / "run" / ".maestro-lod.lock").write_text("4242\n")  # left by a killed run: no longer locked
     assert train("--resume", str(tmp_path / "run"), "--quiet") == 0
     assert (tmp_path / "run" / "summary.json").is_file() and not (tmp_path / "run" / ".maestro-lod.lock").exists()
 
 
 def test_default_run_names_are_unique_within_one_second(tmp_path):
-    from maestro_lod.training.rundir import claim_new_directory
+    from maestro_lod.errors import RunDirectoryError
+    from maestro_lod.training.rundir import RunLock, claim_new_directory
 
     first, second = claim_new_directory(tmp_path / "mlp-digits-x"), claim_new_directory(tmp_path / "mlp-digits-x")
     assert first.directory != second.directory and second.directory.name == "mlp-digits-x-2"
     assert first.held and second.held
+    with pytest.raises(RunDirectoryError, match="in use by process"):
+        RunLock(first.directory).acquire()
     first.release()
     second.release()
     assert not first.directory.exists()  # nothing was written there: removed again
@@ -420,3 +435,27 @@ def test_json_files_never_hold_nan(tmp_path):
     with pytest.raises(ValueError, match="invalid JSON"):
         files.write_json_atomic(tmp_path / "summary.json", {"final_loss": float("nan")})
     assert not (tmp_path / "summary.json").exists() and not list(tmp_path.iterdir())
+
+
+def test_a_run_being_trained_by_another_process_is_refused_until_that_process_dies(runs, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    unfinished(tmp_path, runs, None)
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from maestro_lod.training.rundir import RunLock\n"
+                               f"RunLock({str(out)!r}).acquire(); print('claimed', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        code = train("--resume", str(out), "--quiet")
+        line = capsys.readouterr().err.strip()
+        assert code == 2 and f"in use by process {holder.pid}" in line
+    finally:
+        holder.send_signal(signal.SIGKILL)  # killed: the kernel drops its lock, its lock file stays
+        holder.wait()
+        holder.stdout.close()
+    assert (out / ".maestro-lod.lock").exists()
+    assert train("--resume", str(out), "--quiet") == 0

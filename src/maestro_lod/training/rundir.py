@@ -4,12 +4,13 @@
 object per epoch, rewritten from the checkpoint's history, so it is never ahead of it); the PNG
 plots and finally ``summary.json``, whose presence marks a finished run. ``.maestro-lod-run`` marks
 the directory as this package's (directories of older versions are recognised by their
-``config.json``); ``.maestro-lod.lock`` holds the id of the process training there right now.
+``config.json``); ``.maestro-lod.lock``, locked by the process training there right now, holds its id.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 from collections.abc import Callable
@@ -99,23 +100,12 @@ def clean_temporaries(directory: Path) -> None:
     remove_stale_temporaries(directory, (*RUN_FILES, MARKER_FILE))
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether a process with id ``pid`` exists (one of another user counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
-
-
 class RunLock:
-    """An exclusive claim of this process on a run directory: ``.maestro-lod.lock``, created with
-    ``O_CREAT | O_EXCL`` and holding the process id. A lock whose process is gone (killed) is stale
-    and taken over. Use as a context manager or call :meth:`acquire` / :meth:`release`.
+    """An exclusive claim of this process on a run directory: an ``flock`` on ``.maestro-lod.lock``,
+    which holds the process id for messages. The kernel drops the lock when its process ends, however
+    it ends, so a killed run never blocks the next one (its lock file is simply taken over). Needs a
+    file system with ``flock`` (every local one). Use as a context manager or call :meth:`acquire`
+    / :meth:`release`.
 
     ``remove_if_empty``: on release, also remove the directory when nothing else is in it (it was
     created for a run that never started).
@@ -125,48 +115,66 @@ class RunLock:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_FILE
         self.remove_if_empty = remove_if_empty
-        self.held = False
+        self._handle: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._handle is not None
 
     def acquire(self) -> "RunLock":
         """Take the lock, or raise a RunDirectoryError naming the process that holds it."""
-        for _ in range(2):  # a second try after removing a stale lock
-            try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and _process_alive(holder):
-                    raise RunDirectoryError(
-                        f"{str(self.directory)!r} is in use by process {holder}, which is training there; wait "
-                        f"for it to end (or, if no such run is going on, delete {str(self.path)!r})") from None
-                self.path.unlink(missing_ok=True)
-                continue
-            except OSError as exc:
-                raise RunDirectoryError(f"cannot claim run directory {str(self.directory)!r}: {_cause(exc)}") from None
-            try:
-                os.write(handle, f"{os.getpid()}\n".encode())
-            except OSError as exc:
-                self.path.unlink(missing_ok=True)
-                raise RunDirectoryError(f"cannot claim run directory {str(self.directory)!r}: {_cause(exc)}") from None
-            finally:
-                os.close(handle)
-            self.held = True
-            return self
-        raise RunDirectoryError(f"{str(self.directory)!r} is being claimed by another process at the same time")
+        for _ in range(3):  # again when the holder removed the file between our open and our lock
+            handle = self._open_locked()
+            if self._is_current(handle):
+                self._write_pid(handle)
+                self._handle = handle
+                return self
+            os.close(handle)
+        raise RunDirectoryError(f"{str(self.directory)!r} is being claimed by other processes at the same time")
 
-    def _holder(self) -> int | None:
-        """The process id in the lock file (None when unreadable: a claim being written, or garbage)."""
+    def _open_locked(self) -> int:
         try:
-            return int(self.path.read_text().strip())
-        except (OSError, ValueError):
-            return None
+            handle = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as exc:
+            raise RunDirectoryError(f"cannot claim run directory {str(self.directory)!r}: {_cause(exc)}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(handle, 32).decode("ascii", "replace").strip()
+            os.close(handle)
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise RunDirectoryError(f"{str(self.directory)!r} is in use by {who}, which is training there; "
+                                    f"wait for it to end or choose another directory") from None
+        except OSError as exc:
+            os.close(handle)
+            raise RunDirectoryError(f"cannot lock run directory {str(self.directory)!r}: {_cause(exc)}") from None
+        return handle
+
+    def _is_current(self, handle: int) -> bool:
+        """Whether the locked file is still the one at :attr:`path` (not removed by its last holder)."""
+        try:
+            on_disk, locked = os.stat(self.path), os.fstat(handle)
+        except FileNotFoundError:
+            return False
+        return (on_disk.st_dev, on_disk.st_ino) == (locked.st_dev, locked.st_ino)
+
+    def _write_pid(self, handle: int) -> None:
+        try:
+            os.ftruncate(handle, 0)
+            os.write(handle, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            self.path.unlink(missing_ok=True)
+            os.close(handle)
+            raise RunDirectoryError(f"cannot claim run directory {str(self.directory)!r}: {_cause(exc)}") from None
 
     def release(self) -> None:
-        """Remove the lock if this process still holds it (and the directory, if asked and empty)."""
-        if not self.held:
+        """Remove the lock file and drop the lock (and remove the directory, if asked and empty)."""
+        if self._handle is None:
             return
-        self.held = False
-        if self._holder() == os.getpid():
-            self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)  # still locked: nobody can take the file we remove
+        os.close(self._handle)
+        self._handle = None
         if self.remove_if_empty:
             try:
                 self.directory.rmdir()
@@ -174,7 +182,7 @@ class RunLock:
                 pass  # not empty: a run started there
 
     def __enter__(self) -> "RunLock":
-        return self.acquire() if not self.held else self
+        return self if self.held else self.acquire()
 
     def __exit__(self, *exc_info: Any) -> None:
         self.release()
