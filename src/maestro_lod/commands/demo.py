@@ -51,7 +51,10 @@ def run_demo(args) -> int:
     for result in results:
         print(report(result))
         print()
-    save_figure(results, out)
+    try:
+        save_figure(results, out)
+    except OSError as exc:
+        raise UsageError(f"cannot write --out {str(out)!r}: {exc.strerror or exc}") from None
     print(f"figure: {out}   ({time.perf_counter() - start:.1f} s)")
     return 0
 
