@@ -459,3 +459,16 @@ def test_a_run_being_trained_by_another_process_is_refused_until_that_process_di
         holder.stdout.close()
     assert (out / ".maestro-lod.lock").exists()
     assert train("--resume", str(out), "--quiet") == 0
+
+
+def test_demo_figure_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    from maestro_lod.commands import demo
+
+    def read_only(results, out):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(demo, "run_experiment", lambda problem, settings: None)
+    monkeypatch.setattr(demo, "report", lambda result: "")
+    monkeypatch.setattr(demo, "save_figure", read_only)
+    assert cli.main(["demo", "pca", "--out", str(tmp_path / "f.png")]) == 2
+    assert "Read-only file system" in capsys.readouterr().err
