@@ -24,7 +24,7 @@ def _merges(module: Factorized, merge: str, weight_read: bool) -> bool:
     return merge == "auto" and module.merge_saves_params()
 
 
-def export(model: nn.Module, merge: str = "auto") -> nn.Module:
+def export(model: nn.Module, merge: str = "auto", keep: tuple[type, ...] = ()) -> nn.Module:
     """A deep copy of ``model`` made only of standard ``torch.nn`` modules, with the same outputs.
 
     Each factorised module is replaced by its :meth:`~maestro_lod.layers.Factorized.to_standard`
@@ -35,6 +35,11 @@ def export(model: nn.Module, merge: str = "auto") -> nn.Module:
     reason the feed-forward layers of ``nn.TransformerEncoderLayer`` are exported merged, and so is a
     convolution at rank 0 (PyTorch has no zero-channel convolution). Forward and full backward hooks
     move to the exported modules. A model without factorised modules is returned as a plain copy.
+
+    Factorised modules that are instances of a type in ``keep`` stay as they are (copied, at their
+    effective rank): their own forward keeps the rank savings that the plain form would give up
+    (``keep=(LowRankMultiheadAttention,)`` is the form :mod:`maestro_lod.deploy` hands to
+    ``torch.export``, where no code reads the packed attention weights).
     """
     if merge not in MERGE_MODES:
         raise ConfigError(f"merge={merge!r} is not one of {', '.join(MERGE_MODES)}")
@@ -46,6 +51,8 @@ def export(model: nn.Module, merge: str = "auto") -> nn.Module:
                    for kind, children in WEIGHT_READERS.items() if isinstance(module, kind) for child in children}
     replacements: dict[int, nn.Module] = {}
     for name, module in outermost_factorized(result):
+        if isinstance(module, keep):
+            continue
         if id(module) not in replacements:
             new = module.to_standard(_merges(module, merge, name in weight_read))
             new.train(module.training)

@@ -1,0 +1,20 @@
+"""Train once, deploy everywhere: the accuracy–cost front of one trained MAESTRO model, points
+chosen by budget, and deployable artifacts for them.
+
+* :func:`greedy_front` walks from the trained ranks down to every layer's minimum, one slice of
+  one layer per round, keeping the removal that costs the least calibration loss per unit of cost
+  saved (MACs, parameters or measured latency); the result is a :class:`Front`.
+* :func:`evaluate_front` scores every point on validation data; :meth:`Front.select` picks one by
+  budget (``macs=0.5``, ``params=0.3``, ``latency=0.5``, ``max_drop=0.01``).
+* :func:`materialize` gives the model at a point; :func:`write_artifacts` exports it as a
+  ``torch.export`` program, ONNX and a plain torch.nn state dict, each checked against PyTorch.
+"""
+
+from .costs import COSTS, LatencyTable, deployable, measure_latency, visited_ranks
+from .front import TARGET_KEYS, Front, FrontPoint
+from .search import (CALIBRATION_SIZE, calibration_batches, calibration_loss, evaluate_front, greedy_front,
+                     materialize)
+
+__all__ = ["COSTS", "TARGET_KEYS", "CALIBRATION_SIZE", "Front", "FrontPoint", "LatencyTable", "greedy_front",
+           "evaluate_front", "materialize", "calibration_batches", "calibration_loss", "deployable",
+           "measure_latency", "visited_ranks"]

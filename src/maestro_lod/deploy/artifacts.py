@@ -1,0 +1,224 @@
+"""Deployable files for the model at one point of the front, each checked against PyTorch.
+
+* ``model.pt2``: a ``torch.export`` program of the deployed form (:func:`~.costs.deployable`: low-rank
+  Linear/Conv as factor pairs or merged where that is no larger, factorised attention with its
+  low-rank projections), with a dynamic batch dimension. It loads with ``torch.export.load`` alone;
+  this package is not needed to run it.
+* ``model.onnx``: the same program through ``torch.onnx.export(dynamo=True)``, run once with ONNX
+  Runtime (needs the ``deploy`` extra: ``pip install "maestro-lod[deploy]"``).
+* ``model.safetensors``: the state dict of the plain torch.nn model of :func:`maestro_lod.export`
+  (attention dense, since ``nn.MultiheadAttention`` reads packed weights), with the rank pattern and
+  the layers stored as factor pairs in its metadata; :func:`load_plain` rebuilds it from the dense
+  architecture.
+
+Each artifact's outputs are compared with the PyTorch model on real inputs at two batch sizes;
+the tolerances are in :data:`TOLERANCES` (float32: the artifacts reorder or fuse operations, so
+bitwise equality is not expected, except for the plain model, which runs the same modules).
+A mismatch raises :class:`ArtifactMismatch` and the artifact is not written.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, MaestroError, MissingFileError
+from ..export import export
+from ..files import write_bytes_atomic
+from ..layers import LowRankConv, LowRankLinear, outermost_factorized, rank_pattern
+from ..training.steps import forward
+from .costs import deployable
+
+FORMATS = ("pt2", "onnx", "safetensors")
+FILES = {"pt2": "model.pt2", "onnx": "model.onnx", "safetensors": "model.safetensors"}
+TOLERANCES = {"pt2": (1e-5, 1e-4), "onnx": (1e-4, 1e-3), "safetensors": (1e-5, 1e-4)}
+"""Per format ``(atol, rtol)``: every output element must satisfy ``|a − b| ≤ atol + rtol·|b|``."""
+PLAIN_METADATA_KEY = "maestro_lod_plain"
+ONNX_MISSING = 'ONNX export needs the deploy extra: pip install "maestro-lod[deploy]" (onnx, onnxscript, onnxruntime)'
+
+
+class ArtifactMismatch(MaestroError):
+    """An exported artifact's outputs differ from the PyTorch model's beyond the stated tolerance."""
+
+
+def onnx_available() -> bool:
+    """Whether onnx, onnxscript and onnxruntime can be imported."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    """``formats`` as a tuple if each is one of :data:`FORMATS` (and there is at least one)."""
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise ConfigError(f"unknown format(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(FORMATS)}")
+    return tuple(dict.fromkeys(formats))
+
+
+def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def compare(what: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> float:
+    """The largest ``|actual − expected|``; raises :class:`ArtifactMismatch` beyond the tolerance."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if actual.shape != expected.shape:
+        raise ArtifactMismatch(f"{what}: output shape {tuple(actual.shape)} differs from PyTorch's {tuple(expected.shape)}")
+    difference = (actual - expected).abs()
+    excess = difference - (atol + rtol * expected.abs())
+    if not bool(torch.isfinite(actual).all()) or float(excess.max()) > 0:
+        raise ArtifactMismatch(f"{what}: outputs differ from PyTorch's by up to {float(difference.max()):.3g} "
+                               f"(tolerance {atol:g} + {rtol:g}·|value|)")
+    return float(difference.max())
+
+
+def export_program(module: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``module`` (eval mode) with the batch dimension of every input dynamic.
+    PyTorch's fused attention path is off while tracing, so the program runs the module's own code."""
+    inputs = _as_tuple(example_inputs)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    dynamic = tuple({0: batch} for _ in inputs)
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return torch.export.export(module.eval(), inputs, dynamic_shapes=dynamic, strict=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+
+
+def program_bytes(program: torch.export.ExportedProgram) -> bytes:
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def onnx_bytes(program: torch.export.ExportedProgram) -> bytes:
+    """ONNX model of an exported program (dynamic batch kept)."""
+    onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
+    return onnx_program.model_proto.SerializeToString()
+
+
+def run_onnx(model: bytes, inputs: Any) -> torch.Tensor:
+    """The first output of ``model`` run by ONNX Runtime on the CPU."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feeds = {name: tensor.detach().cpu().numpy() for name, tensor in zip(names, _as_tuple(inputs))}
+    return torch.from_numpy(session.run(None, feeds)[0])
+
+
+def plain_layout(model: nn.Module, plain: nn.Module) -> list[str]:
+    """The factorised modules of ``model`` that ``plain`` (its export) holds as factor pairs."""
+    return [name for name, _ in outermost_factorized(model) if isinstance(plain.get_submodule(name), nn.Sequential)]
+
+
+def plain_bytes(model: nn.Module, plain: nn.Module) -> bytes:
+    """safetensors of ``plain``'s state dict with the rank pattern and factor-pair layers of
+    ``model`` in the metadata (tensors shared between entries are stored once per entry)."""
+    tensors = {key: value.detach().cpu().clone().contiguous() for key, value in plain.state_dict().items()}
+    ranks = rank_pattern(model)
+    pairs = {name: ranks[name] for name in plain_layout(model, plain)}
+    metadata = {PLAIN_METADATA_KEY: json.dumps({"format": 1, "ranks": ranks, "pairs": pairs})}
+    return safetensors_bytes(tensors, metadata=metadata)
+
+
+def load_plain(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a ``model.safetensors`` written by :func:`write_artifacts` into ``model``, the dense
+    architecture it was trained from (e.g. ``build_model(name, data)``), in place: each layer
+    stored as a factor pair is replaced by an ``nn.Sequential`` of two plain layers of that rank,
+    then the state dict loads strictly. Only torch.nn modules result; nothing is unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"no plain model at {str(path)!r}")
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata() or {}
+        state = {key: file.get_tensor(key) for key in file.keys()}
+    if PLAIN_METADATA_KEY not in metadata:
+        raise CheckpointError(f"{str(path)!r} is not a plain model written by maestro-lod")
+    pairs = json.loads(metadata[PLAIN_METADATA_KEY])["pairs"]
+    for name, rank in pairs.items():
+        dense = model.get_submodule(name)
+        kind = LowRankLinear if isinstance(dense, nn.Linear) else LowRankConv
+        pair = kind.from_dense(dense, rank, init="random").to_standard(merge=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, pair)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{str(path)!r} does not fit this architecture: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+@torch.no_grad()
+def build_artifacts(model: nn.Module, formats: Sequence[str], check_inputs: Sequence[Any],
+                    architecture: Callable[[], nn.Module] | None = None) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The bytes of each artifact of ``model`` (at its current ranks) and a report: per format
+    the largest output difference on each of ``check_inputs`` (real input batches of different
+    sizes), or why it was skipped. ``architecture()`` builds the dense model that
+    :func:`load_plain` loads the safetensors artifact into, to check it too."""
+    formats = check_formats(formats)
+    module = deployable(model)
+    references = [forward(module, inputs) for inputs in check_inputs]
+    files: dict[str, bytes] = {}
+    report: dict[str, Any] = {"tolerances": {f: TOLERANCES[f] for f in formats}, "differences": {}, "skipped": {}}
+
+    def check(fmt: str, outputs: list[torch.Tensor]) -> None:
+        atol, rtol = TOLERANCES[fmt]
+        report["differences"][fmt] = [compare(f"{FILES[fmt]} on a batch of {len(out)}", out, ref, atol, rtol)
+                                      for out, ref in zip(outputs, references)]
+
+    program = None
+    if "pt2" in formats or "onnx" in formats:
+        program = export_program(module, check_inputs[0])
+    if "pt2" in formats:
+        files["pt2"] = program_bytes(program)
+        loaded = torch.export.load(io.BytesIO(files["pt2"])).module()
+        check("pt2", [forward(loaded, inputs) for inputs in check_inputs])
+    if "onnx" in formats:
+        if onnx_available():
+            files["onnx"] = onnx_bytes(program)
+            check("onnx", [run_onnx(files["onnx"], inputs) for inputs in check_inputs])
+        else:
+            report["skipped"]["onnx"] = ONNX_MISSING
+    if "safetensors" in formats:
+        plain = export(model).eval()
+        files["safetensors"] = plain_bytes(model, plain)
+        if architecture is not None:
+            path_free = _load_plain_bytes(architecture(), files["safetensors"])
+            check("safetensors", [forward(path_free, inputs) for inputs in check_inputs])
+        else:
+            check("safetensors", [forward(plain, inputs) for inputs in check_inputs])
+    return files, report
+
+
+def _load_plain_bytes(model: nn.Module, data: bytes) -> nn.Module:
+    """:func:`load_plain` from bytes (through a temporary file, as safetensors reads files)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / FILES["safetensors"]
+        path.write_bytes(data)
+        return load_plain(model, path)
+
+
+def write_files(directory: str | Path, files: dict[str, bytes]) -> list[str]:
+    """Write each artifact atomically under ``directory`` (created); returns the file names."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for fmt, data in files.items():
+        write_bytes_atomic(directory / FILES[fmt], data)
+    return [FILES[fmt] for fmt in files]
