@@ -142,7 +142,7 @@ class LowRankMultiheadAttention(Factorized, nn.MultiheadAttention):
         up = self.q_proj.up
         return ComputedWeight(lambda: torch.cat([p.dense_weight() for p in projections]),
                               (3 * self.embed_dim, self.embed_dim), up.dtype, up.device,
-                              any(p.weight.requires_grad for p in projections), f"{type(self).__name__}.in_proj_weight")
+                              any(p.up.requires_grad or p.down.requires_grad for p in projections), f"{type(self).__name__}.in_proj_weight")
 
     @property
     def q_proj_weight(self) -> torch.Tensor | None:

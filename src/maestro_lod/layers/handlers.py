@@ -189,11 +189,13 @@ def _build_hf_conv1d(conv1d: nn.Module, spec: BuildSpec) -> LowRankLinear:
     return follow_requires_grad(layer, conv1d.weight, conv1d.bias)
 
 
-for _handler in (
+BUILT_IN_HANDLERS = (
     LayerHandler("nn.Linear", _linear_components, _build_linear, types=(nn.Linear,)),
     LayerHandler("nn.Conv1d/Conv2d/Conv3d", _conv_components, _build_conv, types=(nn.Conv1d, nn.Conv2d, nn.Conv3d),
                  skip_reason=_conv_skip_reason),
     LayerHandler("nn.MultiheadAttention", _attention_components, _build_attention, types=(nn.MultiheadAttention,)),
     LayerHandler("transformers Conv1D", _hf_conv1d_components, _build_hf_conv1d, matches=_is_hf_conv1d),
-):
-    register_layer(_handler)
+)
+for handler in BUILT_IN_HANDLERS:
+    register_layer(handler)
+del handler
