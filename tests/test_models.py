@@ -46,7 +46,7 @@ def num_params(model) -> int:
 
 
 def test_registry_lists_every_builtin_model():
-    assert available_models() == ["char-lm", "lenet5", "mlp", "resnet18", "transformer", "vgg19"]
+    assert available_models() == ["char-lm", "cnn4", "lenet5", "mlp", "resnet18", "transformer", "vgg19"]
     assert model_options("vgg19") == ["width", "head"]
 
 
