@@ -7,11 +7,11 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import bench, demo, train
+from .commands import bench, compress, demo, train
 from .errors import MaestroError, UsageError
 
 # One ``register(subparsers)`` per sub-command module in ``maestro_lod.commands``.
-COMMANDS: list = [train.register, demo.register, bench.register]
+COMMANDS: list = [train.register, demo.register, bench.register, compress.register]
 
 
 class _Parser(argparse.ArgumentParser):

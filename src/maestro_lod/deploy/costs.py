@@ -198,10 +198,10 @@ class _TableCost:
         return self.row[rank]
 
 
-def _batch(example: Any, batch_size: int) -> Any:
+def repeat_batch(example: Any, batch_size: int) -> Any:
     """``example`` (one or more samples) repeated along the batch dimension to ``batch_size``."""
     if isinstance(example, (tuple, list)):
-        return tuple(_batch(x, batch_size) for x in example)
+        return tuple(repeat_batch(x, batch_size) for x in example)
     reps = -(-batch_size // example.shape[0])
     return example.repeat(reps, *([1] * (example.dim() - 1)))[:batch_size]
 
@@ -226,7 +226,7 @@ def measure_latency(model: nn.Module, example_inputs: Any, visits: dict[str, lis
     for what, value in (("batch_size", batch_size), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{what}={value!r} must be a positive int")
-    inputs = _batch(example_inputs, batch_size)
+    inputs = repeat_batch(example_inputs, batch_size)
     layers = dict(low_rank_layers(model))
     captured: dict[str, torch.Tensor] = {}
     handles = [layer.register_forward_pre_hook(lambda _m, args, name=name: captured.setdefault(name, args[0]))

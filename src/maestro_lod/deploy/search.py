@@ -2,7 +2,8 @@
 
 Starting from the trained (shrunk) ranks, each round tries, for every factorised layer, removing
 a slice of its trailing ranks (``max(1, int(step · current rank))``, never below the layer's
-``min_rank``), estimates the loss on a fixed calibration set, and keeps the removal with the
+``min_rank``; where that saves nothing, because the deployed form keeps the layer merged, the
+slice extends to the first visited rank that does save), estimates the loss on a fixed calibration set, and keeps the removal with the
 smallest loss increase per unit of cost saved (a removal that saves nothing ranks after every one
 that does, and is only scored when no removal saves anything). Rounds continue until every layer is at its floor; each round's result is one point,
 so one pass gives the whole front. Candidates are evaluated through ``active_rank`` views of a
@@ -207,16 +208,18 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
     loss = calibration_loss(work, batches)
     points = [point(0, loss)]
     reuse = PrefixReuse(work) if _deterministic(work, batches[0][0]) else None
-    rounds = sum(len(ranks) - 1 for ranks in visits.values())
-    for round_index in range(1, rounds + 1):
+    rounds = sum(len(ranks) - 1 for ranks in visits.values())  # at most: extended slices skip ranks
+    round_index = 0
+    while any(current[name] != ranks[-1] for name, ranks in visits.items()):
+        round_index += 1
         current_cost = objective(current)
         candidates = []
         for name in layers:
-            ranks = visits[name]
-            position = ranks.index(current[name])
-            if position < len(ranks) - 1:
-                new = ranks[position + 1]
-                candidates.append((name, new, current_cost - objective({**current, name: new})))
+            lower = visits[name][visits[name].index(current[name]) + 1:]
+            savings = [(rank, current_cost - objective({**current, name: rank})) for rank in lower]
+            cheaper = [(rank, saved) for rank, saved in savings if saved > 0]
+            if savings:
+                candidates.append((name, *(cheaper or savings)[0]))
         if any(saved > 0 for _, _, saved in candidates):  # a removal saving nothing cannot win: skip scoring it
             candidates = [c for c in candidates if c[2] > 0]
         losses = _candidate_losses(work, batches, [(layers[n], current[n], r) for n, r, _ in candidates], reuse)
@@ -235,6 +238,8 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
         points.append(point(round_index, loss))
         if progress is not None:
             progress(round_index, rounds)
+    if progress is not None:
+        progress(rounds, rounds)
     return Front(cost, float(step), sum(len(targets) for _, targets in batches), count_macs(dense, example),
                  count_params(dense), points, {name: layer.max_rank for name, layer in layers.items()}, latency, kind)
 
