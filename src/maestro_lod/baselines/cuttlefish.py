@@ -82,6 +82,7 @@ class CuttlefishMethod(TrainingMethod):
     factorisation at those ranks and plain training of the factorised model."""
 
     name = "cuttlefish"
+    label = "Cuttlefish"
 
     def __init__(self) -> None:
         self.initial: dict[str, int] = {}

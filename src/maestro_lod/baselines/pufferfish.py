@@ -33,6 +33,7 @@ class PufferfishMethod(TrainingMethod):
     continues the LR schedule; plain training of the factorised model."""
 
     name = "pufferfish"
+    label = "Pufferfish"
 
     @classmethod
     def check_config(cls, config: "TrainConfig") -> None:

@@ -48,6 +48,7 @@ class SvdMethod(TrainingMethod):
     then the remaining epochs fine-tune the truncated model with a fresh optimiser."""
 
     name = "svd"
+    label = "post-hoc SVD"
 
     def __init__(self) -> None:
         self.ranks: dict[str, int] | None = None

@@ -9,6 +9,7 @@ from ..data import TaskData
 from ..errors import TrainingDiverged, UsageError
 from ..tables import format_table
 from ..training.config import TrainConfig
+from ..training.methods import METHODS, DenseMethod
 from ..training.progress import Progress
 from ..training.reference import stored_reference
 from .runs import build_trainer
@@ -17,7 +18,7 @@ from .runs import build_trainer
 def dense_reference(config: TrainConfig, data: TaskData | None, quiet: bool) -> dict[str, Any] | None:
     """The dense model's figures shown next to the result (None for ``reference = "none"`` and dense
     runs): the stored figure of this recipe, or (``reference = "run"``) a dense run trained now."""
-    if config.reference == "none" or config.method == "dense":
+    if config.reference == "none" or METHODS[config.method] is DenseMethod:  # a dense run is its own reference
         return None
     if config.reference == "stored":
         stored = stored_reference(config)
@@ -48,7 +49,7 @@ def _cost(value: int, dense: int) -> str:
 def result_table(summary: Any, reference: dict[str, Any] | None) -> str:
     """The closing report: dense reference vs result, ranks per layer before → after."""
     reference = reference or {}
-    method = "MAESTRO" if summary["method"] == "maestro" else "dense"
+    method = METHODS.lookup(summary["method"]).label
     rows = [("", "dense model", method),
             ("validation accuracy", _percent(reference.get("accuracy")), _percent(summary["final_accuracy"]))]
     if summary.get("final_perplexity") is not None:

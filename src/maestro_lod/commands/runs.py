@@ -19,7 +19,7 @@ import torch
 from ..data import TaskData, load_data
 from ..errors import ConfigError, RunDirectoryError, UsageError
 from ..models import build_model
-from ..training.checkpoint import check_trainer_state, load_checkpoint
+from ..training.checkpoint import load_checkpoint
 from ..training.config import EXECUTION_KEYS, TrainConfig
 from ..training.loop import Callback, Trainer
 from ..training.rng import seed_everything
@@ -64,11 +64,7 @@ def build_trainer(config: TrainConfig, data: TaskData, callbacks: list[Callback]
 
 def restore(trainer: Trainer, checkpoint: Path) -> None:
     """Load ``checkpoint`` into ``trainer`` after checking that it fits the run."""
-    state = load_checkpoint(checkpoint)
-    if isinstance(state, dict) and state.get("factorized") is True and not trainer.factorized:
-        trainer.factorize_model()
-    check_trainer_state(state, trainer.model, trainer.config.epochs, where=f"checkpoint {str(checkpoint)!r}")
-    trainer.load_state_dict(state)
+    trainer.load_state_dict(load_checkpoint(checkpoint), source=f"checkpoint {str(checkpoint)!r}")
 
 
 @dataclass

@@ -30,13 +30,14 @@ from ..inject import factorize, low_rank_layers, rank_pattern
 from ..metrics import count_macs, count_params
 from ..sampling import RankSampler, build_sampler
 from .batchnorm import recalibrate_batchnorm
+from .checkpoint import check_trainer_state
 from .config import EXECUTION_KEYS, TrainConfig
 from .cost import PassCost
 from .evaluation import evaluate
 from .methods import METHODS, TrainingMethod
 from .optim import build_optimizer, build_scheduler, continue_schedule
 from .records import EpochRecord, EpochTotals, RunSummary, StepStats
-from .rng import capture_rng, restore_rng, seed_everything
+from .rng import capture_rng, derive_seed, restore_rng, seed_everything
 from .steps import Step, forward
 
 SAMPLER_SEED_OFFSET = 7919
@@ -148,8 +149,8 @@ class Trainer:
         seed_everything(config.seed)
         self.data_generator = torch.Generator().manual_seed(config.seed)
         if sampler is None:
-            sampler = build_sampler(config.sampler, torch.Generator().manual_seed(config.seed + SAMPLER_SEED_OFFSET),
-                                    fraction=config.sample_fraction)
+            generator = torch.Generator().manual_seed(derive_seed(config.seed, 1, SAMPLER_SEED_OFFSET))
+            sampler = build_sampler(config.sampler, generator, fraction=config.sample_fraction)
         self.sampler = sampler
         self.train_data = train_data
         self.train_loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True,
@@ -274,7 +275,7 @@ class Trainer:
             return forward(self.model, _to_device(inputs, self.device)), targets.to(self.device)
 
     def _recalibration_batches(self, epoch: int) -> Iterable:
-        generator = torch.Generator().manual_seed(self.config.seed * RECALIBRATION_SEED_BASE + epoch)
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, RECALIBRATION_SEED_BASE, epoch))
         return DataLoader(self.train_data, batch_size=self.config.batch_size, shuffle=True, generator=generator,
                           num_workers=self.config.num_workers)
 
@@ -297,8 +298,9 @@ class Trainer:
             recalibrate_batchnorm(self.model, self._recalibration_batches(epoch), self._run_batch,
                                   self.config.bn_recal_batches)
         val = evaluate(self.model, self.val_loader, self._run_batch, self.kind)
-        if not math.isfinite(val["loss"]):
-            raise TrainingDiverged(epoch, None, val["loss"], what="validation loss")
+        for key in ("loss", "perplexity"):  # a non-finite metric cannot be recorded (strict JSON) or trusted
+            if key in val and not math.isfinite(val[key]):
+                raise TrainingDiverged(epoch, None, val[key], what=f"validation {key}")
         ranks = rank_pattern(self.model)
         record = EpochRecord(epoch=epoch, phase=phase, **train, lr=lr, val_loss=val["loss"],
                              val_accuracy=val["accuracy"], val_perplexity=val.get("perplexity"), ranks=ranks,
@@ -368,18 +370,23 @@ class Trainer:
             "rng": capture_rng(self._generators()), "method": self.method.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         """Continue from :meth:`state_dict` output: factorise if the saved model was, load the
         (shrunk) weights, rebuild the optimiser on the same Parameters and load its state, restore
-        the schedule, scaler, RNGs, the method's state and history."""
+        the schedule, scaler, RNGs, the method's state and history. A state written by another
+        recipe, or one that does not fit this run (``source`` names it in the message), raises a
+        :class:`~maestro_lod.CheckpointError` before anything changes."""
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise CheckpointError(f"{source} does not fit this run: it holds no trainer state with a config")
         current = self.config.to_dict()
         changed = sorted(k for k, v in state["config"].items() if k not in EXECUTION_KEYS and current.get(k) != v)
         if changed:
-            raise CheckpointError(f"checkpoint was written with a different config (differs in: {', '.join(changed)})")
+            raise CheckpointError(f"{source} was written with a different config (differs in: {', '.join(changed)})")
         self._close_step()
         self.method.load_state_dict(state.get("method", {}))
-        if state["factorized"] and not self.factorized:
+        if state.get("factorized") is True and not self.factorized:
             self.model = factorize(self.model, self.method.factorize_config(self))
+        check_trainer_state(state, self.model, self.config.epochs, where=source)
         self.model.load_state_dict(state["model"])
         self.optimizer = build_optimizer(self.model, self.config)
         self.optimizer.load_state_dict({"state": {int(k): v for k, v in state["optimizer"]["state"].items()},

@@ -40,6 +40,8 @@ class TrainingMethod:
     """
 
     name = ""
+    label = ""
+    """How reports name the method (``MAESTRO``, ``Pufferfish``, ...)."""
 
     @classmethod
     def check_config(cls, config: "TrainConfig") -> None:
@@ -93,6 +95,7 @@ class DenseMethod(TrainingMethod):
     """The model trained as it is, on the hard labels: the reference that MAESTRO is compared with."""
 
     name = "dense"
+    label = "dense"
 
 
 @METHODS.register("maestro")
@@ -102,6 +105,7 @@ class MaestroMethod(TrainingMethod):
     and every ``shrink_every`` epochs the ranks whose tail importance fell to ``eps_ps`` are dropped."""
 
     name = "maestro"
+    label = "MAESTRO"
 
     @classmethod
     def check_config(cls, config: "TrainConfig") -> None:
@@ -162,6 +166,7 @@ class MaestroWithoutShrinking(MaestroMethod):
     shrinking never cuts a rank during training (the ranks stay where they started)."""
 
     name = "maestro-no-shrink"
+    label = "MAESTRO, no shrinking"
 
     def after_steps(self, trainer: "Trainer", epoch: int) -> None:
         pass
@@ -176,6 +181,7 @@ class MaestroFullRanks(MaestroMethod):
     labels plus the group lasso, with progressive shrinking as in MAESTRO."""
 
     name = "maestro-full"
+    label = "MAESTRO, all ranks"
 
     def build_step(self, trainer: "Trainer") -> Step:
         if not trainer.factorized:
