@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from maestro_lod.data import load_data
+from maestro_lod.inject import LAYER_HANDLERS
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -16,6 +17,15 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def registry_restored():
+    """Layer handlers registered by a test are removed afterwards (the registry is process-wide)."""
+    before = dict(LAYER_HANDLERS)
+    yield
+    LAYER_HANDLERS.clear()
+    LAYER_HANDLERS.update(before)
 
 
 @pytest.fixture(scope="session")

@@ -12,15 +12,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import maestro_lod as ml
 from conftest import relative_error
-from maestro_lod.inject import LAYER_HANDLERS
-
-
-@pytest.fixture
-def registry_restored():
-    before = dict(LAYER_HANDLERS)
-    yield
-    LAYER_HANDLERS.clear()
-    LAYER_HANDLERS.update(before)
 
 
 def _reasons(model, config=None):

@@ -9,18 +9,9 @@ import torch
 from torch import nn
 
 import maestro_lod as ml
-from maestro_lod.inject import LAYER_HANDLERS, low_rank_layers
+from maestro_lod.inject import low_rank_layers
 
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
-
-
-@pytest.fixture
-def registry_restored():
-    """Handlers registered by a test are removed afterwards (the registry is process-wide)."""
-    before = dict(LAYER_HANDLERS)
-    yield
-    LAYER_HANDLERS.clear()
-    LAYER_HANDLERS.update(before)
 
 
 def _guide_example() -> str:
