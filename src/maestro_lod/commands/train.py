@@ -13,10 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import INITS
 from ..data import DATASETS
 from ..errors import TrainingDiverged, UsageError
 from ..models import MODELS
-from ..training.config import EXECUTION_KEYS, METHODS, TrainConfig, check_nesting, read_toml
+from ..sampling import SAMPLERS
+from ..training.config import (DEVICES, EXECUTION_KEYS, METHODS, REFERENCES, REUSE_MODES, TrainConfig,
+                               check_nesting, read_toml)
+from ..training.optim import OPTIMIZERS, SCHEDULES
 from ..training.presets import PRESETS, preset
 from ..training.progress import Progress
 from ..training.rundir import CONFIG_FILE, RunDirectory
@@ -73,32 +77,32 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--download", "download", {"action": argparse.BooleanOptionalAction, "help": "let online datasets download"}),
     ("--augment", "augment", {"action": argparse.BooleanOptionalAction, "help": "training-set augmentation"}),
     ("--seq-len", "seq_len", {"type": int, "help": "context / maximum sequence length of language tasks"}),
-    ("--method", "method", {"choices": METHODS, "help": "maestro (default) or dense training"}),
+    ("--method", "method", {"choices": METHODS, "help": "training method (default maestro; dense, baselines, ablations)"}),
     ("--epochs", "epochs", {"type": int}),
     ("--batch-size", "batch_size", {"type": int}),
     ("--eval-batch-size", "eval_batch_size", {"type": int}),
     ("--seed", "seed", {"type": int}),
-    ("--device", "device", {"choices": ("auto", "cpu", "cuda"), "help": "auto uses CUDA when present"}),
+    ("--device", "device", {"choices": DEVICES, "help": "auto uses CUDA when present"}),
     ("--threads", "threads", {"type": int, "help": "torch.set_num_threads"}),
     ("--num-workers", "num_workers", {"type": int, "help": "DataLoader worker processes"}),
-    ("--optimizer", "optimizer", {"choices": ("sgd", "adamw")}),
+    ("--optimizer", "optimizer", {"choices": OPTIMIZERS}),
     ("--lr", "lr", {"type": float}),
     ("--momentum", "momentum", {"type": float}),
     ("--nesterov", "nesterov", {"action": argparse.BooleanOptionalAction}),
     ("--weight-decay", "weight_decay", {"type": float}),
     ("--betas", "betas", {"type": _floats, "metavar": "B1,B2", "help": "AdamW betas"}),
-    ("--schedule", "schedule", {"choices": ("constant", "multistep", "cosine", "noam")}),
+    ("--schedule", "schedule", {"choices": SCHEDULES}),
     ("--milestones", "milestones", {"type": _floats, "metavar": "F,...",
                                     "help": "multistep milestones as fractions of the epochs"}),
     ("--gamma", "gamma", {"type": float, "help": "multistep factor"}),
     ("--warmup-steps", "warmup_steps", {"type": int, "help": "linear LR warm-up (Noam: its warm-up)"}),
     ("--grad-clip", "grad_clip", {"type": float, "metavar": "NORM", "help": "clip the global gradient norm"}),
     ("--amp", "amp", {"action": argparse.BooleanOptionalAction, "help": "mixed precision (CUDA only)"}),
-    ("--sampler", "sampler", {"choices": ("single", "independent", "fixed"), "help": "rank sampler"}),
+    ("--sampler", "sampler", {"choices": SAMPLERS, "help": "rank sampler"}),
     ("--sample-fraction", "sample_fraction", {"type": float, "help": "rank fraction of the fixed sampler"}),
     ("--full-pass", "full_pass", {"action": argparse.BooleanOptionalAction,
                                   "help": "--no-full-pass: only the sampled pass, on hard labels"}),
-    ("--reuse-prefix", "reuse_prefix", {"choices": ("auto", "on", "off"),
+    ("--reuse-prefix", "reuse_prefix", {"choices": REUSE_MODES,
                                         "help": "reuse the full pass's prefix in the sampled pass"}),
     ("--lambda-gl", "lambda_gl", {"type": float, "help": "group-lasso weight"}),
     ("--hierarchical", "hierarchical", {"action": argparse.BooleanOptionalAction,
@@ -112,9 +116,9 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--start-rank", "factorize.rank", {"type": _rank, "metavar": "R",
                                         "help": "start rank: an int, or a fraction of full rank"}),
     ("--min-rank", "factorize.min_rank", {"type": int}),
-    ("--init", "factorize.init", {"choices": ("svd", "random")}),
+    ("--init", "factorize.init", {"choices": INITS}),
     ("--bn-recal-batches", "bn_recal_batches", {"type": int}),
-    ("--reference", "reference", {"choices": ("stored", "run", "none"),
+    ("--reference", "reference", {"choices": REFERENCES,
                                   "help": "dense accuracy to compare with: stored figure, a dense run, or none"}),
 ]
 RESUME_FLAGS = set(EXECUTION_KEYS)
