@@ -1,6 +1,7 @@
 """Export finds the layers whose attributes other modules read, and exports those merged."""
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -103,3 +104,17 @@ def test_t5_exported_with_examples_runs_and_matches():
     assert isinstance(exported.encoder.block[0].layer[1].DenseReluDense.wi, nn.Sequential)
     with torch.no_grad():
         torch.testing.assert_close(exported(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_deploy_artifacts_of_a_reader_model_run_and_load():
+    from maestro_lod.deploy.artifacts import build_artifacts, deployed_form, load_plain
+
+    model = _factorised_reader()
+    x = torch.randn(5, 24)
+    with pytest.warns(MergedForReaders):
+        assert type(deployed_form(model, x).proj) is nn.Linear
+    with pytest.warns(MergedForReaders):
+        files, report = build_artifacts(model, ["pt2", "safetensors"], [x, x[:2]], _Reader)
+    assert set(files) == {"pt2", "safetensors"} and set(report["differences"]) == {"pt2", "safetensors"}
+    loaded = torch.export.load(io.BytesIO(files["pt2"])).module()
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)

@@ -3,8 +3,10 @@ models for chosen budgets.
 
 Reads the run's ``config.json`` and ``checkpoint.safetensors``, measures the latency table, runs
 the greedy search on a fixed calibration set drawn from the training data, evaluates every point
-on the validation data, and writes (under the run, or ``--out``) ``front.json``, ``front.png`` and
-one folder per ``--target`` with the artifacts of the point chosen for it. All options are checked
+on the validation data, and writes (under the run, or ``--out``) ``front.json``, ``front.png``,
+``family.safetensors`` (the trained factors and the front: every point in one file, see
+:mod:`maestro_lod.deploy.family`; not with ``--no-family``) and one folder per ``--target`` with
+the artifacts of the point chosen for it. All options are checked
 and every target resolved before the first file is written; existing files are replaced only with
 ``--force``.
 """
@@ -21,8 +23,9 @@ import torch
 from tqdm import tqdm
 
 from ..data import load_data
-from ..deploy.artifacts import FILES, FORMATS, build_artifacts, check_formats, write_files
-from ..deploy.costs import COSTS, deployable, layer_floor, measure_latency, repeat_batch, time_model, visited_ranks
+from ..deploy.artifacts import FILES, FORMATS, build_artifacts, check_formats, deployed_form, write_files
+from ..deploy.costs import COSTS, layer_floor, measure_latency, repeat_batch, time_model, visited_ranks
+from ..deploy.family import FAMILY_FILE, save_family
 from ..deploy.front import TARGET_KEYS, Front, FrontPoint, check_target
 from ..deploy.search import CALIBRATION_SIZE, calibration_batches, evaluate_front, greedy_front, materialize
 from ..errors import CheckpointError, ConfigError, UsageError
@@ -80,6 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--formats", type=_formats, default=FORMATS, metavar="LIST",
                         help=f"artifacts per target, comma-separated (default {','.join(FORMATS)})")
     parser.add_argument("--latency-batch", type=int, default=32, help="batch size of latency measurements (default 32)")
+    parser.add_argument("--no-family", action="store_true",
+                        help=f"do not write {FAMILY_FILE} (the trained factors and every point's ranks in one file)")
     parser.add_argument("--force", action="store_true", help="replace front files and target folders that exist")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run)
@@ -115,8 +120,8 @@ def _read_run(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
     return config.replace(device="cpu"), summary
 
 
-def _outputs(out: Path, targets: list[tuple[str, float]], force: bool) -> list[Path]:
-    paths = [out / FRONT_FILE, out / PLOT_FILE] + [out / target_folder(k, v) for k, v in targets]
+def _outputs(out: Path, targets: list[tuple[str, float]], force: bool, family: bool = True) -> list[Path]:
+    paths = [out / FRONT_FILE, out / PLOT_FILE] + [out / FAMILY_FILE] * family + [out / target_folder(k, v) for k, v in targets]
     existing = [p for p in paths if p.exists()]
     if existing and not force:
         raise UsageError(f"{', '.join(str(p) for p in existing)} already exist; pass --force to replace them")
@@ -157,6 +162,10 @@ def _cost(value: float, dense: float) -> str:
     return f"{value:,.0f} ({value / dense:.2f}x)" if dense else f"{value:,.0f}"
 
 
+def _kib(size: int) -> str:
+    return f"{size / 1024:,.1f} KiB"
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
@@ -187,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else run_dir
     config, summary = _read_run(run_dir)
-    _outputs(out, args.target, args.force)
+    _outputs(out, args.target, args.force, not args.no_family)
     data = load_data(config.data, root=config.data_root, download=config.download, seed=config.seed,
                      augment=config.augment, seq_len=config.seq_len)
     model = load_trained(config, data, run_dir)
@@ -219,14 +228,25 @@ def run(args: argparse.Namespace) -> int:
         for fmt, why in report["skipped"].items():
             print(f"{folder}: {fmt} not written: {why}", flush=True)
         names = write_files(out / folder, files)
-        measured = time_model(deployable(materialized), timing, latency.repeats, latency.warmup)
+        measured = time_model(deployed_form(materialized, example), timing, latency.repeats, latency.warmup)
         point.exported = {"folder": folder, "files": names, "latency": measured, **report}
         write_json_atomic(out / folder / POINT_FILE, {"target": folder, "point": point.to_dict(),
                                                        "files": {f: FILES[f] for f in files}})
+    if not args.no_family:
+        size = save_family(model, front, out / FAMILY_FILE, calibration)
+        separate = {fmt: sum((out / folder / FILES[fmt]).stat().st_size for folder, _ in chosen
+                             if (out / folder / FILES[fmt]).is_file()) for fmt in args.formats}
+        front.metadata["family"] = {"file": FAMILY_FILE, "bytes": size, "points": len(front.points),
+                                    "separate": separate}
     front.save(out / FRONT_FILE)
     front.plot(out / PLOT_FILE, dense_accuracy)
     print()
     print(result_table(front, chosen, dense_accuracy))
     print(f"\nfront: {out / FRONT_FILE} ({len(front.points)} points), plot: {out / PLOT_FILE}")
+    if not args.no_family:
+        family = front.metadata["family"]
+        against = ", ".join(f"{fmt} {_kib(n)}" for fmt, n in family["separate"].items() if n)
+        print(f"family: {out / FAMILY_FILE} (all {len(front.points)} points, {_kib(family['bytes'])})"
+              + (f"; the {len(chosen)} targets' separate exports: {against}" if against else ""))
     return 0
 

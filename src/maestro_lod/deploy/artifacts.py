@@ -35,7 +35,7 @@ from ..export import export
 from ..files import write_bytes_atomic
 from ..layers import LowRankConv, LowRankLinear, outermost_factorized, rank_pattern
 from ..training.steps import forward
-from .costs import deployable
+from .costs import KEPT_TYPES
 
 FORMATS = ("pt2", "onnx", "safetensors")
 FILES = {"pt2": "model.pt2", "onnx": "model.onnx", "safetensors": "model.safetensors"}
@@ -121,6 +121,13 @@ def run_onnx(model: bytes, inputs: Any) -> torch.Tensor:
     return torch.from_numpy(session.run(None, feeds)[0])
 
 
+def deployed_form(model: nn.Module, example_inputs: Any) -> nn.Module:
+    """:func:`~.costs.deployable` of ``model`` with the layers whose attributes other modules read
+    during ``forward(model, example_inputs)`` (T5's ``wo.weight.dtype``, a conv's ``stride``) exported
+    merged, so the form runs on models whose code reads its layers (see :func:`maestro_lod.export`)."""
+    return export(model, keep=KEPT_TYPES, example_inputs=_as_tuple(example_inputs)).eval()
+
+
 def plain_layout(model: nn.Module, plain: nn.Module) -> list[str]:
     """The factorised modules of ``model`` that ``plain`` (its export) holds as factor pairs."""
     return [name for name, _ in outermost_factorized(model) if isinstance(plain.get_submodule(name), nn.Sequential)]
@@ -168,10 +175,11 @@ def build_artifacts(model: nn.Module, formats: Sequence[str], check_inputs: Sequ
                     architecture: Callable[[], nn.Module] | None = None) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The bytes of each artifact of ``model`` (at its current ranks) and a report: per format
     the largest output difference on each of ``check_inputs`` (real input batches of different
-    sizes), or why it was skipped. ``architecture()`` builds the dense model that
+    sizes), or why it was skipped. Layers whose attributes the model's own code reads on
+    ``check_inputs[0]`` are exported merged in every artifact. ``architecture()`` builds the dense model that
     :func:`load_plain` loads the safetensors artifact into, to check it too."""
     formats = check_formats(formats)
-    module = deployable(model)
+    module = deployed_form(model, check_inputs[0])
     references = [forward(module, inputs) for inputs in check_inputs]
     files: dict[str, bytes] = {}
     report: dict[str, Any] = {"tolerances": {f: TOLERANCES[f] for f in formats}, "differences": {}, "skipped": {}}
@@ -195,7 +203,7 @@ def build_artifacts(model: nn.Module, formats: Sequence[str], check_inputs: Sequ
         else:
             report["skipped"]["onnx"] = ONNX_MISSING
     if "safetensors" in formats:
-        plain = export(model).eval()
+        plain = export(model, example_inputs=_as_tuple(check_inputs[0])).eval()
         files["safetensors"] = plain_bytes(model, plain)
         if architecture is not None:
             path_free = _load_plain_bytes(architecture(), files["safetensors"])
