@@ -8,13 +8,16 @@ chosen by budget, and deployable artifacts for them.
   budget (``macs=0.5``, ``params=0.3``, ``latency=0.5``, ``max_drop=0.01``).
 * :func:`materialize` gives the model at a point; :func:`write_artifacts` exports it as a
   ``torch.export`` program, ONNX and a plain torch.nn state dict, each checked against PyTorch.
+* :func:`save_family` writes one file holding the trained factors and the front's rank patterns;
+  :func:`load_family` materialises any of its points from it by slicing the leading ranks.
 """
 
 from .costs import COSTS, LatencyTable, deployable, measure_latency, visited_ranks
+from .family import FAMILY_FILE, load_family, load_family_front, save_family
 from .front import TARGET_KEYS, Front, FrontPoint
 from .search import (CALIBRATION_SIZE, calibration_batches, calibration_loss, evaluate_front, greedy_front,
                      materialize)
 
 __all__ = ["COSTS", "TARGET_KEYS", "CALIBRATION_SIZE", "Front", "FrontPoint", "LatencyTable", "greedy_front",
            "evaluate_front", "materialize", "calibration_batches", "calibration_loss", "deployable",
-           "measure_latency", "visited_ranks"]
+           "measure_latency", "visited_ranks", "FAMILY_FILE", "save_family", "load_family", "load_family_front"]
