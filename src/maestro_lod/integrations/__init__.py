@@ -1,0 +1,102 @@
+"""MAESTRO inside other training loops.
+
+* :mod:`maestro_lod.integrations.transformers`: ``MaestroTrainer``, a Hugging Face
+  ``transformers.Trainer`` (extra ``hf``), and ``load_factorized`` for what it saves.
+* :mod:`maestro_lod.integrations.lightning`: ``MaestroCallback`` and ``maestro_loss`` for
+  Lightning (extra ``lightning``).
+
+Both share the pieces below, which need neither library.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..config import FactorizeConfig
+from ..errors import CheckpointError, ConfigError, ConfigTypeError
+from ..layers import LowRankLayer, low_rank_layers
+from ..sampling import SAMPLERS, RankSampler, build_sampler
+
+
+def make_sampler(sampler: str | RankSampler, seed: int, fraction: float) -> RankSampler:
+    """A sampler object as given, or the registered sampler named ``sampler`` seeded with ``seed``."""
+    if isinstance(sampler, RankSampler):
+        return sampler
+    if not isinstance(sampler, str):
+        raise ConfigTypeError(f"sampler must be a sampler name or a RankSampler, got {type(sampler).__name__}")
+    if sampler not in SAMPLERS.names():
+        raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS.names())}")
+    return build_sampler(sampler, torch.Generator().manual_seed(int(seed)), fraction=fraction)
+
+
+def factorized_targets(model: nn.Module) -> str:
+    """A ``target_modules`` regex matching exactly the low-rank layers ``model`` has now."""
+    return "|".join(re.escape(name) for name, _ in low_rank_layers(model))
+
+
+def ensure_factorized(model: nn.Module, config: FactorizeConfig | dict | None) -> nn.Module:
+    """``model`` factorised with ``config`` (a :class:`FactorizeConfig`, its dict form or None for
+    the defaults), or ``model`` itself when it already has low-rank layers and no config is given.
+    A model with nothing to factorise raises :class:`ConfigError` naming what was tried."""
+    if isinstance(config, dict):
+        config = FactorizeConfig.from_dict(config)
+    if config is not None and not isinstance(config, FactorizeConfig):
+        raise ConfigTypeError(f"factorize must be a FactorizeConfig, a dict or None, got {type(config).__name__}")
+    if any(True for _ in low_rank_layers(model)):
+        if config is not None:
+            raise ConfigError(f"{type(model).__name__} is already factorised; pass factorize=None to train it as it is")
+        return model
+    from ..inject import factorize
+
+    try:
+        return factorize(model, config)
+    except ConfigError as error:
+        raise ConfigError(f"cannot train {type(model).__name__} with MAESTRO: {error}") from None
+
+
+def generator_state(sampler: RankSampler) -> list[int] | None:
+    """The sampler's random state as a JSON-friendly list (None for samplers without a generator)."""
+    generator = getattr(sampler, "generator", None)
+    return None if generator is None else generator.get_state().tolist()
+
+
+def restore_generator_state(sampler: RankSampler, state: list[int] | None) -> None:
+    if state is not None and getattr(sampler, "generator", None) is not None:
+        sampler.generator.set_state(torch.tensor(state, dtype=torch.uint8))
+
+
+def resize_to(model: nn.Module, ranks: dict[str, int], source: str) -> None:
+    """Give every low-rank layer of ``model`` the physical rank ``ranks`` names (zero-padding or
+    truncating), after checking that the pattern fits: the same layers, each rank ≤ its max rank.
+    ``source`` names where the pattern comes from, for the error."""
+    if not isinstance(ranks, dict):
+        raise CheckpointError(f"{source}: the rank pattern must be a mapping of layer name -> rank, got {ranks!r}")
+    layers: dict[str, LowRankLayer] = dict(low_rank_layers(model))
+    unknown = sorted(set(ranks) - set(layers))
+    missing = sorted(set(layers) - set(ranks))
+    if unknown or missing:
+        parts = ([f"layers {unknown} the model does not have"] if unknown else []) + \
+                ([f"no rank for layers {missing}"] if missing else [])
+        raise CheckpointError(f"{source}: the rank pattern does not fit this model: {'; '.join(parts)}")
+    for name, rank in ranks.items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= layers[name].max_rank:
+            raise CheckpointError(f"{source}: rank {rank!r} for layer {name!r} does not fit its max rank "
+                                  f"{layers[name].max_rank}")
+    for name, rank in ranks.items():
+        if layers[name].rank != rank:
+            layers[name]._resize_(rank)
+
+
+def underlying_optimizer(optimizer: object) -> torch.optim.Optimizer | None:
+    """The torch optimiser inside wrappers (accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``), which hold it as ``.optimizer``."""
+    seen = 0
+    while optimizer is not None and hasattr(optimizer, "optimizer") and seen < 8:
+        inner = optimizer.optimizer
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer
