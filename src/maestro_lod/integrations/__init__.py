@@ -100,3 +100,23 @@ def underlying_optimizer(optimizer: object) -> torch.optim.Optimizer | None:
             break
         optimizer, seen = inner, seen + 1
     return optimizer
+
+
+def fit_state_dict_ranks(model: nn.Module, state_dict: dict, prefix: str, source: str) -> None:
+    """Resize ``model``'s low-rank layers to the ranks of the factors in ``state_dict`` (keys under
+    ``prefix``) before it loads, with an error naming the layer and rank that cannot fit."""
+    from ..functional import DOWN_RANK_DIM
+
+    ranks = {}
+    for name, layer in low_rank_layers(model):
+        down = state_dict.get(f"{prefix}{name}.down" if name else f"{prefix}down")
+        if isinstance(down, torch.Tensor) and down.dim() == layer.down.dim():
+            ranks[name] = int(down.shape[DOWN_RANK_DIM])
+    if not ranks:
+        return
+    current = rank_pattern_of(model)
+    resize_to(model, {**current, **ranks}, source)
+
+
+def rank_pattern_of(model: nn.Module) -> dict[str, int]:
+    return {name: layer.rank for name, layer in low_rank_layers(model)}
