@@ -1,0 +1,147 @@
+"""MAESTRO through Lightning: the callback, the loss helper, checkpoints, and parity with the repo's step."""
+
+import copy
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import maestro_lod as ml  # noqa: E402
+from maestro_lod.data import load_data  # noqa: E402
+from maestro_lod.errors import CheckpointError, ConfigError  # noqa: E402
+from maestro_lod.integrations.lightning import MaestroCallback, maestro_loss  # noqa: E402
+from maestro_lod.models import build_model  # noqa: E402
+from maestro_lod.regularization import GroupLassoGradient  # noqa: E402
+from maestro_lod.training.steps import MaestroStep  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    data = load_data("mnist5k")
+    return data, torch.utils.data.Subset(data.train, range(256)), torch.utils.data.Subset(data.val, range(100))
+
+
+class LeNet(pl.LightningModule):
+    def __init__(self, data, lr=0.05, momentum=0.9):
+        super().__init__()
+        self.net = build_model("lenet5", data)
+        self.lr, self.momentum = lr, momentum
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return maestro_loss(self, x, y, F.cross_entropy)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def trainer(callback, **kwargs):
+    options = dict(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(callbacks=[callback], **{**options, **kwargs})
+
+
+def loader(dataset, batch_size=64):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+
+
+def test_two_epochs_shrink_log_and_resume_restores_ranks(mnist, tmp_path):
+    data, train, val = mnist
+    torch.manual_seed(0)
+    module, callback = LeNet(data), MaestroCallback(lambda_gl=1e-2, eps_ps=0.05)
+    fit = trainer(callback, default_root_dir=tmp_path)
+    fit.fit(module, loader(train), loader(val))
+    ranks = ml.rank_pattern(module)
+    assert len(callback.shrinks) == 2
+    assert ranks["net.fc1"] < 120 and ranks["net.fc2"] < 84
+    metrics = fit.callback_metrics
+    assert metrics["maestro/total_rank"] == sum(ranks.values())
+    assert metrics["maestro/params"] == ml.count_params(module)
+    assert metrics["maestro/macs"] > 0 and "maestro/loss_sampled" in metrics and "maestro/penalty" in metrics
+    # the optimiser state was sliced with the factors
+    state = fit.optimizers[0].state[module.net.fc1.up]["momentum_buffer"]
+    assert state.shape == module.net.fc1.up.shape
+    path = tmp_path / "last.ckpt"
+    fit.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)["maestro_ranks"] == ranks
+
+    resumed, callback2 = LeNet(data), MaestroCallback(lambda_gl=1e-2, eps_ps=0.05, shrink_every=0)
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["ranks"] = ml.rank_pattern(pl_module)
+            seen["momentum"] = trainer.optimizers[0].state[pl_module.net.fc1.up]["momentum_buffer"].clone()
+
+    fit2 = pl.Trainer(callbacks=[callback2, Probe()], max_epochs=3, accelerator="cpu", logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    fit2.fit(resumed, loader(train), ckpt_path=path)
+    assert seen["ranks"] == ranks
+    torch.testing.assert_close(seen["momentum"], state)
+    assert ml.rank_pattern(resumed) == ranks  # shrink_every=0: no further shrinking
+    assert callback2.sampler.generator.get_state().tolist() != callback.sampler.generator.get_state().tolist()
+
+
+def test_one_step_equals_the_repo_maestro_step(mnist):
+    data, train, _ = mnist
+    torch.manual_seed(1)
+    module = LeNet(data, lr=0.1, momentum=0.0)
+    reference = copy.deepcopy(module.net)
+    callback = MaestroCallback(lambda_gl=1e-2, eps_ps=0.0, shrink_every=0, seed=7, bn_recal_batches=0)
+    trainer(callback, max_steps=1).fit(module, loader(train))
+
+    model = ml.factorize(reference)
+    layers = list(ml.low_rank_layers(model))
+    step = MaestroStep(model, layers, ml.SingleLayerSampler(7), contextlib.nullcontext, masked=True,
+                       penalty=GroupLassoGradient([layer for _, layer in layers], 1e-2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = next(iter(loader(train)))
+    model.train()
+    step(x, y, lambda loss: loss.backward())
+    step.add_penalty_gradients_()
+    optimizer.step()
+    for (name, got), (_, want) in zip(module.net.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bad_input_names_the_value(mnist, tmp_path):
+    data, train, _ = mnist
+    with pytest.raises(ConfigError, match="'nope'"):
+        MaestroCallback(sampler="nope")
+
+    class Nothing(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def training_step(self, batch, batch_idx):
+            return self.scale * batch[0].sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(ConfigError, match="Nothing"):
+        trainer(MaestroCallback(), max_steps=1).fit(Nothing(), loader(train))
+
+    # a checkpoint whose ranks cannot fit the model: fc1 at a rank above its max rank
+    module = LeNet(data)
+    fit = trainer(MaestroCallback(), max_steps=1)
+    fit.fit(module, loader(train))
+    path = tmp_path / "c.ckpt"
+    fit.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    key = "net.fc1.down"
+    checkpoint["state_dict"][key] = torch.zeros(500, checkpoint["state_dict"][key].shape[1])
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="rank 500 for layer 'net.fc1'"):
+        trainer(MaestroCallback(), max_epochs=2).fit(LeNet(data), loader(train), ckpt_path=path)
