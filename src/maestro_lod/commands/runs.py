@@ -21,6 +21,7 @@ from ..errors import ConfigError, RunDirectoryError, UsageError
 from ..models import build_model
 from ..training.checkpoint import load_checkpoint
 from ..training.config import EXECUTION_KEYS, TrainConfig
+from ..training.distributed import Distributed
 from ..training.loop import Callback, Trainer
 from ..training.rng import seed_everything
 from ..training.rundir import (CHECKPOINT_FILE, CONFIG_FILE, RUN_FILES, RunLock, claim_directory,
@@ -54,12 +55,13 @@ def check_model_size(config: TrainConfig, data: TaskData) -> None:
                           f"{PARAMETER_LIMIT:,}; choose smaller model options")
 
 
-def build_trainer(config: TrainConfig, data: TaskData, callbacks: list[Callback]) -> Trainer:
+def build_trainer(config: TrainConfig, data: TaskData, callbacks: list[Callback],
+                  distributed: Distributed | None = None) -> Trainer:
     """The model of ``config`` (size-checked first), seeded by ``config.seed``, in a :class:`Trainer`."""
     check_model_size(config, data)
     seed_everything(config.seed)
     model = build_model(config.model, data, **config.model_options)
-    return Trainer(model, data.train, data.val, config, kind=data.kind, callbacks=callbacks)
+    return Trainer(model, data.train, data.val, config, kind=data.kind, callbacks=callbacks, distributed=distributed)
 
 
 def restore(trainer: Trainer, checkpoint: Path) -> None:
@@ -114,12 +116,14 @@ def claim_output(args: argparse.Namespace, config: TrainConfig) -> Claim:
     return Claim(lock, config, clear=RUN_FILES if status != "empty" else ())
 
 
-def claim_resume(directory: Path, changes: dict[str, Any]) -> Claim:
+def claim_resume(directory: Path, changes: dict[str, Any], lock: bool = True) -> Claim:
     """Claim ``directory`` to continue its run from the checkpoint with its saved config (``changes``:
-    the execution options given again); a run killed before its first checkpoint starts over."""
+    the execution options given again); a run killed before its first checkpoint starts over.
+    ``lock=False`` (the other processes of a distributed run, which only read the directory): the
+    same checks without taking the lock, which rank 0 holds."""
     if not (directory / CONFIG_FILE).is_file():
         raise UsageError(f"--resume {str(directory)!r}: no {CONFIG_FILE} and {CHECKPOINT_FILE} there to resume from")
-    lock = RunLock(directory).acquire()
+    lock = RunLock(directory).acquire() if lock else RunLock(directory)
     try:
         status = run_status(directory)
         if status == "foreign":

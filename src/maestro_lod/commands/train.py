@@ -8,6 +8,7 @@ Options come from, in increasing precedence: the defaults (LeNet-5 on the offlin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -18,12 +19,14 @@ from ..data import DATASETS
 from ..errors import TrainingDiverged, UsageError
 from ..models import MODELS
 from ..sampling import SAMPLERS
+from ..training.distributed import Distributed, DistributedError, env_rank, launched_by_torchrun
 from ..training.config import (DEVICES, EXECUTION_KEYS, METHODS, REFERENCES, REUSE_MODES, TrainConfig,
                                check_nesting, read_toml)
 from ..training.optim import OPTIMIZERS, SCHEDULES
 from ..training.presets import PRESETS, preset
+from ..training.loop import resolve_device
 from ..training.progress import Progress
-from ..training.rundir import CONFIG_FILE, RunDirectory
+from ..training.rundir import CONFIG_FILE, RunDirectory, RunLock
 from .report import dense_reference, result_table
 from .runs import Claim, build_trainer, claim_output, claim_resume, load_task, restore
 
@@ -141,6 +144,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="replace the run files in an existing --out")
     parser.add_argument("--quiet", action="store_true", default=False,
                         help="no progress bars, one log line per epoch")
+    parser.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                        help="under torchrun: how long a collective waits for a silent peer (default 300)")
     parser.set_defaults(handler=run)
 
 
@@ -177,7 +182,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-def _resume(args: argparse.Namespace) -> Claim:
+def _resume(args: argparse.Namespace, lock: bool = True) -> Claim:
     """Claim ``--resume DIR``; only the execution flags (and ``--quiet``) may be given with it."""
     given = _given(args)
     not_allowed = sorted(set(given) - RESUME_FLAGS) + [f for f in ("preset", "config", "out") if f in args]
@@ -186,7 +191,7 @@ def _resume(args: argparse.Namespace) -> Claim:
         allowed = ", ".join(f"--{key.replace('_', '-')}" for key in sorted(RESUME_FLAGS))
         raise UsageError(f"--resume continues the run with its saved options; drop {', '.join(not_allowed)} "
                          f"(only {allowed} and --quiet may be given)")
-    return claim_resume(Path(args.resume), given)
+    return claim_resume(Path(args.resume), given, lock)
 
 
 def _interrupted(claim: Claim, files: RunDirectory) -> str:
@@ -200,37 +205,55 @@ def _interrupted(claim: Claim, files: RunDirectory) -> str:
     return "interrupted before training started; nothing was written"
 
 
-def _train(args: argparse.Namespace, claim: Claim, files: RunDirectory) -> int:
+def _train(args: argparse.Namespace, claim: Claim, files: RunDirectory, distributed: Distributed) -> int:
     """Load the data, build the run (with its dense reference) and train it into the claimed directory."""
     config, out = claim.config, claim.directory
     data = load_task(config)
     reference = dense_reference(config, data, args.quiet)
     files.summary_extra["dense_reference"] = reference
-    trainer = build_trainer(config, data, [files, Progress(bars=not args.quiet)])
+    trainer = build_trainer(config, data, [files, Progress(bars=not args.quiet)], distributed)
+    files.summary_extra["world_size"] = distributed.world_size
     if claim.checkpoint is not None:
         restore(trainer, claim.checkpoint)
         files.saved_epoch = trainer.epoch
-    claim.prepare_files()
-    print(f"training {config.model} on {config.data} ({config.method}, {config.epochs} epochs) into {out}", flush=True)
+    if distributed.is_main:
+        claim.prepare_files()
+    say = print if distributed.is_main else (lambda *a, **k: None)
+    say(f"training {config.model} on {config.data} ({config.method}, {config.epochs} epochs) into {out}", flush=True)
     try:
         result = trainer.fit()
     except TrainingDiverged as exc:
         kept = (f"the last good checkpoint (epoch {files.saved_epoch}) is kept in {out}" if files.saved_epoch
                 else f"no epoch finished, so {out} holds no checkpoint")
         raise UsageError(f"{exc}; {kept}") from None
-    print()
-    print(result_table(result.summary, reference))
-    print(f"\nrun files: {out}")
+    say()
+    say(result_table(result.summary, reference))
+    say(f"\nrun files: {out}")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``maestro-lod train``: options → config → a claimed run directory → training → report."""
-    claim = _resume(args) if "resume" in args else claim_output(args, build_config(args))
+    main = env_rank() == 0  # under torchrun only rank 0 claims the directory (and writes into it)
+    if "resume" in args:
+        claim = _resume(args, lock=main)
+    elif main:
+        claim = claim_output(args, build_config(args))
+    else:
+        claim = Claim(RunLock(Path(args.out) if "out" in args else Path(".")), build_config(args))
     files = RunDirectory(claim.directory)
-    with claim.lock:
+    with claim.lock if main else contextlib.nullcontext():
+        distributed = Distributed()
         try:
-            return _train(args, claim, files)
+            if launched_by_torchrun():
+                distributed = Distributed.from_env(resolve_device(claim.config.device).type,
+                                                   getattr(args, "dist_timeout", None))
+            return _train(args, claim, files, distributed)
         except KeyboardInterrupt:
             print(f"maestro-lod: {_interrupted(claim, files)}", file=sys.stderr)
             return INTERRUPTED
+        except DistributedError as exc:
+            raise UsageError(f"{exc}; " + (f"the last checkpoint (epoch {files.saved_epoch}) is kept in "
+                                           f"{claim.directory}" if files.saved_epoch else "no checkpoint was written")) from None
+        finally:
+            distributed.close()

@@ -17,12 +17,13 @@ LANGUAGE_KINDS = ("language-model", "seq2seq")
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, run: Callable[[object], tuple[torch.Tensor, torch.Tensor]],
-             kind: str) -> dict[str, float]:
+             kind: str, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Mean token/sample cross-entropy and accuracy over ``batches`` in eval mode (training mode
     restored); perplexity ``exp(loss)`` too for language-model and seq2seq tasks.
 
     ``run(batch)`` returns ``(logits, targets)``. Positions with target ``IGNORE_INDEX`` count in
-    neither the loss nor the accuracy.
+    neither the loss nor the accuracy. ``reduce`` (distributed runs, each process evaluating its
+    shard) sums the tensor ``(loss sum, correct, count)`` over the processes.
     """
     was_training = model.training
     model.eval()
@@ -40,6 +41,9 @@ def evaluate(model: nn.Module, batches: Iterable, run: Callable[[object], tuple[
             count += int(valid.sum())
     finally:
         model.train(was_training)
+    if reduce is not None:
+        sums = reduce(torch.tensor([float(total_loss), correct, count], dtype=torch.float64))
+        total_loss, correct, count = sums[0], int(sums[1]), int(sums[2])
     if count == 0:
         raise ConfigError("evaluation data has no target positions (empty dataset or all targets ignored)")
     loss = float(total_loss) / count

@@ -33,6 +33,7 @@ from .batchnorm import recalibrate_batchnorm
 from .checkpoint import check_trainer_state
 from .config import EXECUTION_KEYS, TrainConfig
 from .cost import PassCost
+from .distributed import Distributed, GlobalBatchSampler, Shard
 from .evaluation import evaluate
 from .methods import METHODS, TrainingMethod
 from .optim import build_optimizer, build_scheduler, continue_schedule
@@ -49,6 +50,9 @@ RECALIBRATION_SEED_BASE = 1_000_003
 
 class Callback:
     """Hooks of :meth:`Trainer.fit`; subclass and override the ones you need."""
+
+    main_only = False
+    """True for callbacks that write files or print: a distributed run calls them on rank 0 only."""
 
     def on_fit_start(self, trainer: "Trainer") -> None:
         """Before the first epoch of this call to ``fit`` (also when resuming)."""
@@ -125,10 +129,15 @@ class Trainer:
     :class:`~maestro_lod.RankSampler` (its generator is checkpointed). Construction seeds every
     global generator with ``config.seed``; :meth:`state_dict` / :meth:`load_state_dict` capture
     everything needed to continue a run bit for bit.
+
+    ``distributed``: the processes of a data-parallel run (:mod:`.distributed`); by default the
+    group ``torchrun`` describes (joined here), else the single process. ``config.batch_size`` is
+    then each process's share of a global batch of ``batch_size × world_size``.
     """
 
     def __init__(self, model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainConfig | None = None, *,
-                 kind: str = "classification", callbacks: Sequence[Callback] = (), sampler: RankSampler | None = None):
+                 kind: str = "classification", callbacks: Sequence[Callback] = (), sampler: RankSampler | None = None,
+                 distributed: Distributed | None = None):
         config = config or TrainConfig()
         if not isinstance(config, TrainConfig):
             raise ConfigTypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -140,8 +149,12 @@ class Trainer:
             raise ConfigTypeError(f"sampler must be a RankSampler, got {type(sampler).__name__}")
         if len(train_data) == 0 or len(val_data) == 0:
             raise ConfigError(f"empty dataset: {len(train_data)} training and {len(val_data)} validation items")
-        self.config, self.kind, self.callbacks = config, kind, list(callbacks)
+        self.config, self.kind = config, kind
         self.device = resolve_device(config.device)
+        self.distributed = distributed or Distributed.from_env(self.device.type)
+        self.callbacks = [c for c in callbacks if self.distributed.is_main or not getattr(c, "main_only", False)]
+        if self.distributed.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.distributed.local_rank)
         if config.amp and self.device.type != "cuda":
             raise ConfigError(f"amp=true needs a CUDA device, but the run uses {self.device.type}")
         if config.threads is not None:
@@ -153,10 +166,9 @@ class Trainer:
             sampler = build_sampler(config.sampler, generator, fraction=config.sample_fraction)
         self.sampler = sampler
         self.train_data = train_data
-        self.train_loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True,
-                                       generator=self.data_generator, num_workers=config.num_workers,
-                                       pin_memory=self.device.type == "cuda")
-        self.val_loader = DataLoader(val_data, batch_size=config.eval_batch_size, shuffle=False,
+        self.train_loader = self._train_loader(train_data)
+        shard = Shard(val_data, self.distributed.world_size, self.distributed.rank) if self.distributed.enabled else val_data
+        self.val_loader = DataLoader(shard, batch_size=config.eval_batch_size, shuffle=False,
                                      num_workers=config.num_workers)
         self.model = model.to(self.device)
         self.example_inputs = _to_device(_add_batch_dim(val_data[0][0]), self.device)
@@ -170,9 +182,22 @@ class Trainer:
         self._step: Step | None = None
         self.method: TrainingMethod = METHODS.lookup(config.method)()
         self.method.setup(self)
+        self.distributed.broadcast_module(self.model)  # every process starts from rank 0's weights
         self.scaler = torch.amp.GradScaler("cuda") if config.amp else None
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config, len(self.train_loader))
+
+    def _train_loader(self, train_data: Dataset) -> DataLoader:
+        """Shuffled batches; in a distributed run this process's share of each global batch
+        (:class:`~.distributed.GlobalBatchSampler`, drawing from the same generator)."""
+        config, pin = self.config, self.device.type == "cuda"
+        if not self.distributed.enabled:
+            return DataLoader(train_data, batch_size=config.batch_size, shuffle=True, generator=self.data_generator,
+                              num_workers=config.num_workers, pin_memory=pin)
+        batches = GlobalBatchSampler(len(train_data), config.batch_size, self.distributed.world_size,
+                                     self.distributed.rank, self.data_generator)
+        return DataLoader(train_data, batch_sampler=batches, generator=self.data_generator,
+                          num_workers=config.num_workers, pin_memory=pin)
 
     # ------------------------------------------------------------------------- state of the run
     @property
@@ -207,6 +232,7 @@ class Trainer:
         default). Once training has begun, a fresh optimiser takes over and continues the LR schedule."""
         self._close_step()
         self.model = factorize(self.model, config or self.config.factorize_config())
+        self.distributed.broadcast_module(self.model)
         self.state.initial_ranks = rank_pattern(self.model)
         if self.optimizer is not None:
             schedule = self.scheduler.state_dict()
@@ -248,6 +274,8 @@ class Trainer:
             inputs, targets = _to_device(inputs, self.device), targets.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             numbers = self._step(inputs, targets, self._backward)
+            if self.distributed.enabled:
+                numbers = self._average(numbers, index - 1)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             stats = StepStats.from_tensor(numbers, self._step.add_penalty_gradients_())
@@ -262,12 +290,24 @@ class Trainer:
                 self.scaler.update()
             self.scheduler.step()
             totals.add(stats)
-            train_macs += cost.step_macs(self._step.passes, len(targets))
+            items = len(targets) if not self.distributed.enabled else \
+                round(len(targets) / self.train_loader.batch_sampler.share(index - 1))  # the global batch
+            train_macs += cost.step_macs(self._step.passes, items)
             if self.callbacks:
                 metrics = {"loss": stats.objective, "accuracy": totals.accuracy, "total_rank": total_rank}
                 for callback in self.callbacks:
                     callback.on_step_end(self, index, metrics)
         return totals.means(), train_macs
+
+    def _average(self, numbers: torch.Tensor, step: int) -> torch.Tensor:
+        """Average the gradients over the processes (weighted by their shares of the global batch,
+        before unscaling, penalty, clipping and the update) and reduce the step's numbers alike."""
+        share = self.train_loader.batch_sampler.share(step)
+        weights = torch.tensor([share, share, share, 1.0, 1.0], device=numbers.device)  # losses are means
+        return self.distributed.average_gradients(list(self.model.parameters()), share, numbers * weights)
+
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.distributed.all_reduce_sum(tensor.to(self.device)).cpu()
 
     def _run_batch(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = batch
@@ -293,11 +333,15 @@ class Trainer:
         train, train_macs = self._train_steps(epoch, PassCost.measure(self.model, self.example_inputs))
         lr = self.optimizer.param_groups[0]["lr"]
         train_time = time.perf_counter() - started
+        self.distributed.broadcast_buffers(self.model)  # BatchNorm statistics of rank 0's shares
         self.method.after_steps(self, epoch)
+        if self.distributed.enabled:  # identical parameters must shrink identically
+            self.distributed.check_same(rank_pattern(self.model), f"the ranks after epoch {epoch}")
         if self.method.recalibrates(self):
             recalibrate_batchnorm(self.model, self._recalibration_batches(epoch), self._run_batch,
                                   self.config.bn_recal_batches)
-        val = evaluate(self.model, self.val_loader, self._run_batch, self.kind)
+        val = evaluate(self.model, self.val_loader, self._run_batch, self.kind,
+                       self._reduce if self.distributed.enabled else None)
         for key in ("loss", "perplexity"):  # a non-finite metric cannot be recorded (strict JSON) or trusted
             if key in val and not math.isfinite(val[key]):
                 raise TrainingDiverged(epoch, None, val[key], what=f"validation {key}")
@@ -348,7 +392,8 @@ class Trainer:
             # dense weight (the convolutions of LeNet-5 at full rank, for instance)
             exported_params=count_params(deployed), exported_macs=count_macs(deployed, self.example_inputs),
             train_time=sum(r.epoch_time for r in self.history),
-            extra={"train_macs": sum(r.extra.get("train_macs", 0) for r in self.history)})
+            extra={"train_macs": sum(r.extra.get("train_macs", 0) for r in self.history),
+                   "world_size": self.distributed.world_size})
 
     # ------------------------------------------------------------------------------ checkpoints
     def _generators(self) -> dict[str, torch.Generator]:

@@ -24,6 +24,8 @@ class Progress(Callback):
     """Prints a line per epoch to ``stream``; with ``bars=True`` also a tqdm bar over each epoch's steps
     (on stderr), showing the running loss, accuracy and total rank."""
 
+    main_only = True  # a distributed run writes and prints on rank 0 only
+
     def __init__(self, bars: bool = True, stream: TextIO | None = None, prefix: str = ""):
         self.bars = bars
         self.stream = stream

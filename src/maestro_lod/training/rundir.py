@@ -246,6 +246,8 @@ class RunDirectory(Callback):
     the one a resumed run was loaded from (set it then); None while there is none.
     """
 
+    main_only = True  # a distributed run writes and prints on rank 0 only
+
     def __init__(self, directory: str | Path, summary_extra: dict[str, Any] | None = None):
         self.directory = Path(directory)
         self.summary_extra = dict(summary_extra or {})
