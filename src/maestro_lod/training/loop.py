@@ -393,7 +393,9 @@ class Trainer:
             exported_params=count_params(deployed), exported_macs=count_macs(deployed, self.example_inputs),
             train_time=sum(r.epoch_time for r in self.history),
             extra={"train_macs": sum(r.extra.get("train_macs", 0) for r in self.history),
-                   "world_size": self.distributed.world_size})
+                   "world_size": self.distributed.world_size,
+                   # seconds this process spent in collectives since it started (0 for one process)
+                   "communication_time": self.distributed.comm_time})
 
     # ------------------------------------------------------------------------------ checkpoints
     def _generators(self) -> dict[str, torch.Generator]:
