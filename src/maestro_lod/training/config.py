@@ -12,6 +12,7 @@ from ..checks import dataclass_from_dict
 from ..config import FactorizeConfig
 from ..errors import ConfigError, ConfigTypeError
 from ..sampling import SAMPLERS
+from .budget import parse_target
 from .methods import METHODS
 from .optim import OPTIMIZERS, SCHEDULES
 from .rng import SEED_LIMIT
@@ -155,6 +156,10 @@ class TrainConfig:
         factorize: :class:`maestro_lod.FactorizeConfig` fields (which layers, start ranks, ...).
         bn_recal_batches: training batches used to recalibrate BatchNorm statistics after each
             epoch (0 = never); only models with BatchNorm are affected.
+        target, target_by: ask for a size instead of a λ: ``"params=0.3"`` / ``"macs=0.3"`` is the
+            exported model's cost as a fraction of the dense model's; ``lambda_gl`` is then only
+            the starting weight, steered each epoch so the cost follows a plan that reaches the
+            target after ``target_by`` of the factorised epochs (see :mod:`.budget`; MAESTRO only).
         reference: the dense accuracy shown next to the result: ``stored`` (a figure measured with
             the same recipe, when one exists), ``run`` (train the dense model first), ``none``.
     """
@@ -204,6 +209,8 @@ class TrainConfig:
     stable_min_epoch: int = 15
     stable_tolerance: float = 0.1
     stable_reference_epochs: int = 300
+    target: str | None = None
+    target_by: float = 0.6
     factorize: dict[str, Any] = field(default_factory=dict)
     bn_recal_batches: int = 20
     reference: str = "stored"
@@ -272,6 +279,7 @@ class TrainConfig:
         _check_int("shrink_every", self.shrink_every, 1)
         _check_int("warmup_epochs", self.warmup_epochs, 0)
         self._check_baselines()
+        self._check_target()
         METHODS[self.method].check_config(self)
         if not isinstance(self.factorize, dict):
             raise ConfigTypeError(f"factorize must be a table of FactorizeConfig fields, got {self.factorize!r}")
@@ -280,6 +288,16 @@ class TrainConfig:
         if self.factorize.get("seed") is not None:
             _check_int("factorize.seed", self.factorize["seed"], 0, SEED_LIMIT - 1)
         self.factorize_config()  # validates the table
+
+    def _check_target(self) -> None:
+        parse_target(self.target)
+        _check_number("target_by", self.target_by, 0.0, strict=True, high=1.0)
+        if self.target is not None and self.method != "maestro":
+            raise ConfigError(f"target={self.target!r} steers MAESTRO's group lasso; it needs method='maestro', "
+                              f"not {self.method!r}")
+        if self.target is not None and self.lambda_gl == 0:
+            raise ConfigError(f"target={self.target!r} steers the group-lasso weight, which starts at lambda_gl; "
+                              f"give lambda_gl > 0")
 
     def _check_baselines(self) -> None:
         _check_number("rank_ratio", self.rank_ratio, 0.0, strict=True, high=1.0)

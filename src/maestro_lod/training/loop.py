@@ -395,7 +395,7 @@ class Trainer:
             extra={"train_macs": sum(r.extra.get("train_macs", 0) for r in self.history),
                    "world_size": self.distributed.world_size,
                    # seconds this process spent in collectives since it started (0 for one process)
-                   "communication_time": self.distributed.comm_time})
+                   "communication_time": self.distributed.comm_time, **self.method.summary_extra(self)})
 
     # ------------------------------------------------------------------------------ checkpoints
     def _generators(self) -> dict[str, torch.Generator]:

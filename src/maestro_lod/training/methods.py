@@ -18,10 +18,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..inject import low_rank_layers
+from ..inject import low_rank_layers, rank_pattern
 from ..registry import Registry
 from ..regularization import GroupLassoGradient
-from ..shrinking import shrink_
+from ..shrinking import shrink_, truncate_
+from . import budget
 from .evaluation import LANGUAGE_KINDS
 from .reuse import PrefixReuse, prefix_reuse_supported, runs_deterministically
 from .steps import DenseStep, MaestroStep, PenalisedDenseStep, Step, forward
@@ -74,6 +75,10 @@ class TrainingMethod:
         """Method-specific numbers of the epoch just evaluated, added to its record (JSON values)."""
         return {}
 
+    def summary_extra(self, trainer: "Trainer") -> dict[str, Any]:
+        """Method-specific numbers of the whole run, added to its summary (JSON values)."""
+        return {}
+
     def factorize_config(self, trainer: "Trainer") -> "FactorizeConfig":
         """How the model was factorised, for rebuilding it when a checkpoint of a factorised run
         is loaded (called after :meth:`load_state_dict`): the run's ``factorize`` table by default."""
@@ -113,8 +118,23 @@ class MaestroMethod(TrainingMethod):
             raise ConfigError(f"warmup_epochs={config.warmup_epochs} leaves no factorised epoch of "
                               f"epochs={config.epochs}")
 
+    controller: budget.BudgetController | None = None
+    """The λ controller of a run with ``config.target`` (None otherwise); see :mod:`.budget`."""
+
     def setup(self, trainer: "Trainer") -> None:
-        if not trainer.factorized and trainer.config.warmup_epochs == 0:
+        config = trainer.config
+        target = budget.parse_target(config.target)
+        if target is not None:
+            kind, fraction = target
+            floor = budget.reachable_minimum(trainer, kind)
+            if fraction < floor * (1 - 1e-9):
+                raise ConfigError(f"target={config.target!r} is below what {config.model} can reach: every layer "
+                                  f"at its minimum rank exports at {kind}={floor:.4g} of the dense model")
+            self.controller = budget.BudgetController(kind, fraction, config.lambda_gl,
+                                                      config.epochs - config.warmup_epochs, config.target_by)
+        self._penalty: GroupLassoGradient | None = None
+        self._epoch_numbers: dict[str, Any] = {}
+        if not trainer.factorized and config.warmup_epochs == 0:
             trainer.factorize_model()
 
     def before_epoch(self, trainer: "Trainer", epoch: int) -> None:
@@ -128,7 +148,9 @@ class MaestroMethod(TrainingMethod):
         layers = list(low_rank_layers(trainer.model))
         penalty = None
         if config.lambda_gl > 0:
-            penalty = GroupLassoGradient([layer for _, layer in layers], config.lambda_gl, config.hierarchical)
+            weight = config.lambda_gl if self.controller is None else self.controller.lam
+            penalty = GroupLassoGradient([layer for _, layer in layers], weight, config.hierarchical)
+        self._penalty = penalty
         return MaestroStep(trainer.model, layers, trainer.sampler, trainer.autocast, full_pass=config.full_pass,
                            masked=trainer.kind in LANGUAGE_KINDS, reuse=self._prefix_reuse(trainer), penalty=penalty)
 
@@ -149,8 +171,66 @@ class MaestroMethod(TrainingMethod):
 
     def after_steps(self, trainer: "Trainer", epoch: int) -> None:
         config = trainer.config
+        if self.controller is not None:
+            self._epoch_numbers = {}
+            if trainer.factorized:
+                self._steer(trainer, epoch)
+            return
         if trainer.factorized and (epoch - config.warmup_epochs) % config.shrink_every == 0:
             shrink_(trainer.model, config.eps_ps, trainer.optimizer)
+
+    def _steer(self, trainer: "Trainer", epoch: int) -> None:
+        """A targeted run's end of epoch: shrink (never past the target, not at all once it is met),
+        close what remains of the gap after the last epoch's steps, measure, and move λ."""
+        config, controller, model = trainer.config, self.controller, trainer.model
+        dense = trainer.dense_params if controller.kind == "params" else trainer.dense_macs
+        measure = lambda: budget.exported_cost(model, controller.kind, dense, trainer.example_inputs)  # noqa: E731
+        if controller.start is None:
+            controller.start = measure()  # the cost at factorisation: where the planned trajectory begins
+        factorised_epoch = epoch - config.warmup_epochs
+        closed = 0.0
+        if not controller.met:
+            cost = budget.pattern_cost(model, controller.kind, dense, trainer.example_inputs)
+            ranks = None
+            if factorised_epoch % config.shrink_every == 0:
+                ranks = budget.shrink_proposal(model, config.eps_ps)
+                if cost(ranks) < controller.target:
+                    ranks = budget.importance_cut(model, cost, controller.target)
+            if epoch == config.epochs and cost(ranks or rank_pattern(model)) > controller.target:
+                before = cost(ranks or rank_pattern(model))
+                ranks = budget.importance_cut(model, cost, controller.target, ranks)
+                closed = before - cost(ranks)
+            if ranks is not None:
+                truncate_(model, ranks, trainer.optimizer)
+        achieved = measure()
+        planned = controller.planned(factorised_epoch)
+        used = controller.lam
+        if self._penalty is not None:
+            self._penalty.weight = controller.update(factorised_epoch, achieved)  # the optimiser is untouched
+        self._epoch_numbers = {"lambda_gl": used, "exported_cost": achieved, "planned_cost": planned,
+                               "target_met": controller.met, "gap_closed": closed}
+
+    def epoch_extra(self, trainer: "Trainer") -> dict[str, Any]:
+        if self.controller is None:
+            return {}
+        return {"lambda_gl": self.controller.lam, "target_cost": self.controller.target, **self._epoch_numbers}
+
+    def summary_extra(self, trainer: "Trainer") -> dict[str, Any]:
+        controller = self.controller
+        if controller is None:
+            return {}
+        dense = trainer.dense_params if controller.kind == "params" else trainer.dense_macs
+        model = trainer.model
+        achieved = budget.exported_cost(model, controller.kind, dense, trainer.example_inputs)
+        return {"target": trainer.config.target, "target_cost": controller.target, "achieved_cost": achieved,
+                "final_lambda_gl": controller.lam}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.controller is None else {"controller": self.controller.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.controller is not None and "controller" in state:
+            self.controller.load_state_dict(state["controller"])
 
     def recalibrates(self, trainer: "Trainer") -> bool:
         return trainer.factorized

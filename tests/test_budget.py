@@ -1,0 +1,130 @@
+"""Training to a size: ``TrainConfig.target`` steers the group-lasso weight until the exported
+model reaches the requested share of the dense model's cost."""
+
+import math
+
+import pytest
+import torch
+
+from maestro_lod import cli
+from maestro_lod.errors import ConfigError
+from maestro_lod.export import export
+from maestro_lod.metrics import count_params
+from maestro_lod.models import build_model
+from maestro_lod.training import TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from maestro_lod.training.budget import GAIN, STEP_LIMIT, BudgetController, parse_target
+
+TIME_KEYS = ("train_time", "epoch_time")
+
+
+def _config(**changes) -> TrainConfig:
+    options = dict(model="mlp", data="digits", epochs=6, batch_size=64, lr=0.05, augment=False, eps_ps=1e-2,
+                   lambda_gl=1e-3, target="params=0.5")
+    return TrainConfig(**{**options, **changes})
+
+
+def _trainer(digits, config: TrainConfig) -> Trainer:
+    torch.manual_seed(config.seed)
+    return Trainer(build_model("mlp", digits, hidden_sizes=[64, 32]), digits.train, digits.val, config)
+
+
+def test_controller_reaches_the_target(digits):
+    trainer = _trainer(digits, _config())
+    result = trainer.fit()
+    exported = count_params(export(result.model)) / trainer.dense_params
+    assert exported == pytest.approx(0.5, rel=0.1)
+    assert result.summary.extra["target"] == "params=0.5"
+    assert result.summary.extra["target_cost"] == 0.5
+    assert result.summary.extra["achieved_cost"] == pytest.approx(exported)
+    lambdas = [r.extra["lambda_gl"] for r in result.history]
+    assert lambdas[0] == 1e-3 and max(lambdas) > 1e-3  # steered, not the configured weight
+    assert all(r.extra["target_cost"] == 0.5 and "planned_cost" in r.extra for r in result.history)
+    planned = [r.extra["planned_cost"] for r in result.history]
+    assert planned == sorted(planned, reverse=True) and planned[-1] == pytest.approx(0.5)
+    met = [r.extra["target_met"] for r in result.history]
+    assert met[-1] and result.history[-1].total_rank == result.history[met.index(True)].total_rank  # held
+
+
+def test_resumed_targeted_run_matches_uninterrupted_run(digits, tmp_path):
+    config = _config(epochs=5)
+    full = _trainer(digits, config)
+    full.fit()
+    lambdas = [r.extra["lambda_gl"] for r in full.history]
+    assert lambdas[2] != lambdas[0]  # the weight after the interruption comes from the controller's state
+
+    interrupted = _trainer(digits, config)
+    for _ in range(2):
+        interrupted.train_epoch()
+    save_checkpoint(tmp_path / "ck.safetensors", interrupted.state_dict())
+    del interrupted
+    torch.manual_seed(123)
+    resumed = _trainer(digits, config)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "ck.safetensors"))
+    resumed.fit()
+
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    strip = lambda history: [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in history]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+    assert resumed.method.controller.state_dict() == full.method.controller.state_dict()
+
+
+def test_unreachable_target_is_refused_with_the_reachable_minimum(digits):
+    with pytest.raises(ConfigError, match=r"below what mlp can reach.*params=0\.0\d+") as info:
+        _trainer(digits, _config(target="params=0.01"))
+    floor = float(str(info.value).rsplit("params=", 1)[1].split()[0])
+    # every layer at rank 1: r·(m+n) weights plus biases, over the dense m·n plus biases
+    sizes = [(64, 64), (64, 32), (32, 10)]
+    dense = sum(m * n + n for m, n in sizes)
+    assert floor == pytest.approx(sum(m + n + n for m, n in sizes) / dense, rel=1e-3)
+    _trainer(digits, _config(target=f"params={floor * 1.01}"))  # just above it is accepted
+
+
+def test_controller_update_on_a_synthetic_cost_sequence():
+    controller = BudgetController("params", 0.3, 1e-3, factorised_epochs=10, target_by=0.6)
+    assert controller.target_epoch == 6
+    controller.start = 1.0
+    planned = [controller.planned(j) for j in range(1, 8)]
+    assert planned[0] == pytest.approx(0.3 ** (1 / 6)) and planned[5:] == pytest.approx([0.3, 0.3])
+    lam = controller.update(1, 0.95)  # behind plan: pushed harder, by exp(GAIN · relative gap)
+    assert lam == pytest.approx(1e-3 * math.exp(GAIN * (0.95 - planned[0]) / planned[0]))
+    lam = controller.update(2, 1.0)  # far behind: the step is clipped
+    assert lam == pytest.approx(1e-3 * math.exp(GAIN * (0.95 - planned[0]) / planned[0]) * STEP_LIMIT)
+    before = lam
+    lam = controller.update(3, controller.planned(3) * 0.9)  # ahead of plan: eased off
+    assert lam == pytest.approx(before * math.exp(-GAIN * 0.1))
+    lam = controller.update(4, 0.29)  # met: held from now on
+    assert controller.met and lam == pytest.approx(before * math.exp(-GAIN * 0.1))
+    assert controller.update(5, 0.29) == lam
+    restored = BudgetController("params", 0.3, 5.0, 10, 0.6)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.state_dict() == controller.state_dict() and restored.lam == lam
+    assert [h["epoch"] for h in controller.history] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("target, message", [
+    ("flops=0.3", "unknown cost 'flops'"), ("params=0", r"must be in \(0, 1\]"), ("macs=1.5", r"must be in \(0, 1\]"),
+    ("macs=abc", "is not a number"), ("0.3", "unknown cost"), (0.3, "must be a string"),
+])
+def test_bad_targets_are_refused(target, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_target(target)
+    with pytest.raises(ConfigError, match=message):
+        _config(target=target)
+
+
+def test_target_needs_maestro_and_a_starting_weight():
+    assert parse_target("macs=1") == ("macs", 1.0)
+    with pytest.raises(ConfigError, match="needs method='maestro'"):
+        _config(method="dense")
+    with pytest.raises(ConfigError, match="lambda_gl > 0"):
+        _config(lambda_gl=0.0)
+    with pytest.raises(ConfigError, match="target_by"):
+        _config(target_by=0.0)
+
+
+def test_cli_refuses_a_bad_target_in_one_line(tmp_path, capsys):
+    code = cli.main(["train", "--data", "digits", "--model", "mlp", "--quiet", "--epochs", "1",
+                     "--out", str(tmp_path / "run"), "--target", "latency=0.3"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.strip().count("\n") == 0 and "unknown cost 'latency'" in captured.err
