@@ -128,3 +128,14 @@ def test_cli_refuses_a_bad_target_in_one_line(tmp_path, capsys):
                      "--out", str(tmp_path / "run"), "--target", "latency=0.3"])
     captured = capsys.readouterr()
     assert code == 2 and captured.err.strip().count("\n") == 0 and "unknown cost 'latency'" in captured.err
+
+
+def test_cost_plot_shows_the_target_trajectory(tmp_path):
+    from maestro_lod.training.plots import plot_cost
+
+    history = [{"epoch": e, "params": 100 - 10 * e, "macs": 200 - 20 * e, "exported_cost": 1 - 0.1 * e,
+                "planned_cost": 1 - 0.12 * e, "target_cost": 0.5} for e in range(1, 5)]
+    plot_cost(history, 100, 200, tmp_path / "cost.png")
+    assert (tmp_path / "cost.png").stat().st_size > 1000
+    plot_cost([{k: v for k, v in r.items() if "cost" not in k} for r in history], 100, 200, tmp_path / "plain.png")
+    assert (tmp_path / "plain.png").is_file()

@@ -72,16 +72,29 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_cost(history: list[dict[str, Any]], dense_params: int, dense_macs: int, path: Path) -> None:
-    """Parameters and MACs per epoch against the dense model's (dashed)."""
+    """Parameters and MACs per epoch against the dense model's (dashed); for a run with a size
+    target, a third panel: the exported cost against the planned trajectory and the target."""
     epochs = [r["epoch"] for r in history]
-    figure = Figure(figsize=(9, 4))
-    for axes, key, dense, label in zip(figure.subplots(1, 2), ("params", "macs"), (dense_params, dense_macs),
+    targeted = [r for r in history if "planned_cost" in r]
+    figure = Figure(figsize=(13 if targeted else 9, 4))
+    panels = figure.subplots(1, 3 if targeted else 2)
+    for axes, key, dense, label in zip(panels, ("params", "macs"), (dense_params, dense_macs),
                                        ("parameters", "MACs per sample")):
         axes.plot(epochs, [r[key] for r in history], label="model")
         axes.axhline(dense, color="gray", linestyle="--", label="dense model")
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)
         axes.set_ylim(bottom=0)
+        axes.legend(fontsize="small")
+    if targeted:
+        axes = panels[2]
+        shown = [r["epoch"] for r in targeted]
+        axes.plot(shown, [r["exported_cost"] for r in targeted], marker=".", label="exported model")
+        axes.plot(shown, [r["planned_cost"] for r in targeted], linestyle=":", label="planned")
+        axes.axhline(targeted[-1]["target_cost"], color="tab:red", linestyle="--", label="target")
+        axes.set_xlabel("epoch")
+        axes.set_ylabel("exported cost / dense")
+        axes.set_ylim(0, 1.05)
         axes.legend(fontsize="small")
     _save(figure, path)
 
