@@ -135,7 +135,9 @@ def main() -> None:
     verdict = {"ratio <= 2.2": median["ratio"] <= TARGET_RATIO, "ratio <= 1.6 (aim)": median["ratio"] <= AIM_RATIO,
                "median accuracy >= 96.4%": median["maestro_accuracy"] >= TARGET_ACCURACY,
                "median total rank <= 94": median["total_rank"] <= TARGET_TOTAL_RANK}
-    print(f"\nmedian over {len(rows)} seed(s): time ratio {median['ratio']:.2f}, MAESTRO accuracy "
+    print(f"\n{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, {args.threads} thread(s)")
+    print(f"median over {len(rows)} seed(s): time ratio {median['ratio']:.2f}, MAESTRO accuracy "
           f"{100 * median['maestro_accuracy']:.2f}% (dense {100 * median['dense_accuracy']:.2f}%), "
           f"total rank {median['total_rank']}")
     print("targets: " + ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in verdict.items()))
@@ -145,7 +147,8 @@ def main() -> None:
         "seeds": args.seeds, "per_seed": rows, "median": median, "targets": verdict,
         "histories": {str(seed): {m: r[m]["history"] for m in r} for seed, r in results.items()},
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
-                    "cpu_count": os.cpu_count()}, "wall_time": time.perf_counter() - started,
+                    "cpu_count": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"),
+        "wall_time": time.perf_counter() - started,
     })
     print(f"wrote {args.json}")
 
