@@ -49,3 +49,33 @@ class SmallConvNet(nn.Module):
         x = self.pool(torch.relu(self.bn2(self.conv2(x))))
         x = self.pool(x).flatten(1)
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+TIME_KEYS = ("train_time", "epoch_time")
+"""Record fields that measure wall time: the only ones a resumed run may differ in."""
+
+
+def resume_matches_uninterrupted(make_trainer, checkpoint, after_epochs: int = 2):
+    """Train one trainer to the end; train a second for ``after_epochs`` epochs, save its checkpoint
+    to ``checkpoint``, then build a third in a process whose global RNGs were moved on, load the
+    checkpoint and finish. Asserts equal weights and equal histories (times aside); returns
+    ``(uninterrupted, resumed)`` for further checks."""
+    from maestro_lod.training import load_checkpoint, save_checkpoint
+
+    full = make_trainer()
+    full.fit()
+    interrupted = make_trainer()
+    for _ in range(after_epochs):
+        interrupted.train_epoch()
+    save_checkpoint(checkpoint, interrupted.state_dict())
+    del interrupted
+    torch.manual_seed(123)  # the resumed process starts from unrelated global RNG states
+    resumed = make_trainer()
+    resumed.load_state_dict(load_checkpoint(checkpoint))
+    resumed.fit()
+    assert full.model.state_dict().keys() == resumed.model.state_dict().keys()
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    strip = [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in full.history]
+    assert [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in resumed.history] == strip
+    return full, resumed

@@ -143,20 +143,27 @@ def plain_bytes(model: nn.Module, plain: nn.Module) -> bytes:
     return safetensors_bytes(tensors, metadata=metadata)
 
 
+def read_tagged_safetensors(path: str | Path, key: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON document stored under metadata ``key`` of a safetensors file this package wrote, and
+    its tensors; a missing file or one without that key is refused naming ``what`` was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"no {what} at {str(path)!r}")
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata() or {}
+        tensors = {name: file.get_tensor(name) for name in file.keys()}
+    if key not in metadata:
+        raise CheckpointError(f"{str(path)!r} is not a {what} written by maestro-lod")
+    return json.loads(metadata[key]), tensors
+
+
 def load_plain(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a ``model.safetensors`` written by :func:`write_artifacts` into ``model``, the dense
     architecture it was trained from (e.g. ``build_model(name, data)``), in place: each layer
     stored as a factor pair is replaced by an ``nn.Sequential`` of two plain layers of that rank,
     then the state dict loads strictly. Only torch.nn modules result; nothing is unpickled."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"no plain model at {str(path)!r}")
-    with safe_open(str(path), framework="pt") as file:
-        metadata = file.metadata() or {}
-        state = {key: file.get_tensor(key) for key in file.keys()}
-    if PLAIN_METADATA_KEY not in metadata:
-        raise CheckpointError(f"{str(path)!r} is not a plain model written by maestro-lod")
-    pairs = json.loads(metadata[PLAIN_METADATA_KEY])["pairs"]
+    info, state = read_tagged_safetensors(path, PLAIN_METADATA_KEY, "plain model")
+    pairs = info["pairs"]
     for name, rank in pairs.items():
         dense = model.get_submodule(name)
         kind = LowRankLinear if isinstance(dense, nn.Linear) else LowRankConv

@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, ConfigTypeError, MissingFileError
+from ..errors import CheckpointError, ConfigError, ConfigTypeError
 from ..files import write_bytes_atomic
 from ..layers import low_rank_layers, rank_pattern
 from ..shrinking import truncate_
 from ..training.batchnorm import batchnorm_layers
+from .artifacts import read_tagged_safetensors
 from .front import Front, FrontPoint
 from .search import Batch, materialize
 
@@ -111,15 +111,7 @@ def save_family(model: nn.Module, front: Front, path: str | Path,
 
 
 def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"no family file at {str(path)!r}")
-    with safe_open(str(path), framework="pt") as file:
-        metadata = file.metadata() or {}
-        tensors = {key: file.get_tensor(key) for key in file.keys()}
-    if FAMILY_METADATA_KEY not in metadata:
-        raise CheckpointError(f"{str(path)!r} is not a family file written by maestro-lod")
-    info = json.loads(metadata[FAMILY_METADATA_KEY])
+    info, tensors = read_tagged_safetensors(path, FAMILY_METADATA_KEY, "family file")
     if info.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r}: family format {info.get('format')!r} is not {FORMAT}")
     return info, tensors
