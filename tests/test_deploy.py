@@ -14,7 +14,6 @@ from torch import nn
 
 import maestro_lod as ml
 from maestro_lod import cli
-from maestro_lod.data import load_data
 from maestro_lod.deploy import (Front, calibration_batches, calibration_loss, deployable, evaluate_front,
                                 greedy_front, materialize)
 from maestro_lod.deploy.artifacts import build_artifacts, load_plain

@@ -107,12 +107,13 @@ def test_t5_exported_with_examples_runs_and_matches():
 
 
 def test_deploy_artifacts_of_a_reader_model_run_and_load():
-    from maestro_lod.deploy.artifacts import build_artifacts, deployed_form, load_plain
+    from maestro_lod.deploy import deployable
+    from maestro_lod.deploy.artifacts import build_artifacts
 
     model = _factorised_reader()
     x = torch.randn(5, 24)
     with pytest.warns(MergedForReaders):
-        assert type(deployed_form(model, x).proj) is nn.Linear
+        assert type(deployable(model, x).proj) is nn.Linear
     with pytest.warns(MergedForReaders):
         files, report = build_artifacts(model, ["pt2", "safetensors"], [x, x[:2]], _Reader)
     assert set(files) == {"pt2", "safetensors"} and set(report["differences"]) == {"pt2", "safetensors"}

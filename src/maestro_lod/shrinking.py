@@ -22,8 +22,11 @@ from .functional import DOWN_RANK_DIM, UP_RANK_DIM
 from .layers import LowRankLayer, low_rank_layers
 
 _RESIZED = WeakIdKeyDictionary()
-"""Factors resized so far (Parameter → its rank dimension), checked before every optimiser step."""
+"""Factors resized so far (Parameter → its rank dimension), checked before an optimiser's next step."""
 _STEP_CHECK: list = []  # the handle of the global optimiser pre-step hook, once registered
+_RESIZES = [0]  # how many resizes have happened (a counter other state is compared with)
+_CHECKED = WeakIdKeyDictionary()
+"""Optimiser → the resize count its state was last checked at: a step re-checks only after a resize."""
 
 
 def _factors(layer: LowRankLayer) -> tuple[tuple[nn.Parameter, int], ...]:
@@ -68,20 +71,18 @@ def _slice_optimizer_state(optimizer: torch.optim.Optimizer, layer: LowRankLayer
 
 
 def _stale_state(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    """Optimiser pre-step hook: fail clearly if a resized factor still has state of its old rank."""
-    if not _RESIZED:
+    """Optimiser pre-step hook: fail clearly if a resized factor still has state of its old rank.
+    Runs through the state once after each resize; every other step costs one lookup."""
+    if _CHECKED.get(optimizer) == _RESIZES[0]:
         return
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            dim = _RESIZED.get(param)
-            if dim is None:
-                continue
-            d = dim % param.dim()
-            for key, value in optimizer.state.get(param, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.shape[d] not in (param.shape[d], 1):
-                    raise ConfigError(
-                        f"{type(optimizer).__name__} state {key!r} has shape {tuple(value.shape)} but its factor was "
-                        f"shrunk to {tuple(param.shape)}: pass the optimizer to shrink_/truncate_ so its state is sliced")
+    for param, dim in list(_RESIZED.items()):
+        d = dim % param.dim()
+        for key, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.shape[d] not in (param.shape[d], 1):
+                raise ConfigError(
+                    f"{type(optimizer).__name__} state {key!r} has shape {tuple(value.shape)} but its factor was "
+                    f"shrunk to {tuple(param.shape)}: pass the optimizer to shrink_/truncate_ so its state is sliced")
+    _CHECKED[optimizer] = _RESIZES[0]
 
 
 def _remember_resized(layer: LowRankLayer) -> None:
@@ -89,6 +90,7 @@ def _remember_resized(layer: LowRankLayer) -> None:
         _STEP_CHECK.append(register_optimizer_step_pre_hook(_stale_state))
     for param, dim in _factors(layer):
         _RESIZED[param] = dim
+    _RESIZES[0] += 1
 
 
 def _resize_layer(layer: LowRankLayer, rank: int, optimizer: torch.optim.Optimizer | None) -> None:

@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from ..data import load_data
-from ..deploy.artifacts import FILES, FORMATS, build_artifacts, check_formats, deployed_form, write_files
-from ..deploy.costs import COSTS, layer_floor, measure_latency, repeat_batch, time_model, visited_ranks
+from ..deploy.artifacts import FILES, FORMATS, build_artifacts, check_formats, write_files
+from ..deploy.costs import COSTS, deployable, layer_floor, measure_latency, repeat_batch, time_model, visited_ranks
 from ..deploy.family import FAMILY_FILE, save_family
 from ..deploy.front import TARGET_KEYS, Front, FrontPoint, check_target
 from ..deploy.search import CALIBRATION_SIZE, calibration_batches, evaluate_front, greedy_front, materialize
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         for fmt, why in report["skipped"].items():
             print(f"{folder}: {fmt} not written: {why}", flush=True)
         names = write_files(out / folder, files)
-        measured = time_model(deployed_form(materialized, example), timing, latency.repeats, latency.warmup)
+        measured = time_model(deployable(materialized, example), timing, latency.repeats, latency.warmup)
         point.exported = {"folder": folder, "files": names, "latency": measured, **report}
         write_json_atomic(out / folder / POINT_FILE, {"target": folder, "point": point.to_dict(),
                                                        "files": {f: FILES[f] for f in files}})

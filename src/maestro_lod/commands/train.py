@@ -216,7 +216,6 @@ def _train(args: argparse.Namespace, claim: Claim, files: RunDirectory, distribu
     reference = dense_reference(config, data, args.quiet)
     files.summary_extra["dense_reference"] = reference
     trainer = build_trainer(config, data, [files, Progress(bars=not args.quiet)], distributed)
-    files.summary_extra["world_size"] = distributed.world_size
     if claim.checkpoint is not None:
         restore(trainer, claim.checkpoint)
         files.saved_epoch = trainer.epoch

@@ -35,7 +35,7 @@ from ..export import export
 from ..files import write_bytes_atomic
 from ..layers import LowRankConv, LowRankLinear, outermost_factorized, rank_pattern
 from ..training.steps import forward
-from .costs import KEPT_TYPES
+from .costs import deployable
 
 FORMATS = ("pt2", "onnx", "safetensors")
 FILES = {"pt2": "model.pt2", "onnx": "model.onnx", "safetensors": "model.safetensors"}
@@ -121,13 +121,6 @@ def run_onnx(model: bytes, inputs: Any) -> torch.Tensor:
     return torch.from_numpy(session.run(None, feeds)[0])
 
 
-def deployed_form(model: nn.Module, example_inputs: Any) -> nn.Module:
-    """:func:`~.costs.deployable` of ``model`` with the layers whose attributes other modules read
-    during ``forward(model, example_inputs)`` (T5's ``wo.weight.dtype``, a conv's ``stride``) exported
-    merged, so the form runs on models whose code reads its layers (see :func:`maestro_lod.export`)."""
-    return export(model, keep=KEPT_TYPES, example_inputs=_as_tuple(example_inputs)).eval()
-
-
 def plain_layout(model: nn.Module, plain: nn.Module) -> list[str]:
     """The factorised modules of ``model`` that ``plain`` (its export) holds as factor pairs."""
     return [name for name, _ in outermost_factorized(model) if isinstance(plain.get_submodule(name), nn.Sequential)]
@@ -186,7 +179,7 @@ def build_artifacts(model: nn.Module, formats: Sequence[str], check_inputs: Sequ
     ``check_inputs[0]`` are exported merged in every artifact. ``architecture()`` builds the dense model that
     :func:`load_plain` loads the safetensors artifact into, to check it too."""
     formats = check_formats(formats)
-    module = deployed_form(model, check_inputs[0])
+    module = deployable(model, check_inputs[0])
     references = [forward(module, inputs) for inputs in check_inputs]
     files: dict[str, bytes] = {}
     report: dict[str, Any] = {"tolerances": {f: TOLERANCES[f] for f in formats}, "differences": {}, "skipped": {}}

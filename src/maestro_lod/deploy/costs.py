@@ -35,10 +35,16 @@ KEPT_TYPES = (LowRankMultiheadAttention,)
 """Factorised modules the deployed form keeps as they are (their forward keeps their rank savings)."""
 
 
-def deployable(model: nn.Module) -> nn.Module:
+def deployable(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     """The form of ``model`` that ``torch.export`` / ONNX artifacts are made from: plain torch.nn
-    except factorised attention, which keeps its low-rank projections (see :mod:`maestro_lod.export`)."""
-    return export(model, keep=KEPT_TYPES).eval()
+    except factorised attention, which keeps its low-rank projections (see :mod:`maestro_lod.export`).
+    With ``example_inputs`` (a tensor or a tuple), the layers whose attributes other modules read
+    during ``model(*example_inputs)`` (T5's ``wo.weight.dtype``, a conv's ``stride``) are exported
+    merged, so the form runs on models whose code reads its layers."""
+    if example_inputs is None:
+        return export(model, keep=KEPT_TYPES).eval()
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    return export(model, keep=KEPT_TYPES, example_inputs=inputs).eval()
 
 
 def visited_ranks(rank: int, floor: int, step: float) -> list[int]:

@@ -146,13 +146,19 @@ class MaestroMethod(TrainingMethod):
             return DenseStep(trainer.model, trainer.autocast)
         config = trainer.config
         layers = list(low_rank_layers(trainer.model))
-        penalty = None
+        return MaestroStep(trainer.model, layers, trainer.sampler, trainer.autocast, full_pass=config.full_pass,
+                           masked=trainer.kind in LANGUAGE_KINDS, reuse=self._prefix_reuse(trainer),
+                           penalty=self._group_lasso(trainer, layers))
+
+    def _group_lasso(self, trainer: "Trainer", layers: list) -> GroupLassoGradient | None:
+        """The step's group-lasso gradient over ``layers`` (None for λ = 0), kept so that a
+        targeted run's controller can change its weight in place."""
+        config = trainer.config
+        self._penalty = None
         if config.lambda_gl > 0:
             weight = config.lambda_gl if self.controller is None else self.controller.lam
-            penalty = GroupLassoGradient([layer for _, layer in layers], weight, config.hierarchical)
-        self._penalty = penalty
-        return MaestroStep(trainer.model, layers, trainer.sampler, trainer.autocast, full_pass=config.full_pass,
-                           masked=trainer.kind in LANGUAGE_KINDS, reuse=self._prefix_reuse(trainer), penalty=penalty)
+            self._penalty = GroupLassoGradient([layer for _, layer in layers], weight, config.hierarchical)
+        return self._penalty
 
     def _prefix_reuse(self, trainer: "Trainer") -> PrefixReuse | None:
         """Reuse the full pass's prefix only where it is exact: asked for (``on``), or (``auto``)
@@ -239,7 +245,6 @@ class MaestroMethod(TrainingMethod):
         return "maestro" if trainer.factorized else "dense-warmup"
 
 
-
 @METHODS.register("maestro-no-shrink")
 class MaestroWithoutShrinking(MaestroMethod):
     """Ablation: MAESTRO's factorisation, sampled sub-models and group lasso, but progressive
@@ -266,11 +271,7 @@ class MaestroFullRanks(MaestroMethod):
     def build_step(self, trainer: "Trainer") -> Step:
         if not trainer.factorized:
             return DenseStep(trainer.model, trainer.autocast)
-        config = trainer.config
-        penalty = None
-        if config.lambda_gl > 0:
-            layers = [layer for _, layer in low_rank_layers(trainer.model)]
-            penalty = GroupLassoGradient(layers, config.lambda_gl, config.hierarchical)
+        penalty = self._group_lasso(trainer, list(low_rank_layers(trainer.model)))
         return PenalisedDenseStep(trainer.model, trainer.autocast, penalty)
 
     def phase(self, trainer: "Trainer") -> str:
