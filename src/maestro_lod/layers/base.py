@@ -58,6 +58,20 @@ def follow_requires_grad(layer: "LowRankLayer", weight: torch.Tensor, bias: torc
     return layer
 
 
+def composing_is_cheaper(positions: int, rank: int, out_per_group: int, in_per_group: int) -> bool:
+    """Whether a factor pair of ``rank`` (per group: ``out_per_group × rank`` and ``rank ×
+    in_per_group``) applied at ``positions`` output positions costs fewer MACs as one dense op with
+    the composed weight than as two thin ops.
+
+    Two thin ops cost ``positions · rank · (m + n)``; composing costs ``m · n · rank`` once plus
+    ``positions · m · n`` (per group; the backward pass costs twice the forward either way, so the
+    comparison holds for a whole training pass). Composing wins at high rank over many positions
+    (convolutions, a language model's tokens); a rank-0 pair never composes.
+    """
+    m, n = out_per_group, in_per_group
+    return positions * rank * (m + n) > m * n * (rank + positions)
+
+
 def plain_layer(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
     """``cls(*args, **kwargs)`` whose parameters are about to be replaced: PyTorch's warning that
     initialising a zero-width weight (rank 0) does nothing is silenced, as nothing is initialised."""
@@ -118,6 +132,13 @@ class LowRankLayer(Factorized, nn.Module):
         if b == self.rank:
             return self.up, self.down
         return self.up[..., :b], self.down[..., :b, :]
+
+    def composes(self, positions: int) -> bool:
+        """Whether the next forward over ``positions`` output positions runs as one dense op with
+        the composed weight ``up[..., :b] @ down[..., :b, :]`` instead of two thin ops: the cheaper
+        of the two in MACs (:func:`composing_is_cheaper`). Both give the same outputs and gradients
+        up to float rounding; autograd carries the gradients through the composition to the factors."""
+        return composing_is_cheaper(positions, self.effective_rank, self.up.shape[-2], self.down.shape[-1])
 
     def importance(self) -> torch.Tensor:
         """Per-rank importance ``‖U[:, b:]‖_F · ‖V[:, b:]‖_F`` (detached, non-increasing)."""

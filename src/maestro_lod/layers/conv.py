@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,8 +23,10 @@ class LowRankConv(LowRankLayer):
     (g × C_out/g × r) is a 1×1 convolution back to C_out channels and carries the bias. For an
     ungrouped convolution the group dimension is dropped (``up``: C_out × r, ``down``: r × n).
 
-    At rank 0 there is no convolution to run: the layer outputs its bias (or zeros) over the output
-    size the dense convolution would have.
+    Where it is cheaper (high rank over many output positions, see :meth:`composes`) the forward
+    runs one convolution with the composed weight ``up @ down`` instead of the pair. At rank 0
+    there is no convolution to run: the layer outputs its bias (or zeros) over the output size the
+    dense convolution would have.
     """
 
     def __init__(self, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None, source: nn.Module,
@@ -104,10 +108,15 @@ class LowRankConv(LowRankLayer):
         if up.shape[-1] == 0:
             return self._bias_only(x)
         conv = _CONV_FN[self.spatial_dims]
+        batch = x.shape[0] if x.dim() == self.spatial_dims + 2 else 1
+        composes = self.composes(batch * math.prod(self._output_size(x)))
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
+        if composes:
+            weight = (up @ down).reshape(self.weight_shape)
+            return conv(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
         hidden = conv(x, self._spatial_weight(down), None, self.stride, padding, self.dilation, self.groups)
         return conv(hidden, self._pointwise_weight(up), self.bias, 1, 0, 1, self.groups)
 

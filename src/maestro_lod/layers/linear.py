@@ -11,7 +11,9 @@ from .base import LowRankLayer, follow_requires_grad, plain_layer
 
 
 class LowRankLinear(LowRankLayer):
-    """``y = up[:, :b] (down[:b] x) + bias``: two thin matrix products instead of one dense one.
+    """``y = up[:, :b] (down[:b] x) + bias``: two thin matrix products instead of one dense one,
+    or, where that is cheaper (high rank over many rows, see :meth:`composes`), one product with
+    the composed weight ``up[:, :b] @ down[:b]``.
 
     At rank 0 both products are empty and the layer outputs its bias (or zeros).
     """
@@ -52,6 +54,8 @@ class LowRankLinear(LowRankLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, down = self.factors()
+        if self.composes(x.numel() // max(self.in_features, 1)):
+            return F.linear(x, up @ down, self.bias)
         return F.linear(F.linear(x, down), up, self.bias)
 
     @property

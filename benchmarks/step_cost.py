@@ -1,0 +1,167 @@
+"""What the parts of a MAESTRO step cost, one measurement per change made to make it cheaper.
+
+Each measurement times two ways of computing the same thing in one process, interleaved (A, B,
+A, B, ...), on one torch thread, and reports the median of ``--repeats`` runs after two warm-up
+runs, so load from other processes on a shared machine falls on both alike:
+
+* ``compose``: forward and backward of the whole model on one training batch (cnn4 on mnist5k,
+  batch 64; the character LM on pydoc-text, batch 32): the dense model, the factorised model as
+  its layers choose (a factor pair, or one dense op with the composed weight where that costs
+  fewer MACs), and the factorised model with every layer forced to run its pair; then the whole
+  MAESTRO step (full pass, sampled pass, as the trainer builds it, without the optimiser) against
+  the dense step, each variant drawing the same sub-models from its own identically seeded sampler.
+
+    python benchmarks/step_cost.py                       # every measurement; table + JSON
+    python benchmarks/step_cost.py --only compose --repeats 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+import maestro_lod as ml
+from maestro_lod.data import load_data
+from maestro_lod.files import write_json_atomic
+from maestro_lod.models import build_model
+from maestro_lod.regularization import GroupLassoGradient
+from maestro_lod.tables import format_table
+from maestro_lod.training.reuse import PrefixReuse, prefix_reuse_supported
+from maestro_lod.training.steps import DenseStep, MaestroStep
+
+TASKS = {"cnn4": ("mnist5k", 64), "char-lm": ("pydoc-text", 32)}
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each variant over ``repeats`` interleaved runs (after two warm-up rounds)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(repeats + 2):
+        for name, run in variants.items():
+            started = time.perf_counter()
+            run()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def batch(task: str):
+    """A model of ``task``, its first training batch and the data."""
+    data_name, size = TASKS[task]
+    data = load_data(data_name)
+    torch.manual_seed(0)
+    model = build_model(task, data)
+    inputs, targets = default_collate([data.train[i] for i in range(size)])
+    return model, inputs, targets
+
+
+def train_pass(model, inputs, targets) -> Callable[[], None]:
+    """One forward and backward pass of ``model`` on the batch (cross-entropy on the labels)."""
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        logits = model(inputs)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).backward()
+    return run
+
+
+def forcing_pairs(model, run: Callable[[], None]) -> Callable[[], None]:
+    """``run`` with every factorised layer made to run its factor pair (an instance attribute
+    shadows the layer's choice for the duration)."""
+    layers = [layer for _, layer in ml.low_rank_layers(model)]
+
+    def forced() -> None:
+        for layer in layers:
+            layer.composes = lambda positions: False
+        try:
+            run()
+        finally:
+            for layer in layers:
+                del layer.composes
+    return forced
+
+
+def maestro_step(model, task: str, inputs, targets) -> Callable[[], None]:
+    """One MAESTRO step as the trainer runs it for ``task`` (prefix reuse where the model is
+    deterministic, masked distillation for the language model), without the optimiser update."""
+    layers = list(ml.low_rank_layers(model))
+    reuse = PrefixReuse(model) if prefix_reuse_supported(model) is None else None
+    step = MaestroStep(model, layers, ml.SingleLayerSampler(0), contextlib.nullcontext, masked=task == "char-lm",
+                       reuse=reuse, penalty=GroupLassoGradient([layer for _, layer in layers], 1e-3))
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        step(inputs, targets, torch.Tensor.backward)
+        step.add_penalty_gradients_()
+    return run
+
+
+def dense_step(model, inputs, targets) -> Callable[[], None]:
+    step = DenseStep(model, contextlib.nullcontext)
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        step(inputs, targets, torch.Tensor.backward)
+    return run
+
+
+def rows_of(lead: str, case: str, times: dict[str, float]) -> list[dict]:
+    first = next(iter(times.values()))
+    return [{"lead": lead, "case": case, "variant": name, "ms": 1000 * t, "vs_first": t / first}
+            for name, t in times.items()]
+
+
+def measure_compose(repeats: int) -> list[dict]:
+    rows = []
+    for task in TASKS:
+        model, inputs, targets = batch(task)
+        dense = copy.deepcopy(model)
+        factorised = ml.factorize(model)
+        run = train_pass(factorised, inputs, targets)
+        rows += rows_of("compose", f"{task} forward+backward", interleaved(
+            {"dense": train_pass(dense, inputs, targets), "factorised, pairs": forcing_pairs(factorised, run),
+             "factorised, as chosen": run}, repeats))
+        paired, chosen = factorised, copy.deepcopy(factorised)
+        rows += rows_of("compose", f"{task} step", interleaved(
+            {"dense": dense_step(dense, inputs, targets),
+             "MAESTRO, pairs": forcing_pairs(paired, maestro_step(paired, task, inputs, targets)),
+             "MAESTRO, as chosen": maestro_step(chosen, task, inputs, targets)}, repeats))
+    return rows
+
+
+MEASUREMENTS = {"compose": measure_compose}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=tuple(MEASUREMENTS), default=list(MEASUREMENTS))
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "step_cost.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = [row for name in args.only for row in MEASUREMENTS[name](args.repeats)]
+    table = [("lead", "case", "variant", "median", "vs first")]
+    table += [(r["lead"], r["case"], r["variant"], f"{r['ms']:.4g} ms" if "ms" in r else r["value"],
+               f"{r['vs_first']:.2f}") for r in rows]
+    print(format_table(table))
+    machine = {"python": platform.python_version(), "torch": torch.__version__,
+               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "threads": 1}
+    print(f"\n{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {machine['cpu']}, {machine['cpu_count']} cores, "
+          f"1 thread, median of {args.repeats} interleaved runs")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.json, {"rows": rows, "repeats": args.repeats, "machine": machine,
+                                  "date": time.strftime("%Y-%m-%d")})
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
