@@ -8,12 +8,14 @@ import torch
 from conftest import resume_matches_uninterrupted
 
 from maestro_lod import cli
+from maestro_lod.deploy import calibration_batches, greedy_front
 from maestro_lod.errors import ConfigError
 from maestro_lod.export import export
 from maestro_lod.metrics import count_params
 from maestro_lod.models import build_model
 from maestro_lod.training import TrainConfig, Trainer
-from maestro_lod.training.budget import GAIN, STEP_LIMIT, BudgetController, parse_target
+from maestro_lod.training.budget import (CUT_CALIBRATION, CUT_STEP, GAIN, HOLD_LAMBDA, STEP_LIMIT, BudgetController,
+                                         greedy_cut, parse_target)
 
 
 def _config(**changes) -> TrainConfig:
@@ -41,7 +43,11 @@ def test_controller_reaches_the_target(digits):
     planned = [r.extra["planned_cost"] for r in result.history]
     assert planned == sorted(planned, reverse=True) and planned[-1] == pytest.approx(0.5)
     met = [r.extra["target_met"] for r in result.history]
-    assert met[-1] and result.history[-1].total_rank == result.history[met.index(True)].total_rank  # held
+    first = met.index(True)
+    assert met[-1] and result.history[-1].total_rank == result.history[first].total_rank  # shrinking stopped
+    # λ drops to the holding weight from the epoch after the target was met
+    assert [r.extra["lambda_gl"] for r in result.history[first + 1:]] == [HOLD_LAMBDA] * (len(met) - first - 1)
+    assert result.summary.extra["final_lambda_gl"] == HOLD_LAMBDA
 
 
 def test_resumed_targeted_run_matches_uninterrupted_run(digits, tmp_path):
@@ -50,6 +56,31 @@ def test_resumed_targeted_run_matches_uninterrupted_run(digits, tmp_path):
     lambdas = [r.extra["lambda_gl"] for r in full.history]
     assert lambdas[2] != lambdas[0]  # the weight after the interruption comes from the controller's state
     assert resumed.method.controller.state_dict() == full.method.controller.state_dict()
+
+
+def test_a_gap_left_after_the_last_epoch_is_closed_by_the_greedy_search(digits):
+    # λ too small and ε = 0: nothing shrinks during training, so the whole way to the target is the final cut
+    trainer = _trainer(digits, _config(epochs=2, lambda_gl=1e-6, eps_ps=0.0, target="params=0.4"))
+    result = trainer.fit()
+    last = result.history[-1]
+    assert result.history[0].extra["exported_cost"] == 1.0 and result.history[0].extra["gap_closed"] == 0.0
+    exported = count_params(export(result.model)) / trainer.dense_params
+    assert exported <= 0.4 and last.extra["exported_cost"] == pytest.approx(exported)
+    assert last.extra["gap_closed"] == pytest.approx(1.0 - exported) and last.extra["target_met"]
+    assert result.summary.extra["achieved_cost"] == pytest.approx(exported)
+
+
+def test_greedy_cut_is_the_first_point_of_the_deploy_search_within_the_target(digits):
+    trainer = _trainer(digits, _config(epochs=1, lambda_gl=1e-6, eps_ps=0.0, target="params=0.4"))
+    state = torch.random.get_rng_state()
+    ranks = greedy_cut(trainer, "params", 0.4)
+    assert torch.equal(torch.random.get_rng_state(), state)  # training's random stream is untouched
+    front = greedy_front(trainer.model, calibration_batches(trainer.train_data, CUT_CALIBRATION, seed=0), "params",
+                         CUT_STEP)
+    fractions = [p.params / trainer.dense_params for p in front.points]
+    first = next(i for i, f in enumerate(fractions) if f <= 0.4)
+    assert ranks == front.points[first].ranks and fractions[first - 1] > 0.4
+    assert greedy_cut(trainer, "params", 1e-6) == front.points[-1].ranks  # out of reach: the cheapest pattern
 
 
 def test_unreachable_target_is_refused_with_the_reachable_minimum(digits):
@@ -76,13 +107,17 @@ def test_controller_update_on_a_synthetic_cost_sequence():
     before = lam
     lam = controller.update(3, controller.planned(3) * 0.9)  # ahead of plan: eased off
     assert lam == pytest.approx(before * math.exp(-GAIN * 0.1))
-    lam = controller.update(4, 0.29)  # met: held from now on
-    assert controller.met and lam == pytest.approx(before * math.exp(-GAIN * 0.1))
-    assert controller.update(5, 0.29) == lam
+    lam = controller.update(4, 0.29)  # met: the holding weight from now on
+    assert controller.met and lam == HOLD_LAMBDA == 0.0
+    assert controller.history[-1]["lambda_gl"] == pytest.approx(before * math.exp(-GAIN * 0.1))
+    assert controller.update(5, 0.35) == lam and controller.met  # met once is met for good
     restored = BudgetController("params", 0.3, 5.0, 10, 0.6)
     restored.load_state_dict(controller.state_dict())
     assert restored.state_dict() == controller.state_dict() and restored.lam == lam
     assert [h["epoch"] for h in controller.history] == [1, 2, 3, 4, 5]
+    holding = BudgetController("macs", 0.5, 1e-2, 4, hold=1e-4)
+    holding.update(1, 0.9)
+    assert holding.update(2, 0.5) == 1e-4
 
 
 @pytest.mark.parametrize("target, message", [

@@ -13,11 +13,16 @@ with a planned trajectory that falls geometrically from the cost at factorisatio
 
     λ ← clip(λ · exp(GAIN · (cost − planned) / planned), λ / STEP_LIMIT, λ · STEP_LIMIT)
 
-so a model larger than planned is pushed harder and one ahead of plan is eased off. Once the cost
-is at or below the target the controller holds: λ stays, shrinking stops. A shrink that would
-overshoot the target removes ranks in order of importance (the smallest trailing-rank norm first)
-only until the target is met, and after the last epoch's steps any remaining gap is closed the same
-way, so the final model meets the target (``gap_closed`` in the last record says how much was cut).
+so a model larger than planned is pushed harder and one ahead of plan is eased off.
+
+Once the cost is at or below the target the controller holds: shrinking stops and λ drops to
+:data:`HOLD_LAMBDA` for the remaining epochs, so that the penalty which made the model small no
+longer pulls its weights away from the task and accuracy recovers at the reached size. Where a
+step to the target has to be cut short (a shrink that would overshoot it, or a gap left after the
+last epoch's steps), the ranks come from the deploy package's greedy search
+(:func:`maestro_lod.deploy.greedy_front` on a fixed calibration sample of the training data): of
+the patterns it visits from the current ranks, the first within the target. ``gap_closed`` in the
+last record says how much of the cost that final cut removed.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..export import export
-from ..inject import factorize, low_rank_layers, rank_pattern
+from ..inject import factorize, low_rank_layers
 from ..metrics import count_macs, count_params
 
 if TYPE_CHECKING:
@@ -42,6 +47,19 @@ GAIN = 3.0
 """How strongly λ reacts to the relative distance from the planned cost."""
 STEP_LIMIT = 4.0
 """λ changes by at most this factor per epoch."""
+HOLD_LAMBDA = 0.0
+"""λ once the target is met. With shrinking stopped the penalty only drags the kept ranks toward
+zero; on LeNet-5 / mnist5k holding 0 recovered more accuracy than holding the starting weight
+(docs/RESULTS.md, "Asking for a size")."""
+CUT_STEP = 0.1
+"""Share of a layer's rank the greedy search removes per try when cutting to the target: fine
+enough that the cut lands within about 1 % of the dense cost of LeNet-5's target (a step of 0.25
+removes up to 10 of fc1's ranks, 0.12 of its dense parameters, at once)."""
+CUT_CALIBRATION = 512
+"""Training samples the cut scores removals on. The search walks every layer down to its minimum
+rank, so its cost grows with this: on LeNet-5 at ranks 6/16/34/28/10 it took 31 s with 512
+samples and 151 s with the deploy default of 2,048 (one loaded CPU thread), against 8 s per
+training epoch; a cut of a few percent of the cost does not need the finer ranking."""
 
 
 def parse_target(value: Any) -> tuple[str, float] | None:
@@ -83,20 +101,25 @@ def pattern_cost(model: nn.Module, kind: str, dense: float, example_inputs: Any)
     return lambda ranks: costs(ranks) / dense
 
 
-def importance_cut(model: nn.Module, cost, target: float, start: dict[str, int] | None = None) -> dict[str, int]:
-    """Ranks reached from ``start`` (the current ranks) by removing trailing ranks one at a time,
-    the least important first (importance of a layer's last rank alone), until ``cost(ranks) ≤ target``
-    or every layer is at its floor."""
-    layers = dict(low_rank_layers(model))
-    ranks = dict(start or rank_pattern(model))
-    tails = {name: layer.importance() for name, layer in layers.items()}
-    while cost(ranks) > target:
-        open_layers = [n for n, layer in layers.items() if ranks[n] > min(layer.min_rank, layer.rank)]
-        if not open_layers:
-            break
-        name = min(open_layers, key=lambda n: (float(tails[n][ranks[n] - 1]), n))
-        ranks[name] -= 1
-    return ranks
+def greedy_cut(trainer: "Trainer", kind: str, target: float) -> dict[str, int]:
+    """Ranks at or below the current ones whose relative exported ``kind`` cost is ≤ ``target``:
+    the greedy search of :mod:`maestro_lod.deploy` from the current ranks, on
+    :data:`CUT_CALIBRATION` training samples drawn with the run's seed (the global random state is
+    left as it was), taking the first pattern on its path that is within the
+    target (each of its rounds removes the slice of least calibration loss per unit of cost; the
+    cheapest pattern if none is within the target)."""
+    from ..deploy import calibration_batches, greedy_front  # the deploy package imports training modules
+
+    device = next(trainer.model.parameters()).device
+    sample = calibration_batches(trainer.train_data, CUT_CALIBRATION, seed=trainer.config.seed)
+    batches = [(tuple(x.to(device) for x in inputs) if isinstance(inputs, (tuple, list)) else inputs.to(device),
+                targets.to(device)) for inputs, targets in sample]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the search draws from it
+        front = greedy_front(trainer.model, batches, cost=kind, step=CUT_STEP, kind=trainer.kind)
+    dense = trainer.dense_params if kind == "params" else trainer.dense_macs
+    feasible = [p for p in front.points if getattr(p, kind) <= target * dense * (1 + 1e-9)]
+    point = min(feasible, key=lambda p: p.index) if feasible else front.points[-1]
+    return dict(point.ranks)
 
 
 def reachable_minimum(trainer: "Trainer", kind: str) -> float:
@@ -117,10 +140,10 @@ class BudgetController:
     per epoch it saw; :meth:`state_dict` is all of its state (JSON values)."""
 
     def __init__(self, kind: str, target: float, lam: float, factorised_epochs: int, target_by: float = 0.6,
-                 gain: float = GAIN, step_limit: float = STEP_LIMIT):
+                 gain: float = GAIN, step_limit: float = STEP_LIMIT, hold: float = HOLD_LAMBDA):
         self.kind, self.target, self.lam = kind, float(target), float(lam)
         self.factorised_epochs, self.target_by = int(factorised_epochs), float(target_by)
-        self.gain, self.step_limit = float(gain), float(step_limit)
+        self.gain, self.step_limit, self.hold = float(gain), float(step_limit), float(hold)
         self.start: float | None = None
         self.met = False
         self.history: list[dict[str, Any]] = []
@@ -138,13 +161,15 @@ class BudgetController:
         return self.start * (self.target / self.start) ** share
 
     def update(self, epoch: int, cost: float) -> float:
-        """Record the cost after factorised epoch ``epoch`` and return the λ for the next epoch."""
+        """Record the cost after factorised epoch ``epoch`` and return the λ for the next epoch
+        (:attr:`hold` from the epoch the target is first met on)."""
         if self.start is None:
             self.start = float(cost)
         planned = self.planned(epoch)
         used = self.lam
-        if cost <= self.target * (1 + 1e-9):
+        if not self.met and cost <= self.target * (1 + 1e-9):
             self.met = True
+            self.lam = self.hold
         if not self.met:
             factor = math.exp(self.gain * (cost - planned) / planned)
             self.lam = used * min(self.step_limit, max(1.0 / self.step_limit, factor))

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..inject import low_rank_layers, rank_pattern
+from ..inject import low_rank_layers
 from ..registry import Registry
 from ..regularization import GroupLassoGradient
 from ..shrinking import shrink_, truncate_
@@ -187,7 +187,8 @@ class MaestroMethod(TrainingMethod):
 
     def _steer(self, trainer: "Trainer", epoch: int) -> None:
         """A targeted run's end of epoch: shrink (never past the target, not at all once it is met),
-        close what remains of the gap after the last epoch's steps, measure, and move λ."""
+        close what remains of the gap after the last epoch's steps, measure, and move λ (down to
+        the controller's holding weight once the target is met)."""
         config, controller, model = trainer.config, self.controller, trainer.model
         dense = trainer.dense_params if controller.kind == "params" else trainer.dense_macs
         measure = lambda: budget.exported_cost(model, controller.kind, dense, trainer.example_inputs)  # noqa: E731
@@ -196,18 +197,16 @@ class MaestroMethod(TrainingMethod):
         factorised_epoch = epoch - config.warmup_epochs
         closed = 0.0
         if not controller.met:
-            cost = budget.pattern_cost(model, controller.kind, dense, trainer.example_inputs)
-            ranks = None
             if factorised_epoch % config.shrink_every == 0:
                 ranks = budget.shrink_proposal(model, config.eps_ps)
-                if cost(ranks) < controller.target:
-                    ranks = budget.importance_cut(model, cost, controller.target)
-            if epoch == config.epochs and cost(ranks or rank_pattern(model)) > controller.target:
-                before = cost(ranks or rank_pattern(model))
-                ranks = budget.importance_cut(model, cost, controller.target, ranks)
-                closed = before - cost(ranks)
-            if ranks is not None:
+                cost = budget.pattern_cost(model, controller.kind, dense, trainer.example_inputs)
+                if cost(ranks) < controller.target:  # the shrink would overshoot: cut only to the target
+                    ranks = budget.greedy_cut(trainer, controller.kind, controller.target)
                 truncate_(model, ranks, trainer.optimizer)
+            before = measure() if epoch == config.epochs else 0.0
+            if before > controller.target * (1 + 1e-9):  # the last epoch left a gap
+                truncate_(model, budget.greedy_cut(trainer, controller.kind, controller.target), trainer.optimizer)
+                closed = before - measure()
         achieved = measure()
         planned = controller.planned(factorised_epoch)
         used = controller.lam
