@@ -10,6 +10,10 @@ runs, so load from other processes on a shared machine falls on both alike:
   fewer MACs), and the factorised model with every layer forced to run its pair; then the whole
   MAESTRO step (full pass, sampled pass, as the trainer builds it, without the optimiser) against
   the dense step, each variant drawing the same sub-models from its own identically seeded sampler.
+* ``soft-loss``: the masked distillation loss and its backward on ``[positions, classes]`` logits
+  with a tenth of the positions ignored, for the character LM's batch (2,048 × 103) and a
+  word-piece vocabulary (512 × 32,000): boolean-mask indexing of both matrices (the formulation
+  it replaced) against the per-position losses selected by ``torch.where``.
 
     python benchmarks/step_cost.py                       # every measurement; table + JSON
     python benchmarks/step_cost.py --only compose --repeats 15
@@ -32,13 +36,13 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 import maestro_lod as ml
-from maestro_lod.data import load_data
+from maestro_lod.data import IGNORE_INDEX, load_data
 from maestro_lod.files import write_json_atomic
 from maestro_lod.models import build_model
 from maestro_lod.regularization import GroupLassoGradient
 from maestro_lod.tables import format_table
 from maestro_lod.training.reuse import PrefixReuse, prefix_reuse_supported
-from maestro_lod.training.steps import DenseStep, MaestroStep
+from maestro_lod.training.steps import DenseStep, MaestroStep, soft_loss
 
 TASKS = {"cnn4": ("mnist5k", 64), "char-lm": ("pydoc-text", 32)}
 
@@ -138,7 +142,34 @@ def measure_compose(repeats: int) -> list[dict]:
     return rows
 
 
-MEASUREMENTS = {"compose": measure_compose}
+def indexed_soft_loss(logits, teacher_logits, targets):
+    """The masked distillation loss by boolean-mask indexing (the formulation soft_loss replaced)."""
+    valid = targets.reshape(-1) != IGNORE_INDEX
+    logits = logits.reshape(-1, logits.shape[-1]).float()[valid]
+    teacher = teacher_logits.detach().reshape(-1, logits.shape[-1]).float()[valid]
+    return F.cross_entropy(logits, teacher.softmax(-1))
+
+
+def measure_soft_loss(repeats: int) -> list[dict]:
+    rows = []
+    for positions, classes in ((2048, 103), (512, 32000)):
+        generator = torch.Generator().manual_seed(0)
+        logits = torch.randn(positions, classes, generator=generator).requires_grad_(True)
+        teacher = torch.randn(positions, classes, generator=generator)
+        targets = torch.randint(0, classes, (positions,), generator=generator)
+        targets[torch.rand(positions, generator=generator) < 0.1] = IGNORE_INDEX
+
+        def indexed() -> None:
+            indexed_soft_loss(logits, teacher, targets).backward()
+
+        def selected() -> None:
+            soft_loss(logits, teacher, targets, masked=True).backward()
+        rows += rows_of("soft-loss", f"{positions} x {classes}", interleaved(
+            {"boolean-mask indexing": indexed, "torch.where": selected}, repeats))
+    return rows
+
+
+MEASUREMENTS = {"compose": measure_compose, "soft-loss": measure_soft_loss}
 
 
 def main() -> None:

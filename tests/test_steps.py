@@ -84,3 +84,20 @@ def test_soft_loss_ignores_padding_positions():
     masked = soft_loss(logits, teacher, targets, masked=True)
     expected = soft_loss(logits[:, :3], teacher[:, :3], targets[:, :3], masked=False)
     assert masked.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_masked_soft_loss_equals_the_mean_over_the_kept_positions_in_value_and_gradient():
+    # float32, as soft_loss computes; the sum over positions runs in another order than the mean
+    logits = torch.randn(3, 6, 11, requires_grad=True)
+    teacher = torch.randn(3, 6, 11)
+    targets = torch.randint(0, 11, (3, 6))
+    targets[0, 4:], targets[2, :5] = IGNORE_INDEX, IGNORE_INDEX
+    loss = soft_loss(logits, teacher, targets, masked=True)
+    (grad,) = torch.autograd.grad(loss, logits)
+    valid = targets != IGNORE_INDEX
+    kept = logits.reshape(-1, 11)[valid.reshape(-1)]
+    expected = torch.nn.functional.cross_entropy(kept, teacher.reshape(-1, 11)[valid.reshape(-1)].softmax(-1))
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-9)
+    assert grad[~valid].abs().sum() == 0  # the ignored positions learn nothing

@@ -38,13 +38,17 @@ def hard_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def soft_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, masked: bool) -> torch.Tensor:
     """Cross-entropy of ``logits`` against ``softmax(teacher_logits)`` (detached): the sampled
-    sub-model distils the full model. ``masked`` skips positions whose target is ``IGNORE_INDEX``."""
+    sub-model distils the full model. ``masked`` skips positions whose target is ``IGNORE_INDEX``:
+    the mean runs over the other positions, whose per-position losses are selected by a mask
+    rather than by indexing (which would copy both ``[positions, classes]`` matrices and, on a
+    GPU, wait for the device to count the selected rows)."""
     logits = logits.reshape(-1, logits.shape[-1]).float()
-    teacher = teacher_logits.detach().reshape(-1, logits.shape[-1]).float()
-    if masked:
-        valid = targets.reshape(-1) != IGNORE_INDEX
-        logits, teacher = logits[valid], teacher[valid]
-    return F.cross_entropy(logits, teacher.softmax(-1))
+    teacher = teacher_logits.detach().reshape(-1, logits.shape[-1]).float().softmax(-1)
+    if not masked:
+        return F.cross_entropy(logits, teacher)
+    valid = targets.reshape(-1) != IGNORE_INDEX
+    per_position = F.cross_entropy(logits, teacher, reduction="none")
+    return torch.where(valid, per_position, 0.0).sum() / valid.sum()
 
 
 @torch.no_grad()
