@@ -14,6 +14,11 @@ runs, so load from other processes on a shared machine falls on both alike:
   with a tenth of the positions ignored, for the character LM's batch (2,048 × 103) and a
   word-piece vocabulary (512 × 32,000): boolean-mask indexing of both matrices (the formulation
   it replaced) against the per-position losses selected by ``torch.where``.
+* ``backward-order``: a MAESTRO step of the character LM (dropout, so no prefix reuse): one
+  backward of ``loss_full + loss_sampled`` after both passes (the formulation it replaced)
+  against the step's backward of the full loss before the sampled pass. Time, and the peak of
+  the bytes autograd holds for backward (distinct storages of the saved tensors, parameters
+  included).
 
     python benchmarks/step_cost.py                       # every measurement; table + JSON
     python benchmarks/step_cost.py --only compose --repeats 15
@@ -28,6 +33,7 @@ import os
 import platform
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +48,7 @@ from maestro_lod.models import build_model
 from maestro_lod.regularization import GroupLassoGradient
 from maestro_lod.tables import format_table
 from maestro_lod.training.reuse import PrefixReuse, prefix_reuse_supported
-from maestro_lod.training.steps import DenseStep, MaestroStep, soft_loss
+from maestro_lod.training.steps import DenseStep, MaestroStep, hard_loss, soft_loss
 
 TASKS = {"cnn4": ("mnist5k", 64), "char-lm": ("pydoc-text", 32)}
 
@@ -169,7 +175,67 @@ def measure_soft_loss(repeats: int) -> list[dict]:
     return rows
 
 
-MEASUREMENTS = {"compose": measure_compose, "soft-loss": measure_soft_loss}
+class SavedBytes:
+    """Counts the bytes of the distinct storages autograd saves for backward while they are alive,
+    and their peak (use as ``with torch.autograd.graph.saved_tensors_hooks(*counter.hooks())``)."""
+
+    def __init__(self) -> None:
+        self.live, self.peak, self.storages = 0, 0, {}
+
+    def hooks(self):
+        counter = self
+
+        class Saved:
+            def __init__(self, tensor: torch.Tensor):
+                self.tensor, storage = tensor, tensor.untyped_storage()
+                key = storage.data_ptr()
+                count, size = counter.storages.get(key, (0, storage.nbytes()))
+                if count == 0:
+                    counter.live += size
+                    counter.peak = max(counter.peak, counter.live)
+                counter.storages[key] = (count + 1, size)
+                weakref.finalize(self, counter.release, key)
+        return Saved, lambda saved: saved.tensor
+
+    def release(self, key: int) -> None:
+        count, size = self.storages[key]
+        self.storages[key] = (count - 1, size)
+        if count == 1:
+            self.live -= size
+
+
+def summed_backward_step(model, sampler, inputs, targets) -> None:
+    """The step without reuse as it was: both passes, then one backward of the sum."""
+    full = model(inputs)
+    loss_full = hard_loss(full, targets)
+    with ml.sampled_ranks(model, sampler):
+        loss_sampled = soft_loss(model(inputs), full, targets, masked=True)
+        (loss_full + loss_sampled).backward()
+
+
+def measure_backward_order(repeats: int) -> list[dict]:
+    model, inputs, targets = batch("char-lm")
+    summed = ml.factorize(model)
+    first = copy.deepcopy(summed)
+    step = MaestroStep(first, list(ml.low_rank_layers(first)), ml.SingleLayerSampler(0), contextlib.nullcontext,
+                       masked=True)
+    sampler = ml.SingleLayerSampler(0)
+    variants = {"one backward of the sum": lambda: summed_backward_step(summed, sampler, inputs, targets),
+                "full loss first": lambda: step(inputs, targets, torch.Tensor.backward)}
+    rows = rows_of("backward-order", "char-lm step", interleaved(variants, repeats))
+    peaks = {}
+    for name, run in variants.items():
+        counter = SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(*counter.hooks()):
+            run()
+        peaks[name] = counter.peak
+    first_peak = next(iter(peaks.values()))
+    rows += [{"lead": "backward-order", "case": "char-lm step, peak saved for backward", "variant": name,
+              "value": f"{peak / 2**20:.1f} MiB", "vs_first": peak / first_peak} for name, peak in peaks.items()]
+    return rows
+
+
+MEASUREMENTS = {"compose": measure_compose, "soft-loss": measure_soft_loss, "backward-order": measure_backward_order}
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ prefix, and the masked distillation loss."""
 
 import contextlib
 import copy
+import weakref
 
 import pytest
 import torch
@@ -101,3 +102,37 @@ def test_masked_soft_loss_equals_the_mean_over_the_kept_positions_in_value_and_g
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-9)
     assert grad[~valid].abs().sum() == 0  # the ignored positions learn nothing
+
+
+def test_without_reuse_the_full_loss_is_backpropagated_before_the_sampled_pass():
+    torch.manual_seed(0)
+    model = ml.factorize(nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Dropout(0.2), nn.Linear(24, 10)))
+    inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    reference = copy.deepcopy(model)
+    torch.manual_seed(1)  # the dropout masks of both passes
+    full = reference(inputs)
+    with ml.sampled_ranks(reference, ml.SingleLayerSampler(3)):
+        sampled = reference(inputs)
+        (torch.nn.functional.cross_entropy(full, targets)
+         + torch.nn.functional.cross_entropy(sampled, full.softmax(-1).detach())).backward()
+    live, saved_at_backward = [0], []
+
+    class Saved:  # what autograd keeps for backward, counted while it is alive
+        def __init__(self, tensor):
+            self.tensor = tensor
+            live[0] += 1
+            weakref.finalize(self, lambda: live.__setitem__(0, live[0] - 1))
+
+    def backward(loss):
+        saved_at_backward.append(live[0])
+        loss.backward()
+
+    step = MaestroStep(model, list(ml.low_rank_layers(model)), ml.SingleLayerSampler(3), contextlib.nullcontext)
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.tensor):
+        numbers = step(inputs, targets, backward)
+    # two backward calls; when the second ran, the full pass's saved tensors were already gone
+    assert len(saved_at_backward) == 2 and 0 < saved_at_backward[1] <= saved_at_backward[0]
+    assert numbers[0] == numbers[1] + numbers[2]
+    for (name, p), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(p.grad, want.grad), name  # two contributions added in either order: bit for bit

@@ -118,8 +118,9 @@ class MaestroStep(Step):
     ``sampler``) learns from the full model,
 
     ``loss = CE(full(x), y) + CE(sampled(x), softmax(full(x)).detach())``, backward inside the
-    sampled-rank scope; ``penalty`` (the group lasso) adds its closed-form gradient when the
-    trainer asks. With ``full_pass=False`` only the sampled pass runs, on the hard labels. ``reuse`` (a
+    sampled-rank scope (without ``reuse``, ``backward`` is called twice: on the full loss before
+    the sampled pass, then on the sampled loss); ``penalty`` (the group lasso) adds its closed-form
+    gradient when the trainer asks. With ``full_pass=False`` only the sampled pass runs, on the hard labels. ``reuse`` (a
     :class:`PrefixReuse`) skips recomputing the layers before the first sampled one; a draw that
     lowers no rank makes the sampled pass identical to the full pass, whose distillation gradient is
     exactly zero, so the second pass is skipped altogether.
@@ -156,6 +157,12 @@ class MaestroStep(Step):
                 with self.reuse.recording():
                     full = forward(self.model, inputs)
             loss_full = hard_loss(full, targets)
+        if self.reuse is None:
+            # The sampled pass needs only the full pass's detached outputs, so the full loss can be
+            # backpropagated now: its graph is freed before the sampled pass builds its own (about
+            # half the peak activation memory), and the gradients add up to those of the sum.
+            backward(loss_full)
+            loss_full = loss_full.detach()
         with sampled_ranks(self.model, self.sampler) as draw:
             changed = {self.by_name[name] for name, rank in draw.items() if rank < self.by_name[name].rank}
             self.passes = [{}, dict(draw)] if changed or self.reuse is None else [{}]
@@ -172,7 +179,7 @@ class MaestroStep(Step):
                     sampled = forward(self.model, inputs)
                     loss_sampled = soft_loss(sampled, full, targets, self.masked)
                 loss = loss_full + loss_sampled
-            backward(loss)
+            backward(loss if self.reuse is not None else loss_sampled)
         return _numbers(loss, loss_full, loss_sampled, *count_correct(full, targets))
 
     def add_penalty_gradients_(self) -> torch.Tensor:
