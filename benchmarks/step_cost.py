@@ -19,6 +19,10 @@ runs, so load from other processes on a shared machine falls on both alike:
   against the step's backward of the full loss before the sampled pass. Time, and the peak of
   the bytes autograd holds for backward (distinct storages of the saved tensors, parameters
   included).
+* ``sampler``: entering and leaving the sampled-rank scope on the 97-layer Transformer-base
+  (``transformer`` size ``base``), for the single-layer and the independent sampler: walking the
+  model's modules for its layers (``sampled_ranks(model, sampler)``) against the layers the step
+  holds (``sampled_ranks(model, sampler, layers)``); and the draw alone.
 
     python benchmarks/step_cost.py                       # every measurement; table + JSON
     python benchmarks/step_cost.py --only compose --repeats 15
@@ -235,7 +239,34 @@ def measure_backward_order(repeats: int) -> list[dict]:
     return rows
 
 
-MEASUREMENTS = {"compose": measure_compose, "soft-loss": measure_soft_loss, "backward-order": measure_backward_order}
+def measure_sampler(repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = ml.factorize(build_model("transformer", load_data("reverse"), size="base"))
+    layers = list(ml.low_rank_layers(model))
+    rows = []
+    for sampler in (ml.SingleLayerSampler(0), ml.IndependentSampler(0)):
+        def walking() -> None:
+            for _ in range(100):
+                with ml.sampled_ranks(model, sampler):
+                    pass
+
+        def given() -> None:
+            for _ in range(100):
+                with ml.sampled_ranks(model, sampler, layers):
+                    pass
+
+        def draw() -> None:
+            for _ in range(100):
+                sampler.draw(layers)
+        times = interleaved({"scope, walking the model": walking, "scope, given the layers": given,
+                             "draw alone": draw}, repeats)
+        rows += rows_of("sampler", f"{len(layers)} layers, {type(sampler).__name__}, per scope",
+                        {name: t / 100 for name, t in times.items()})
+    return rows
+
+
+MEASUREMENTS = {"compose": measure_compose, "soft-loss": measure_soft_loss, "backward-order": measure_backward_order,
+                "sampler": measure_sampler}
 
 
 def main() -> None:

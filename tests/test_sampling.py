@@ -102,3 +102,37 @@ def test_bad_sampler_arguments():
     with pytest.raises(TypeError, match="RankSampler"):
         with sampled_ranks(_model(), "single"):
             pass
+
+
+def test_independent_sampler_is_uniform_over_each_layers_ranks():
+    model = factorize(nn.Sequential(nn.Linear(9, 5), nn.ReLU(), nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)))
+    truncate_(model, {"0": 4})
+    layers = list(low_rank_layers(model))  # ranks 4, 3, 2
+    sampler = IndependentSampler(seed=7)
+    draws = [sampler.draw(layers) for _ in range(3000)]
+    for name, layer in layers:
+        counts = torch.bincount(torch.tensor([d[name] for d in draws]), minlength=layer.rank + 1)
+        assert counts[0] == 0 and len(counts) == layer.rank + 1  # ranks 1 … r, nothing else
+        expected = len(draws) / layer.rank
+        chi_square = float(((counts[1:] - expected) ** 2 / expected).sum())
+        assert chi_square < 16.27  # 99.9% quantile of χ² with 3 degrees of freedom (the largest here)
+    # the layers draw independently: the pair (layer 0, layer 1) is uniform over its 12 values too
+    pairs = torch.bincount(torch.tensor([4 * (d["2"] - 1) + d["0"] - 1 for d in draws]), minlength=12)
+    expected = len(draws) / 12
+    assert float(((pairs - expected) ** 2 / expected).sum()) < 31.26  # 99.9% quantile, 11 degrees of freedom
+
+
+def test_a_scope_given_the_layers_matches_one_that_walks_the_model_and_restores_what_the_block_changed():
+    model = _model()
+    layers = list(low_rank_layers(model))
+    walked, given = [], []
+    for out, kwargs in ((walked, {}), (given, {"layers": layers})):
+        sampler = IndependentSampler(11)
+        for _ in range(5):
+            with sampled_ranks(model, sampler, **kwargs) as draw:
+                out.append((dict(draw), {name: layer.active_rank for name, layer in layers}))
+    assert walked == given and all(draw == active for draw, active in walked)
+    model[2].active_rank = 2  # set outside: kept; changed inside: restored
+    with sampled_ranks(model, SingleLayerSampler(0), layers):
+        model[4].active_rank = 1
+    assert [layer.active_rank for _, layer in layers] == [None, 2, None]

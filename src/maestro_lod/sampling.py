@@ -47,6 +47,12 @@ class RankSampler:
         """An integer uniform in ``0 … high-1``."""
         return int(torch.randint(high, (1,), generator=self.generator).item())
 
+    def _uniform_ints(self, highs: list[int]) -> list[int]:
+        """One integer uniform in ``0 … high-1`` for each of ``highs``, from one tensor draw
+        (``floor(u · high)`` for ``u`` uniform in [0, 1) in float64: uniform to within 2⁻⁵³)."""
+        u = torch.rand(len(highs), generator=self.generator, dtype=torch.float64)
+        return (u * torch.tensor(highs, dtype=torch.float64)).floor().long().tolist()
+
     def draw(self, layers: list[tuple[str, LowRankLayer]]) -> dict[str, int]:
         raise NotImplementedError
 
@@ -57,14 +63,15 @@ class SingleLayerSampler(RankSampler):
     that layer runs at rank b, every other layer at full rank."""
 
     def draw(self, layers: list[tuple[str, LowRankLayer]]) -> dict[str, int]:
-        total = sum(layer.rank for _, layer in layers)
+        ranks = [layer.rank for _, layer in layers]
+        total = sum(ranks)
         if total == 0:
             return {}
         pick = self._uniform_int(total)
-        for name, layer in layers:
-            if pick < layer.rank:
+        for (name, _), rank in zip(layers, ranks):
+            if pick < rank:
                 return {name: pick + 1}
-            pick -= layer.rank
+            pick -= rank
         raise AssertionError("unreachable: pick exceeded the total rank")
 
 
@@ -73,7 +80,11 @@ class IndependentSampler(RankSampler):
     """Every layer draws its own rank uniformly from 1 … r_i."""
 
     def draw(self, layers: list[tuple[str, LowRankLayer]]) -> dict[str, int]:
-        return {name: self._uniform_int(layer.rank) + 1 for name, layer in layers if layer.rank > 0}
+        live = [(name, layer.rank) for name, layer in layers if layer.rank > 0]
+        if not live:
+            return {}
+        picks = self._uniform_ints([rank for _, rank in live])
+        return {name: pick + 1 for (name, _), pick in zip(live, picks)}
 
 
 @SAMPLERS.register("fixed")
@@ -91,19 +102,24 @@ class FixedFractionSampler(RankSampler):
 
 
 @contextmanager
-def sampled_ranks(model: nn.Module, sampler: RankSampler) -> Iterator[dict[str, int]]:
+def sampled_ranks(model: nn.Module, sampler: RankSampler,
+                  layers: list[tuple[str, LowRankLayer]] | None = None) -> Iterator[dict[str, int]]:
     """Apply one draw of ``sampler`` to ``model`` for the scope of the ``with`` block.
 
     Run both forward and backward inside the block. Layers the draw does not name keep their
     active rank (full rank unless an enclosing block set one). On exit, also when the block raises,
     every layer gets back the active rank it had before, so blocks nest. Yields the draw.
+
+    ``layers``: ``model``'s ``(name, layer)`` pairs as :func:`~maestro_lod.low_rank_layers` lists
+    them, for a caller that holds them already (a training step does, every step): the walk over
+    all of the model's modules is then skipped.
     """
     if not isinstance(sampler, RankSampler):
         raise ConfigTypeError(f"sampler must be a RankSampler, got {type(sampler).__name__}")
-    layers = list(low_rank_layers(model))
+    layers = list(low_rank_layers(model)) if layers is None else layers
     if not layers:
         raise ConfigError("sampled_ranks: the model has no low-rank layers; call factorize() first")
-    previous = [(layer, layer.active_rank) for _, layer in layers]
+    previous = [layer.active_rank for _, layer in layers]
     draw = sampler.draw(layers)
     by_name = dict(layers)
     try:
@@ -111,8 +127,9 @@ def sampled_ranks(model: nn.Module, sampler: RankSampler) -> Iterator[dict[str, 
             by_name[name].active_rank = rank
         yield draw
     finally:
-        for layer, rank in previous:
-            layer.active_rank = rank if rank is None or rank <= layer.rank else None
+        for (_, layer), rank in zip(layers, previous):
+            if layer.active_rank != rank:  # only layers changed in the block are set (a module attribute write is slow)
+                layer.active_rank = rank if rank is None or rank <= layer.rank else None
 
 def build_sampler(name: str, generator: torch.Generator | None = None, **options) -> RankSampler:
     """The sampler registered as ``name``, drawing from ``generator``; of ``options`` (e.g.

@@ -93,6 +93,10 @@ class LowRankLayer(Factorized, nn.Module):
     """
 
     computed_weights = ("weight",)
+    may_compose = True
+    """Whether :meth:`composes` may pick the composed product. The deployed form of
+    :mod:`maestro_lod.deploy` turns it off: a traced program must not depend on the batch size it
+    was traced at, and wherever composing can pay (``b·(m+n) > m·n``) export merges the layer instead."""
 
     def __init__(self, up: torch.Tensor, down: torch.Tensor, max_rank: int, min_rank: int = 1):
         super().__init__()
@@ -121,6 +125,15 @@ class LowRankLayer(Factorized, nn.Module):
                 raise ConfigError(f"active_rank {value} is outside 0..{self.rank} (the layer's current rank)")
         self._active_rank = value
 
+    def __setattr__(self, name: str, value) -> None:
+        # A sampled scope sets and restores active ranks every step; nn.Module's __setattr__ (which
+        # sorts parameters, modules and buffers) has nothing to do for them and costs more than the
+        # rest of the scope on a large model, so they bypass it.
+        if name in ("active_rank", "_active_rank"):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     @property
     def effective_rank(self) -> int:
         """The rank the next forward pass uses."""
@@ -138,7 +151,8 @@ class LowRankLayer(Factorized, nn.Module):
         the composed weight ``up[..., :b] @ down[..., :b, :]`` instead of two thin ops: the cheaper
         of the two in MACs (:func:`composing_is_cheaper`). Both give the same outputs and gradients
         up to float rounding; autograd carries the gradients through the composition to the factors."""
-        return composing_is_cheaper(positions, self.effective_rank, self.up.shape[-2], self.down.shape[-1])
+        return self.may_compose and composing_is_cheaper(positions, self.effective_rank, self.up.shape[-2],
+                                                         self.down.shape[-1])
 
     def importance(self) -> torch.Tensor:
         """Per-rank importance ``‖U[:, b:]‖_F · ‖V[:, b:]‖_F`` (detached, non-increasing)."""

@@ -131,6 +131,7 @@ class MaestroStep(Step):
                  penalty: GroupLassoGradient | None = None):
         self.model = model
         self.penalty = penalty
+        self.layers = list(layers)
         self.by_name = dict(layers)
         self.sampler = sampler
         self.autocast = autocast
@@ -142,7 +143,7 @@ class MaestroStep(Step):
 
     def __call__(self, inputs, targets: torch.Tensor, backward: Backward) -> torch.Tensor:
         if not self.full_pass:
-            with sampled_ranks(self.model, self.sampler) as draw:
+            with sampled_ranks(self.model, self.sampler, self.layers) as draw:
                 self.passes = [dict(draw)]
                 with self.autocast():
                     logits = forward(self.model, inputs)
@@ -163,7 +164,7 @@ class MaestroStep(Step):
             # half the peak activation memory), and the gradients add up to those of the sum.
             backward(loss_full)
             loss_full = loss_full.detach()
-        with sampled_ranks(self.model, self.sampler) as draw:
+        with sampled_ranks(self.model, self.sampler, self.layers) as draw:
             changed = {self.by_name[name] for name, rank in draw.items() if rank < self.by_name[name].rank}
             self.passes = [{}, dict(draw)] if changed or self.reuse is None else [{}]
             with self.autocast():
