@@ -23,6 +23,13 @@ runs, so load from other processes on a shared machine falls on both alike:
   (``transformer`` size ``base``), for the single-layer and the independent sampler: walking the
   model's modules for its layers (``sampled_ranks(model, sampler)``) against the layers the step
   holds (``sampled_ranks(model, sampler, layers)``); and the draw alone.
+* ``group-lasso``: the closed-form group-lasso gradient over the 194 factors of Transformer-base
+  (69 M factor elements): per-factor ``vector_norm`` and ``addcmul_`` (the formulation it
+  replaced) against ``GroupLassoGradient.add_to_grads_`` (rank norms by squares where the rank is
+  the last dimension, one ``torch._foreach_addcmul_``).
+* ``slices``: a sampled layer's forward and backward over a batch with the factors as views of
+  the leading ``b`` ranks (``up[..., :b]`` is not contiguous) against the same with contiguous
+  copies made beforehand; the difference is what copying the slices costs.
 
     python benchmarks/step_cost.py                       # every measurement; table + JSON
     python benchmarks/step_cost.py --only compose --repeats 15
@@ -43,6 +50,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import default_collate
 
 import maestro_lod as ml
@@ -265,8 +274,51 @@ def measure_sampler(repeats: int) -> list[dict]:
     return rows
 
 
+def per_factor_group_lasso(factors, weight: float) -> None:
+    """The closed-form gradient as it was: one ``vector_norm`` and one ``addcmul_`` per factor."""
+    live = [(p, dim) for p, dim in factors if p.shape[dim] > 0]
+    norms = pad_sequence([torch.linalg.vector_norm(p, dim=tuple(d for d in range(p.dim()) if d != dim % p.dim()))
+                          for p, dim in live], batch_first=True)
+    terms = norms.square().flip(1).cumsum(1).flip(1).sqrt()
+    per_rank = torch.where(terms > 0, terms.reciprocal(), 0.0).cumsum(1)
+    for row, (p, dim) in enumerate(live):
+        shape = [1] * p.dim()
+        shape[dim % p.dim()] = p.shape[dim]
+        p.grad.addcmul_(p, per_rank[row, :p.shape[dim]].view(shape), value=weight)
+
+
+def measure_group_lasso(repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = ml.factorize(build_model("transformer", load_data("reverse"), size="base"))
+    layers = [layer for _, layer in ml.low_rank_layers(model)]
+    for layer in layers:
+        layer.up.grad, layer.down.grad = torch.zeros_like(layer.up), torch.zeros_like(layer.down)
+    penalty = GroupLassoGradient(layers, 1e-4)
+    return rows_of("group-lasso", f"Transformer-base, {len(penalty.factors)} factors", interleaved(
+        {"per factor": lambda: per_factor_group_lasso(penalty.factors, 1e-4), "add_to_grads_": penalty.add_to_grads_},
+        repeats))
+
+
+def measure_slices(repeats: int) -> list[dict]:
+    rows = []
+    cases = (("cnn4 conv4 at rank 64 of 128", nn.Conv2d(128, 128, 3, padding=1), (64, 128, 7, 7), 64),
+             ("char-LM linear1 at rank 32 of 64", nn.Linear(64, 256), (32, 64, 64), 32))
+    for case, dense, shape, rank in cases:
+        torch.manual_seed(0)
+        viewed = ml.factorize(nn.Sequential(dense))[0]
+        viewed.active_rank = rank
+        copied = copy.deepcopy(viewed)
+        copied.truncate_(rank)  # the same leading ranks, stored contiguously
+        x = torch.randn(shape)
+
+        def run(layer) -> Callable[[], None]:
+            return lambda: layer(x).square().sum().backward()
+        rows += rows_of("slices", case, interleaved({"views": run(viewed), "contiguous": run(copied)}, repeats))
+    return rows
+
+
 MEASUREMENTS = {"compose": measure_compose, "soft-loss": measure_soft_loss, "backward-order": measure_backward_order,
-                "sampler": measure_sampler}
+                "sampler": measure_sampler, "group-lasso": measure_group_lasso, "slices": measure_slices}
 
 
 def main() -> None:

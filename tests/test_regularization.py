@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from maestro_lod import LowRankConv, LowRankLinear, factorize, group_lasso, importances
+from maestro_lod.regularization import GroupLassoGradient
 
 
 def _layer(m=4, n=5, r=3) -> LowRankLinear:
@@ -57,3 +58,36 @@ def test_gradients_stay_finite_with_exactly_zero_trailing_ranks(hierarchical):
 def test_group_lasso_needs_low_rank_layers():
     with pytest.raises(ValueError, match="no low-rank layers"):
         group_lasso(nn.Linear(3, 3))
+
+
+def _tail_gradient(factor: torch.Tensor, rank_dim: int, hierarchical: bool) -> torch.Tensor:
+    """∂/∂factor of Σ_b ‖factor[rank b:]‖ (plain: Σ_b ‖factor[rank b]‖), rank slice by rank slice."""
+    slices = factor.movedim(rank_dim, 0)
+    grad = torch.zeros_like(slices)
+    for j in range(slices.shape[0]):
+        if hierarchical:
+            scale = sum(1 / slices[b:].norm() for b in range(j + 1))
+        else:
+            scale = 1 / slices[j].norm()
+        grad[j] = slices[j] * scale
+    return grad.movedim(0, rank_dim)
+
+
+@pytest.mark.parametrize("hierarchical", [True, False])
+def test_the_trainers_group_lasso_gradient_matches_the_formula_for_every_factor_layout(hierarchical):
+    torch.manual_seed(3)
+    model = factorize(nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Conv2d(6, 8, 3), nn.Flatten(),
+                                    nn.Linear(8, 7), nn.Linear(7, 5)).double())
+    layers = list(model[i] for i in (0, 1, 3, 4))
+    layers[3].truncate_(0)  # a rank-0 layer contributes nothing and gets no gradient
+    existing = torch.randn_like(layers[1].up)
+    layers[1].up.grad = existing.clone()  # gradients already there are added to
+    value = GroupLassoGradient(layers, 0.01, hierarchical).add_to_grads_()
+    assert value.item() == pytest.approx(0.01 * group_lasso(nn.Sequential(*layers[:3]), hierarchical).item(), rel=1e-12)
+    for layer in layers[:3]:
+        for factor, rank_dim in ((layer.up, -1), (layer.down, -2)):
+            expected = 0.01 * _tail_gradient(factor.detach(), rank_dim, hierarchical)
+            if factor is layers[1].up:
+                expected = expected + existing
+            torch.testing.assert_close(factor.grad, expected, rtol=1e-12, atol=1e-15)
+    assert layers[3].up.grad is None and layers[3].down.grad is None
