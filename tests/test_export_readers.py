@@ -1,4 +1,6 @@
-"""Export finds the layers whose attributes other modules read, and exports those merged."""
+"""Export finds the layers whose attributes other modules read, in eval and in training mode, and
+exports those merged (the plain form) or keeps them factorised where only metadata is read (the
+deployed form); detection leaves the model's state as it was."""
 
 import copy
 import io
@@ -6,10 +8,12 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from maestro_lod import export, factorize, rank_pattern, truncate_
-from maestro_lod.export import MergedForReaders, attribute_readers
+from maestro_lod import count_macs, count_params, export, factorize, rank_pattern, truncate_
+from maestro_lod.export import MergedForReaders, Reads, TrainingReadsUnchecked, attribute_readers
+from maestro_lod.layers import LowRankLinear
 
 
 class _Reader(nn.Module):
@@ -47,7 +51,7 @@ def test_without_examples_the_pair_lacks_what_the_parent_reads():
 def test_detection_merges_exactly_the_read_layer_and_names_it():
     model = _factorised_reader()
     x = torch.randn(3, 24)
-    assert attribute_readers(copy.deepcopy(model), x) == {"proj": {"weight", "in_features"}}
+    assert attribute_readers(copy.deepcopy(model), x) == {"proj": Reads(frozenset({"weight", "in_features"}))}
     with pytest.warns(MergedForReaders, match=r"proj \(in_features, weight\)"):
         exported = export(model, merge="never", example_inputs=x)
     assert type(exported.proj) is nn.Linear
@@ -85,7 +89,8 @@ def test_transformer_encoder_fast_path_reads_are_detected():
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     model = _half_rank(factorize(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))).eval()
     reads = attribute_readers(copy.deepcopy(model), torch.randn(2, 5, 16))
-    assert {"layers.0.linear1", "layers.0.linear2"} <= set(reads) and "weight" in reads["layers.0.linear1"]
+    assert {"layers.0.linear1", "layers.0.linear2"} <= set(reads) and "weight" in reads["layers.0.linear1"].names
+    assert not reads["layers.0.linear1"].values  # read to choose the fused path, which a computed weight declines
 
 
 def test_t5_exported_with_examples_runs_and_matches():
@@ -112,10 +117,137 @@ def test_deploy_artifacts_of_a_reader_model_run_and_load():
 
     model = _factorised_reader()
     x = torch.randn(5, 24)
-    with pytest.warns(MergedForReaders):
-        assert type(deployable(model, x).proj) is nn.Linear
-    with pytest.warns(MergedForReaders):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergedForReaders)
+        deployed = deployable(model, x)
+    assert type(deployed.proj) is LowRankLinear  # read for dtype and size only: the factors still run
+    with pytest.warns(MergedForReaders, match="proj"):  # the plain model.safetensors form must merge it
         files, report = build_artifacts(model, ["pt2", "safetensors"], [x, x[:2]], _Reader)
     assert set(files) == {"pt2", "safetensors"} and set(report["differences"]) == {"pt2", "safetensors"}
     loaded = torch.export.load(io.BytesIO(files["pt2"])).module()
     torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _TrainingReader(nn.Module):
+    """Reads ``proj.in_features`` only while training, as code checking shapes for a loss might."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(24, 20)
+        self.head = nn.Linear(20, 6)
+
+    def forward(self, x):
+        if self.training:
+            assert x.shape[-1] == self.proj.in_features
+        return self.head(torch.relu(self.proj(x)))
+
+
+def test_reads_made_only_in_training_mode_are_detected():
+    torch.manual_seed(0)
+    model = _half_rank(factorize(_TrainingReader())).eval()
+    x = torch.randn(3, 24)
+    assert attribute_readers(model, x) == {"proj": Reads(frozenset({"in_features"}))}
+    with pytest.warns(MergedForReaders, match=r"proj \(in_features\)"):
+        exported = export(model, merge="never", example_inputs=x)
+    exported.train()
+    torch.testing.assert_close(exported(x), model.train()(x))  # the plain model trains where the pair would fail
+
+
+class _Stateful(nn.Module):
+    """BatchNorm, dropout and a buffer the forward updates in training mode, around a reader."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(12, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(16, 4)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        x = x.to(self.proj.weight.dtype)
+        return self.head(self.drop(self.norm(self.proj(x))))
+
+
+def test_detection_leaves_state_outputs_rng_and_flags_unchanged():
+    torch.manual_seed(0)
+    model = factorize(_Stateful())
+    x = torch.randn(8, 12)
+    model.train()
+    with torch.no_grad():
+        model(x)  # non-trivial running statistics and a counted call
+    model.head.eval()  # mixed training flags must come back as they were
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    reads = attribute_readers(model, x)
+    assert reads == {"proj": Reads(frozenset({"weight"}))}
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in model.modules()] == flags
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert int(model.calls) == 1 and int(model.norm.num_batches_tracked) == 1
+    model.eval()
+    torch.manual_seed(1)
+    untouched = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), untouched(x))
+    model.train()
+    torch.manual_seed(2)
+    first = model(x)
+    torch.manual_seed(2)
+    assert torch.equal(untouched.train()(x), first)  # dropout draws and BatchNorm batch statistics alike
+
+
+class _Bypass(nn.Module):
+    """Multiplies by ``qkv.weight`` itself (as torchvision's Swin does), so qkv's forward never runs;
+    reads ``out.in_features`` only for a check."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.out = nn.Linear(48, 16)
+
+    def forward(self, x):
+        assert x.shape[-1] == self.qkv.in_features
+        hidden = F.linear(x, self.qkv.weight, self.qkv.bias)
+        assert hidden.shape[-1] == self.out.in_features
+        return self.out(torch.relu(hidden))
+
+
+def test_a_weight_used_for_its_values_is_merged_in_every_form():
+    from maestro_lod.deploy import deployable
+
+    torch.manual_seed(0)
+    model = _half_rank(factorize(_Bypass())).eval()
+    x = torch.randn(3, 16)
+    reads = attribute_readers(model, x)
+    assert reads == {"qkv": Reads(frozenset({"in_features", "weight", "bias"}), values=True),
+                     "out": Reads(frozenset({"in_features"}))}
+    with pytest.warns(MergedForReaders, match=r"qkv \(bias, in_features, weight; outside code multiplies by its weight\)"):
+        plain = export(model, merge="never", example_inputs=x)
+    assert type(plain.qkv) is nn.Linear and type(plain.out) is nn.Linear
+    with pytest.warns(MergedForReaders, match=r"1 layer\(s\).*qkv"):
+        deployed = deployable(model, x)
+    assert type(deployed.qkv) is nn.Linear and type(deployed.out) is LowRankLinear  # only metadata read: kept
+    for form in (plain, deployed):
+        torch.testing.assert_close(form(x), model(x), rtol=1e-5, atol=1e-5)
+    assert count_params(deployed) == count_params(model) - model.qkv.rank * (16 + 48) + 16 * 48
+    assert count_macs(deployed, x) < count_macs(plain, x)
+
+
+def test_a_failing_training_forward_is_a_warning_and_eval_reads_still_count():
+    class NeedsTargets(_Reader):
+        def forward(self, x):
+            if self.training:
+                raise ValueError("targets are required in training mode")
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = _half_rank(factorize(NeedsTargets())).eval()
+    with pytest.warns(TrainingReadsUnchecked, match="ValueError: targets are required"):
+        reads = attribute_readers(model, torch.randn(2, 24))
+    assert set(reads) == {"proj"} and not model.training

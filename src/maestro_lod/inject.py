@@ -79,11 +79,12 @@ class Plan(list):
     """
 
     def __init__(self, entries=(), left_dense: list[LeftDense] = (), total_params: int = 0,
-                 existing_factor_params: int = 0):
+                 existing_factor_params: int = 0, target_modules=None):
         super().__init__(entries)
         self.left_dense = list(left_dense)
         self.total_params = total_params
         self.existing_factor_params = existing_factor_params
+        self.target_modules = target_modules
 
     @property
     def factorized(self) -> list[PlanEntry]:
@@ -112,7 +113,8 @@ class Plan(list):
         t = self.totals
         rows.append(("total", "", "", "", f"{t.dense_params:,}", f"{t.factorized_params:,}",
                      f"{t.left_dense_params:,} left dense; {t.params_after:,} after factorize"))
-        return format_table(rows)
+        table = format_table(rows)
+        return table if self.factorized else f"{table}\n{_nothing_to_factorise(self)}"
 
 
 @dataclass
@@ -249,7 +251,8 @@ def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Dec
         raise ConfigError(f"targeted module(s) {', '.join(unsupported)} cannot be factorised; "
                           f"supported: {supported_labels()}")
     total = sum(p.numel() for p in model.parameters())
-    return Plan(entries, left_dense, total, existing_factors), decisions, _unmatched_patterns(config, candidates)
+    return (Plan(entries, left_dense, total, existing_factors, config.target_modules), decisions,
+            _unmatched_patterns(config, candidates))
 
 
 def plan(model: nn.Module, config: FactorizeConfig | None = None) -> Plan:
@@ -262,17 +265,23 @@ def plan(model: nn.Module, config: FactorizeConfig | None = None) -> Plan:
     return entries
 
 
-def _nothing_to_factorise(entries: Plan, config: FactorizeConfig) -> str:
-    """The message of the error raised when no layer would be replaced."""
+def _nothing_to_factorise(entries: Plan) -> str:
+    """Why no layer would be replaced: the message of :func:`factorize`'s error and the last line of
+    an empty plan's table, naming the modules found that no handler factorises."""
     already = [d for d in entries.left_dense if d.reason == "already factorised"]
+    unhandled = [f"{d.name or '<root>'} ({d.layer_type})" for d in entries.left_dense
+                 if d.reason.startswith("no handler")]
     if already and not entries:
         detail = f"the model is already factorised ({len(already)} factorised module(s)) and has no dense layer left"
     elif already:
         detail = f"the model is already factorised ({len(already)} factorised module(s)); no other layer qualifies"
-    elif config.target_modules is None:
-        detail = "no supported layer found"
+    elif entries.target_modules is not None:
+        detail = f"target_modules={entries.target_modules!r} matched no supported layer"
+    elif entries:
+        detail = "every supported layer is skipped"
     else:
-        detail = f"target_modules={config.target_modules!r} matched no supported layer"
+        found = f"; the modules with parameters, {', '.join(unhandled)}, have no handler" if unhandled else ""
+        detail = f"no supported layer found (supported: {supported_labels()}){found}"
     skipped = "; ".join(f"{e.name}: {e.skipped}" for e in entries.skipped)
     return f"nothing to factorise: {detail}" + (f" (skipped: {skipped})" if skipped else "")
 
@@ -320,7 +329,7 @@ def factorize(model: nn.Module, config: FactorizeConfig | None = None) -> nn.Mod
     for message in notes:
         warnings.warn(message, stacklevel=2)
     if not decisions:
-        raise ConfigError(_nothing_to_factorise(entries, config))
+        raise ConfigError(_nothing_to_factorise(entries))
     generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
     replacements = [(d, _build(d, config, generator)) for d in decisions]
     for decision, new in replacements:

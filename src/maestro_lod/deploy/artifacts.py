@@ -2,14 +2,21 @@
 
 * ``model.pt2``: a ``torch.export`` program of the deployed form (:func:`~.costs.deployable`: low-rank
   Linear/Conv as factor pairs or merged where that is no larger, factorised attention with its
-  low-rank projections), with a dynamic batch dimension. It loads with ``torch.export.load`` alone;
-  this package is not needed to run it.
+  low-rank projections, layers that other code reads kept factorised), with a dynamic batch
+  dimension. It loads with ``torch.export.load`` alone; this package is not needed to run it.
 * ``model.onnx``: the same program through ``torch.onnx.export(dynamo=True)``, run once with ONNX
   Runtime (needs the ``deploy`` extra: ``pip install "maestro-lod[deploy]"``).
 * ``model.safetensors``: the state dict of the plain torch.nn model of :func:`maestro_lod.export`
   (attention dense, since ``nn.MultiheadAttention`` reads packed weights), with the rank pattern and
   the layers stored as factor pairs in its metadata; :func:`load_plain` rebuilds it from the dense
   architecture.
+
+What each form keeps: ``.pt2`` and ONNX keep the rank savings of every factorised layer (attention
+projections and feed-forward layers included) except a layer whose dense weight the model's own
+code multiplies by (merged: its forward never runs); ``model.safetensors`` keeps those of the
+Linear/Conv layers that no code reads from outside (attention, the feed-forward layers of
+``nn.TransformerEncoderLayer`` and read layers are dense in the plain form). The report of
+:func:`build_artifacts` gives each written form's parameters and MACs per sample, measured on it.
 
 Each artifact's outputs are compared with the PyTorch model on real inputs at two batch sizes;
 the tolerances are in :data:`TOLERANCES` (float32: the artifacts reorder or fuse operations, so
@@ -29,11 +36,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import CheckpointError, ConfigError, MaestroError, MissingFileError
 from ..export import export
 from ..files import write_bytes_atomic
 from ..layers import LowRankConv, LowRankLinear, outermost_factorized, rank_pattern
+from ..metrics import count_macs, count_params
 from ..training.steps import forward
 from .costs import deployable
 
@@ -121,6 +130,18 @@ def run_onnx(model: bytes, inputs: Any) -> torch.Tensor:
     return torch.from_numpy(session.run(None, feeds)[0])
 
 
+def program_macs(module: nn.Module, inputs: Any) -> int:
+    """Multiply–accumulates of one call of ``module`` (e.g. a loaded ``.pt2`` program, which has no
+    eval mode to switch to) counted like :func:`~maestro_lod.metrics.count_macs`."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward(module, inputs)
+    return counter.get_total_flops() // 2
+
+
+def _first(inputs: Any) -> Any:
+    return tuple(x[:1] for x in inputs) if isinstance(inputs, (tuple, list)) else inputs[:1]
+
+
 def plain_layout(model: nn.Module, plain: nn.Module) -> list[str]:
     """The factorised modules of ``model`` that ``plain`` (its export) holds as factor pairs."""
     return [name for name, _ in outermost_factorized(model) if isinstance(plain.get_submodule(name), nn.Sequential)]
@@ -175,14 +196,18 @@ def build_artifacts(model: nn.Module, formats: Sequence[str], check_inputs: Sequ
                     architecture: Callable[[], nn.Module] | None = None) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The bytes of each artifact of ``model`` (at its current ranks) and a report: per format
     the largest output difference on each of ``check_inputs`` (real input batches of different
-    sizes), or why it was skipped. Layers whose attributes the model's own code reads on
+    sizes), or why it was skipped, and under ``costs`` the parameters and MACs per sample (on the
+    first sample of ``check_inputs[0]``) of the loaded ``.pt2`` program (ONNX holds the same
+    program) and of the plain model. Layers whose attributes the model's own code reads on
     ``check_inputs[0]`` are exported merged in every artifact. ``architecture()`` builds the dense model that
     :func:`load_plain` loads the safetensors artifact into, to check it too."""
     formats = check_formats(formats)
     module = deployable(model, check_inputs[0])
     references = [forward(module, inputs) for inputs in check_inputs]
     files: dict[str, bytes] = {}
-    report: dict[str, Any] = {"tolerances": {f: TOLERANCES[f] for f in formats}, "differences": {}, "skipped": {}}
+    report: dict[str, Any] = {"tolerances": {f: TOLERANCES[f] for f in formats}, "differences": {}, "skipped": {},
+                              "costs": {}}
+    sample = _first(check_inputs[0])
 
     def check(fmt: str, outputs: list[torch.Tensor]) -> None:
         atol, rtol = TOLERANCES[fmt]
@@ -196,6 +221,7 @@ def build_artifacts(model: nn.Module, formats: Sequence[str], check_inputs: Sequ
         files["pt2"] = program_bytes(program)
         loaded = torch.export.load(io.BytesIO(files["pt2"])).module()
         check("pt2", [forward(loaded, inputs) for inputs in check_inputs])
+        report["costs"]["pt2"] = {"params": count_params(loaded), "macs": program_macs(loaded, sample)}
     if "onnx" in formats:
         if onnx_available():
             files["onnx"] = onnx_bytes(program)
@@ -210,6 +236,7 @@ def build_artifacts(model: nn.Module, formats: Sequence[str], check_inputs: Sequ
             check("safetensors", [forward(path_free, inputs) for inputs in check_inputs])
         else:
             check("safetensors", [forward(plain, inputs) for inputs in check_inputs])
+        report["costs"]["safetensors"] = {"params": count_params(plain), "macs": count_macs(plain, sample)}
     return files, report
 
 

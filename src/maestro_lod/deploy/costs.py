@@ -1,13 +1,18 @@
 """What a rank pattern costs once deployed: MACs and parameters (exact, from a linear model per
 layer) and latency (from a per-layer table measured once).
 
-The deployed form of a factorised model (:func:`deployable`) runs every low-rank Linear/Conv as a
-pair of layers, or as one dense layer where that is no larger (``export``'s ``merge="auto"``), and
-keeps factorised attention as it is. Both MACs and parameters of a low-rank layer are linear in its
-rank (``r·(m+n)`` weights, each used once per output position), and a merged layer costs the dense
-``m·n``; so the cost of any rank pattern is ``base + Σ layer_cost(rank)`` with the per-rank and
-dense costs read once from the model. The search evaluates thousands of patterns with this model
-instead of exporting each one.
+Every cost here is that of the deployed form (:func:`deployable`), the model the ``.pt2`` and ONNX
+artifacts are traced from: every low-rank Linear/Conv runs as a pair of layers, or as one dense
+layer where that is no larger (``export``'s ``merge="auto"``); factorised attention, and layers
+whose attributes other code reads only for metadata, stay factorised; a layer whose dense weight
+other code multiplies by (:func:`read_layers`) is one dense layer at every rank. The plain
+``torch.nn`` form of ``model.safetensors`` can cost more (attention dense, read layers merged).
+
+Both MACs and parameters of a low-rank layer are linear in its rank (``r·(m+n)`` weights, each used
+once per output position), and a merged layer costs the dense ``m·n``; so the cost of any rank
+pattern is ``base + Σ layer_cost(rank)`` with the per-rank and dense costs read once from the
+model, and the layers held dense at every rank in ``base``. The search evaluates thousands of
+patterns with this model instead of exporting each one.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..export import export
+from ..export import attribute_readers, export, static_readers
 from ..functional import DOWN_RANK_DIM, UP_RANK_DIM
-from ..layers import LowRankLayer, LowRankMultiheadAttention, low_rank_layers, outermost_factorized
+from ..layers import LowRankConv, LowRankLayer, LowRankMultiheadAttention, low_rank_layers, outermost_factorized
 from ..metrics import count_macs, count_params
 from ..training.steps import forward
 
@@ -35,16 +40,41 @@ KEPT_TYPES = (LowRankMultiheadAttention,)
 """Factorised modules the deployed form keeps as they are (their forward keeps their rank savings)."""
 
 
+def _as_inputs(example_inputs: Any) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
 def deployable(model: nn.Module, example_inputs: Any = None) -> nn.Module:
-    """The form of ``model`` that ``torch.export`` / ONNX artifacts are made from: plain torch.nn
-    except factorised attention, which keeps its low-rank projections (see :mod:`maestro_lod.export`).
-    With ``example_inputs`` (a tensor or a tuple), the layers whose attributes other modules read
-    during ``model(*example_inputs)`` (T5's ``wo.weight.dtype``, a conv's ``stride``) are exported
-    merged, so the form runs on models whose code reads its layers."""
-    if example_inputs is None:
-        return export(model, keep=KEPT_TYPES).eval()
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    return export(model, keep=KEPT_TYPES, example_inputs=inputs).eval()
+    """The form of ``model`` that ``torch.export`` / ONNX artifacts are made from: low-rank
+    Linear/Conv as factor pairs (merged where no larger), factorised attention with its low-rank
+    projections, and every layer whose attributes other code reads (T5's ``wo.weight.dtype``,
+    Whisper's ``conv1.stride``, ``nn.TransformerEncoderLayer`` looking at ``linear1.weight``) kept
+    factorised, so its savings stay: a factorised layer has every attribute of the dense one and
+    reading its ``.weight`` for metadata computes nothing. A layer whose dense weight other code
+    computes with (torchvision's Swin passes ``qkv.weight`` to a function) is merged. With
+    ``example_inputs`` (a tensor or a tuple) the reads are detected during ``model(*example_inputs)``
+    (see :func:`maestro_lod.export`); without them only the ``nn.TransformerEncoderLayer`` case is known.
+
+    Factorised layers left in the form always run as their pair of thin products (never composed
+    into one, see :attr:`~maestro_lod.layers.LowRankLayer.may_compose`), so a traced program does
+    not depend on the batch size it was traced at and costs what :func:`structural_costs` says."""
+    examples = {} if example_inputs is None else {"example_inputs": _as_inputs(example_inputs)}
+    result = export(model, keep=KEPT_TYPES, keep_read=True, **examples).eval()
+    for layer in result.modules():
+        if isinstance(layer, LowRankLayer):
+            layer.may_compose = False
+    return result
+
+
+def read_layers(model: nn.Module, example_inputs: Any) -> tuple[set[str], set[str]]:
+    """``(dense, kept)``: the low-rank layers that :func:`deployable` holds as one dense layer at
+    every rank, because code outside them multiplies by their dense weight during
+    ``model(*example_inputs)`` (their own forward, and with it any saving, is bypassed), and those
+    it keeps factorised wherever a pair would be exported, because code outside reads only their
+    attributes' metadata. Runs the detection on a copy of ``model``."""
+    reads = attribute_readers(copy.deepcopy(model), _as_inputs(example_inputs), skip=KEPT_TYPES)
+    dense = {name for name, found in reads.items() if found.values}
+    return dense, (set(reads) | static_readers(model)) - dense
 
 
 def visited_ranks(rank: int, floor: int, step: float) -> list[int]:
@@ -93,9 +123,11 @@ class CostModel:
         return self.base + sum(cost.at(ranks[name]) for name, cost in self.layers.items())
 
 
-def _merge_ranks(model: nn.Module, visits: dict[str, list[int]]) -> dict[str, set[int]]:
-    """For each layer the deployed form may merge, the visited ranks at which it does (the rule of
-    ``export(merge="auto")``, asked of the layer itself at each rank through ``active_rank``)."""
+def _merge_ranks(model: nn.Module, visits: dict[str, list[int]], kept: set[str] = frozenset()) -> dict[str, set[int]]:
+    """For each layer the deployed form may merge, the visited ranks at which it does: the rule of
+    ``export(merge="auto")``, asked of the layer itself at each rank through ``active_rank``, and a
+    convolution at rank 0 (a pair cannot have zero channels) unless it is in ``kept`` (left
+    factorised by :func:`deployable`, where it outputs its bias at no cost)."""
     layers = dict(low_rank_layers(model))
     mergeable = {name for name, module in outermost_factorized(model) if isinstance(module, LowRankLayer)}
     result = {}
@@ -105,39 +137,58 @@ def _merge_ranks(model: nn.Module, visits: dict[str, list[int]]) -> dict[str, se
             saved = layer.active_rank
             for rank in visits[name]:
                 layer.active_rank = rank
-                if layer.merge_saves_params():
+                if layer.merge_saves_params() or rank == 0 and isinstance(layer, LowRankConv) and name not in kept:
                     found.add(rank)
             layer.active_rank = saved
         result[name] = found
     return result
 
 
-def structural_costs(model: nn.Module, example_inputs: Any, visits: dict[str, list[int]]) -> dict[str, CostModel]:
+@torch.no_grad()
+def _positions(model: nn.Module, inputs: tuple, layers: dict[str, LowRankLayer]) -> dict[str, int]:
+    """Output positions (rows of a Linear, batch × pixels of a conv) each layer computes in one
+    eval-mode forward of ``model`` on ``inputs``, summed over its calls."""
+    counts = dict.fromkeys(layers, 0)
+
+    def record(name: str):
+        def hook(module: LowRankLayer, _args, output: torch.Tensor) -> None:
+            counts[name] += output.numel() // module.weight_shape[0]
+        return hook
+
+    handles = [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
+    was_training, fast_path = model.training, torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        forward(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+    return counts
+
+
+def structural_costs(model: nn.Module, example_inputs: Any, visits: dict[str, list[int]],
+                     readers: tuple[set[str], set[str]] = (frozenset(), frozenset())) -> dict[str, CostModel]:
     """MAC and parameter cost models of ``model`` (factorised, at its current ranks) for the
-    ranks in ``visits`` (every layer's visited ranks, its current rank first). MACs per rank come
-    from one MAC count with the layer switched to rank 0; the base is what the deployed model
-    costs beyond its low-rank layers."""
-    layers = dict(low_rank_layers(model))
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    merges = _merge_ranks(model, visits)
-    full_macs = count_macs(model, inputs)
+    ranks in ``visits`` (every layer's visited ranks, its current rank first). A layer computing
+    ``P`` output positions per sample costs ``P·r·(m+n)`` MACs as a pair and ``P·m·n`` merged (per
+    group); the base is what the deployed model (:func:`deployable`, reads detected on
+    ``example_inputs``) costs beyond its low-rank layers, including the layers dense at every rank
+    (``readers``: :func:`read_layers` of the model)."""
+    dense, kept = readers
+    layers = {name: layer for name, layer in low_rank_layers(model) if name not in dense}
+    inputs = _as_inputs(example_inputs)
+    deployed = deployable(model, inputs)
+    merges = _merge_ranks(model, {name: ranks for name, ranks in visits.items() if name in layers}, kept)
+    positions = _positions(model, inputs, layers)
     macs, params = {}, {}
     for name, layer in layers.items():
-        rank = layer.rank
-        dense_params = math.prod(layer.weight_shape)
-        per_rank_params = _per_rank_params(layer)
-        if rank > 0:
-            layer.active_rank = 0
-            try:
-                per_rank_macs = (full_macs - count_macs(model, inputs)) / rank
-            finally:
-                layer.active_rank = None
-        else:
-            per_rank_macs = 0.0
-        macs[name] = LayerCost(per_rank_macs, per_rank_macs * dense_params / per_rank_params, merges[name])
+        dense_params, per_rank_params = math.prod(layer.weight_shape), _per_rank_params(layer)
+        macs[name] = LayerCost(positions[name] * per_rank_params, positions[name] * dense_params, merges[name])
         params[name] = LayerCost(per_rank_params, dense_params, merges[name])
     start = {name: layer.rank for name, layer in layers.items()}
-    deployed = deployable(model)
     models = {}
     for kind, table, total in (("macs", macs, count_macs(deployed, inputs)), ("params", params, count_params(deployed))):
         partial = CostModel(kind, 0.0, table)
@@ -228,12 +279,16 @@ def measure_latency(model: nn.Module, example_inputs: Any, visits: dict[str, lis
                     repeats: int = 20, warmup: int = 3) -> LatencyTable:
     """Time each low-rank layer's deployed form at each rank in ``visits`` on the input it sees in
     ``model`` (captured by one forward at ``batch_size``), the whole deployed model at its current
-    ranks, and the dense model; see :class:`LatencyTable` for the noise handling."""
+    ranks, and the dense model; see :class:`LatencyTable` for the noise handling. The layers the
+    deployed form holds dense at every rank (:func:`read_layers`) have no row: their time is
+    part of ``base``."""
     for what, value in (("batch_size", batch_size), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{what}={value!r} must be a positive int")
     inputs = repeat_batch(example_inputs, batch_size)
-    layers = dict(low_rank_layers(model))
+    dense_layers, kept = read_layers(model, example_inputs)
+    layers = {name: layer for name, layer in low_rank_layers(model) if name not in dense_layers}
+    visits = {name: ranks for name, ranks in visits.items() if name in layers}
     captured: dict[str, torch.Tensor] = {}
     handles = [layer.register_forward_pre_hook(lambda _m, args, name=name: captured.setdefault(name, args[0]))
                for name, layer in layers.items()]
@@ -245,7 +300,7 @@ def measure_latency(model: nn.Module, example_inputs: Any, visits: dict[str, lis
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    merges = _merge_ranks(model, visits)
+    merges = _merge_ranks(model, visits, kept)
     table: dict[str, dict[int, float]] = {}
     for name, ranks in visits.items():
         layer, row = layers[name], {}
@@ -260,7 +315,7 @@ def measure_latency(model: nn.Module, example_inputs: Any, visits: dict[str, lis
             row[rank] = floor
         table[name] = row
     start = {name: ranks[0] for name, ranks in visits.items()}
-    whole = time_model(deployable(model), inputs, repeats, warmup)
+    whole = time_model(deployable(model, example_inputs), inputs, repeats, warmup)
     dense = time_model(export(model, merge="always"), inputs, repeats, warmup)
     base = max(0.0, whole - sum(table[name][start[name]] for name in table))
     return LatencyTable(batch_size, repeats, warmup, torch.get_num_threads(), base, dense, table)

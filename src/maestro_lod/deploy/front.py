@@ -1,8 +1,10 @@
 """The accuracy–cost front of one trained model: its points, selection by budget, JSON, a plot.
 
 Every point is a rank pattern reached by the greedy search (:func:`~maestro_lod.deploy.greedy_front`),
-point 0 being the trained model itself. Costs are those of the deployed form: ``macs`` per sample
-and ``params`` exactly, ``latency`` (seconds per batch) estimated from the latency table. Budgets
+point 0 being the trained model itself. Costs are those of the deployed form, the model the
+``.pt2`` and ONNX artifacts hold (:func:`~maestro_lod.deploy.deployable`; the plain
+``model.safetensors`` form can cost more): ``macs`` per sample and ``params`` exactly, ``latency``
+(seconds per batch) estimated from the latency table. Budgets
 are fractions of the dense (unfactorised) model's cost; an accuracy drop is measured against the
 trained model (point 0), in absolute accuracy (``max_drop=0.01`` is one percentage point).
 """

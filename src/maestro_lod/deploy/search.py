@@ -6,7 +6,9 @@ a slice of its trailing ranks (``max(1, int(step · current rank))``, never belo
 slice extends to the first visited rank that does save), estimates the loss on a fixed calibration set, and keeps the removal with the
 smallest loss increase per unit of cost saved (a removal that saves nothing ranks after every one
 that does, and is only scored when no removal saves anything). Rounds continue until every layer is at its floor; each round's result is one point,
-so one pass gives the whole front. Candidates are evaluated through ``active_rank`` views of a
+so one pass gives the whole front. A layer the deployed form holds as one dense layer at every
+rank, because other code multiplies by its dense weight (:func:`~.costs.read_layers`), would lose
+accuracy and save nothing: it stays at its trained rank. Candidates are evaluated through ``active_rank`` views of a
 single working copy of the model: no weights are copied per candidate, and each calibration batch
 runs once per round at the current ranks while the modules before each candidate layer replay
 their recorded outputs (:class:`~maestro_lod.training.reuse.PrefixReuse`; only for models whose
@@ -41,7 +43,8 @@ from ..training.batchnorm import BATCHNORM_TYPES, batchnorm_layers, recalibrate_
 from ..training.evaluation import evaluate
 from ..training.reuse import PrefixReuse
 from ..training.steps import forward
-from .costs import LatencyTable, check_cost, deployable, layer_floor, measure_latency, structural_costs, visited_ranks
+from .costs import (LatencyTable, check_cost, deployable, layer_floor, measure_latency, read_layers,
+                    structural_costs, visited_ranks)
 from .front import Front, FrontPoint
 
 CALIBRATION_SIZE = 2048
@@ -185,15 +188,17 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
     for layer in layers.values():
         layer.active_rank = None
     current = rank_pattern(work)
-    visits = {name: visited_ranks(current[name], layer_floor(layers[name], current[name]), step)
-              for name in layers}
     example = _first_sample(batches)
-    costs = structural_costs(work, example, visits)
+    readers = read_layers(work, example)
+    dense_layers = readers[0]  # multiplied by from outside: dense in every artifact, never cut
+    visits = {name: [current[name]] if name in dense_layers else
+              visited_ranks(current[name], layer_floor(layers[name], current[name]), step) for name in layers}
+    costs = structural_costs(work, example, visits, readers)
     if latency is None and cost == "latency":
         latency = measure_latency(work, example, visits, latency_batch_size)
     if latency is not None:
-        missing = sorted(name for name in layers if name not in latency.layers
-                         or not set(visits[name]) <= set(latency.layers[name]))
+        missing = sorted(name for name in layers if name not in dense_layers and (
+            name not in latency.layers or not set(visits[name]) <= set(latency.layers[name])))
         if missing:
             raise ConfigError(f"the latency table lacks ranks the search visits for {', '.join(missing)}")
         costs["latency"] = latency.cost_model()
@@ -275,8 +280,9 @@ def evaluate_front(front: Front, model: nn.Module, val_batches: Sequence[Batch],
     tasks) by evaluating the deployed form of :func:`materialize` at that point on ``val_batches``:
     the same model the artifacts are made from, so an exported point reproduces its figure."""
     val = _check_batches(val_batches, "val_batches")
+    example = _first_sample(val)
     for done, point in enumerate(front.points, start=1):
-        deployed = deployable(materialize(model, point, calibration))
+        deployed = deployable(materialize(model, point, calibration), example)
         metrics = evaluate(deployed, val, _run(deployed), front.kind)
         point.accuracy, point.val_loss, point.perplexity = metrics["accuracy"], metrics["loss"], metrics.get("perplexity")
         if progress is not None:
