@@ -136,3 +136,16 @@ def test_without_reuse_the_full_loss_is_backpropagated_before_the_sampled_pass()
     assert numbers[0] == numbers[1] + numbers[2]
     for (name, p), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
         assert torch.equal(p.grad, want.grad), name  # two contributions added in either order: bit for bit
+
+
+def test_training_macs_count_the_pairs_where_a_layer_runs_the_composed_product():
+    from maestro_lod.training.cost import PassCost
+    torch.manual_seed(0)
+    model = ml.factorize(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 64, 10)))
+    x = torch.randn(1, 1, 8, 8)
+    conv, fc = model[0], model[2]
+    assert conv.composes(64) and not fc.composes(1)  # rank 4 over 64 positions: 64·4·13 > 36·(4 + 64)
+    assert ml.count_macs(model, x) == 36 * (4 + 64) + 10 * (256 + 10)  # what runs
+    cost = PassCost.measure(model, x)
+    assert cost.forward_macs == 64 * 4 * (4 + 9) + 10 * (256 + 10)  # the pairs, as the paper counts
+    assert cost.forward_of({"0": 2}) == 64 * 2 * (4 + 9) + 10 * (256 + 10)
