@@ -328,8 +328,8 @@ def markdown(rows: list[dict[str, Any]], grid: dict[str, list[float | int]] | No
         swept = "".join(f" {key} |" for key in keys)
         extra = " params / dense | MACs / dense | final ranks |" if keys else ""
         out += [f"### {task}", "",
-                f"| method |{swept} {'val accuracy (%)' if metric == 'accuracy' else 'val perplexity'} | params | "
-                f"inference MACs |{extra} CPU latency (ms) | train time (s) | train MACs | train MACs / dense |",
+                (f"| method |{swept} {'val accuracy (%)' if metric == 'accuracy' else 'val perplexity'} | params | "
+                 f"inference MACs |{extra} CPU latency (ms) | train time (s) | train MACs | train MACs / dense |"),
                 "|---|" + "---|" * (len(keys) + 7 + (3 if keys else 0))]
         for r in task_rows:
             if metric == "accuracy":
