@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import SmallConvNet  # noqa: E402
 
 from maestro_lod.data import load_data  # noqa: E402
-from maestro_lod.training import Callback, TrainConfig, Trainer, load_checkpoint, save_checkpoint  # noqa: E402
+from maestro_lod.training import Callback, TrainConfig, Trainer, save_checkpoint  # noqa: E402
 from maestro_lod.training.distributed import DistributedError  # noqa: E402
 
 
@@ -66,13 +66,9 @@ def main(spec_path):
     if spec.get("crash_rank") == rank:
         callbacks.append(Crash(spec["crash_step"]))
     trainer = Trainer(model, data.train, data.val, TrainConfig(**spec["config"]), callbacks=callbacks)
-    if spec.get("load"):
-        trainer.load_state_dict(load_checkpoint(spec["load"]))
     try:
-        for _ in range(spec.get("epochs_now", trainer.config.epochs - trainer.epoch)):
+        for _ in range(trainer.config.epochs):
             record.on_epoch_end(trainer, trainer.train_epoch())
-            if trainer.epoch == spec.get("save_at") and trainer.distributed.is_main:
-                save_checkpoint(spec["save_to"], trainer.state_dict())
     except DistributedError as exc:
         print(f"maestro-lod: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -20,6 +20,16 @@ from maestro_lod.training.steps import MaestroStep  # noqa: E402
 LENGTH = 32
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread per test: these small models train several times faster on one thread than on
+    two cores that other work shares (bfloat16 backward passes up to 8x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def windows():
     text = pydoc_corpus()[:LENGTH * 300]
@@ -92,6 +102,33 @@ def test_gradient_accumulation_and_resume_restore_ranks(windows, tmp_path):
     with pytest.raises(CheckpointError, match="rank 10000 for layer 'transformer.h.0.mlp.c_fc'"):
         again.train(resume_from_checkpoint=str(checkpoint))
 
+    # a checkpoint of a run that left the MLP's output layer dense, resumed with every layer factorised
+    del saved["ranks"]["transformer.h.0.mlp.c_proj"]
+    saved["ranks"]["transformer.h.0.mlp.c_fc"] = 1
+    (checkpoint / MAESTRO_FILE).write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match=r"no rank for layers \['transformer.h.0.mlp.c_proj'\]"):
+        again.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_bf16_mixed_precision_trains_shrinks_logs_and_keeps_float32_factors(windows, tmp_path):
+    vocab, data = windows
+    args = arguments(tmp_path, bf16=True, max_steps=6, logging_steps=3, per_device_train_batch_size=8)
+    trainer = MaestroTrainer(gpt2(vocab), args, train_dataset=data, lambda_gl=0.1, eps_ps=0.05, shrink_every=3)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    outputs = []
+    trainer.model.lm_head.register_forward_hook(lambda layer, x, y: outputs.append(y.dtype) if layer.training else None)
+    full_rank = sum(layer.rank for _, layer in ml.low_rank_layers(trainer.model))
+    trainer.train()
+    assert len(outputs) == 12 and set(outputs) == {torch.bfloat16}  # both passes of every step under autocast
+    losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in losses] == [3, 6]  # the steps that shrink log their loss too
+    for entry in losses:
+        assert 0 < entry["loss"] < 20 and entry["maestro/penalty"] > 0
+    assert len(trainer.shrinks) == 2 and sum(ml.rank_pattern(trainer.model).values()) < full_rank
+    for name, layer in ml.low_rank_layers(trainer.model):
+        for factor in (layer.up, layer.down):
+            assert isinstance(factor, torch.nn.Parameter) and factor.dtype == torch.float32, name
+
 
 def test_one_step_equals_the_repo_maestro_step(windows, tmp_path):
     vocab, data = windows
@@ -141,6 +178,12 @@ def test_bad_input_names_the_value(windows, tmp_path):
     vocab, data = windows
     with pytest.raises(ConfigError, match="'nope'"):
         MaestroTrainer(gpt2(vocab), arguments(tmp_path), train_dataset=data, sampler="nope")
+    with pytest.raises(ConfigError, match=r"sample_fraction=0 must be a number in \(0, 1\]"):
+        MaestroTrainer(gpt2(vocab), arguments(tmp_path), train_dataset=data, sampler="fixed", sample_fraction=0)
+    with pytest.raises(ConfigError, match="sampler_seed='5' must be an int"):
+        MaestroTrainer(gpt2(vocab), arguments(tmp_path), train_dataset=data, sampler_seed="5")
+    with pytest.raises(TypeError, match="sampler_fraction"):  # a setting neither MaestroTrainer nor Trainer has
+        MaestroTrainer(gpt2(vocab), arguments(tmp_path), train_dataset=data, sampler_fraction=0.5)
     with pytest.raises(ConfigError, match="Embedding"):
         MaestroTrainer(torch.nn.Embedding(4, 4), arguments(tmp_path), train_dataset=data)
     with pytest.raises(ConfigError, match="shrink_every='weekly'"):

@@ -128,7 +128,7 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--reference", "reference", {"choices": REFERENCES,
                                   "help": "dense accuracy to compare with: stored figure, a dense run, or none"}),
 ]
-RESUME_FLAGS = set(EXECUTION_KEYS)
+RESUME_FLAGS = {key for _, key, _ in FLAGS} & set(EXECUTION_KEYS)
 """The config flags ``--resume`` accepts: those that do not change what the run computes."""
 
 
@@ -209,8 +209,27 @@ def _interrupted(claim: Claim, files: RunDirectory) -> str:
     return "interrupted before training started; nothing was written"
 
 
+def _record_launch(claim: Claim, distributed: Distributed, resumed: bool, say) -> None:
+    """Put this launch's number of processes into the run's config. A resumed run may continue on
+    another number (said, since the global batch changes with it); a new run whose options ask for
+    another number than torchrun started is refused, as ``world_size`` only records the launch."""
+    config, processes = claim.config, distributed.world_size
+    if config.world_size == processes:
+        return
+    if resumed:
+        say(f"continuing a run of {config.world_size} process(es) on {processes}: the global batch is now "
+            f"{config.batch_size * processes} (it was {config.batch_size * config.world_size})", flush=True)
+    elif config.world_size != 1:
+        raise UsageError(f"world_size={config.world_size} in the options, but {processes} process(es) were "
+                         f"started; world_size records the launch, so leave it out or start "
+                         f"{config.world_size} processes with torchrun")
+    claim.config = config.replace(world_size=processes)
+
+
 def _train(args: argparse.Namespace, claim: Claim, files: RunDirectory, distributed: Distributed) -> int:
     """Load the data, build the run (with its dense reference) and train it into the claimed directory."""
+    say = print if distributed.is_main else (lambda *a, **k: None)
+    _record_launch(claim, distributed, "resume" in args, say)
     config, out = claim.config, claim.directory
     data = load_task(config)
     reference = dense_reference(config, data, args.quiet)
@@ -221,7 +240,6 @@ def _train(args: argparse.Namespace, claim: Claim, files: RunDirectory, distribu
         files.saved_epoch = trainer.epoch
     if distributed.is_main:
         claim.prepare_files()
-    say = print if distributed.is_main else (lambda *a, **k: None)
     say(f"training {config.model} on {config.data} ({config.method}, {config.epochs} epochs) into {out}", flush=True)
     try:
         result = trainer.fit()

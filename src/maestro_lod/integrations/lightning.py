@@ -5,7 +5,8 @@ the group lasso's gradient in ``on_before_optimizer_step`` (once per optimiser s
 gradient accumulation and mixed-precision unscaling), shrinks at the end of every
 ``shrink_every``-th training epoch with every optimiser's state sliced in place, recalibrates
 BatchNorm statistics before validation and logs ranks, parameters and MACs. Checkpoints carry the
-ranks in the factors' shapes (resized before loading) and the sampler's state.
+ranks in the factors' shapes (resized before loading; a checkpoint of a module factorised in other
+layers is refused naming them) and the sampler's state.
 
 In ``training_step``, replace ``loss = loss_fn(self(x), y)`` by
 ``loss = maestro_loss(self, x, y, loss_fn)``.
@@ -28,7 +29,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
                       "pip install 'maestro-lod[lightning]'") from error
 
 from ..config import FactorizeConfig
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..layers import low_rank_layers, rank_pattern
 from ..metrics import count_macs, count_params
 from ..regularization import GroupLassoGradient
@@ -71,9 +72,12 @@ class MaestroCallback(pl.Callback):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be a finite number ≥ 0")
         for name, value in (("shrink_every", shrink_every), ("warmup_epochs", warmup_epochs),
-                            ("bn_recal_batches", bn_recal_batches)):
+                            ("bn_recal_batches", bn_recal_batches), ("seed", seed)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be an int ≥ 0")
+        if (isinstance(sample_fraction, bool) or not isinstance(sample_fraction, (int, float))
+                or not 0 < sample_fraction <= 1):
+            raise ConfigError(f"sample_fraction={sample_fraction!r} must be a number in (0, 1]")
         self.lambda_gl = float(lambda_gl)
         self.eps_ps = float(eps_ps)
         self.hierarchical = bool(hierarchical)
@@ -99,6 +103,7 @@ class MaestroCallback(pl.Callback):
                                           self.hierarchical)
         if self._hook is None:
             def resize_before_load(module, state_dict, prefix, *args):
+                check_same_factorisation(module, state_dict, prefix)
                 fit_state_dict_ranks(module, state_dict, prefix, "checkpoint")
             self._hook = pl_module.register_load_state_dict_pre_hook(resize_before_load)
 
@@ -170,6 +175,27 @@ class MaestroCallback(pl.Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+def check_same_factorisation(module: torch.nn.Module, state_dict: dict, prefix: str) -> None:
+    """Refuse, naming the layers, a checkpoint whose low-rank layers (the submodules with ``down``
+    and ``up`` factors in ``state_dict``) are not the module's: one written by a run that factorised
+    other layers. Without this, loading fails with the key lists of ``load_state_dict``."""
+    ours = {name for name, _ in low_rank_layers(module)}
+    theirs = set()
+    for key in state_dict:
+        if key.startswith(prefix) and key.endswith(".down") and f"{key[:-len('down')]}up" in state_dict:
+            name = key[len(prefix):-len(".down")]
+            try:
+                module.get_submodule(name)
+            except AttributeError:
+                continue
+            theirs.add(name)
+    if ours != theirs:
+        parts = ([f"factorised here but not in the checkpoint: {sorted(ours - theirs)}"] if ours - theirs else []) + \
+                ([f"factorised in the checkpoint but not here: {sorted(theirs - ours)}"] if theirs - ours else [])
+        raise CheckpointError(f"checkpoint was written by a run that factorised other layers ({'; '.join(parts)}); "
+                              f"give MaestroCallback the factorize=... of that run")
 
 
 def _callback(module: pl.LightningModule) -> MaestroCallback:

@@ -94,6 +94,12 @@ class MaestroTrainer(Trainer):
                 raise ConfigError(f"{name}={value!r} must be a finite number ≥ 0")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ConfigError(f"warmup_steps={warmup_steps!r} must be an int ≥ 0")
+        if (isinstance(sample_fraction, bool) or not isinstance(sample_fraction, (int, float))
+                or not 0 < sample_fraction <= 1):
+            raise ConfigError(f"sample_fraction={sample_fraction!r} must be a number in (0, 1]")
+        if sampler_seed is not None and (isinstance(sampler_seed, bool) or not isinstance(sampler_seed, int)
+                                         or sampler_seed < 0):
+            raise ConfigError(f"sampler_seed={sampler_seed!r} must be an int ≥ 0 or None")
         if not (shrink_every is None or shrink_every == "epoch"
                 or (isinstance(shrink_every, int) and not isinstance(shrink_every, bool) and shrink_every > 0)):
             raise ConfigError(f"shrink_every={shrink_every!r} must be 'epoch', a positive number of steps or None")
@@ -156,7 +162,11 @@ class MaestroTrainer(Trainer):
         changes = shrink_(self.model, self.eps_ps, self.torch_optimizer())
         self.shrinks.append(changes)
         self._macs = None
+        # Trainer's log() clears control.should_log; at a step that is also a logging step the
+        # training loss would then never be logged, so the flag is kept as it was
+        should_log = self.control.should_log
         self.log(self.cost_metrics())
+        self.control.should_log = should_log
         return changes
 
     def cost_metrics(self) -> dict[str, float]:

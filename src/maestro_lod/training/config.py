@@ -25,12 +25,15 @@ else:  # Python 3.10: the same parser, published as ``tomli``
 DEVICES = ("auto", "cpu", "cuda")
 REFERENCES = ("stored", "run", "none")
 REUSE_MODES = ("auto", "on", "off")
-EXECUTION_KEYS = ("device",)
+EXECUTION_KEYS = ("device", "world_size")
 """Options a resumed run may change: where it executes, not what it computes on one device type
-(``auto`` and the device it resolves to are the same). ``threads`` is not one: the number of threads
-changes the order of float reductions (a sum over ten million numbers differs in its last digits
-between 1 and 2 threads), and ``num_workers`` moves random augmentations from the global generator
-to per-worker ones."""
+(``auto`` and the device it resolves to are the same), and ``world_size``, the number of processes
+``torchrun`` started. A checkpoint holds no state specific to a process, so a run checkpointed by 2
+processes continues on 1 and vice versa (each process's ``batch_size`` stays, so the global batch
+changes with the processes). ``threads`` is not one: the number of threads changes the order of
+float reductions (a sum over ten million numbers differs in its last digits between 1 and 2
+threads), and ``num_workers`` moves random augmentations from the global generator to per-worker
+ones."""
 
 
 INT_LIMIT = 2**31 - 1
@@ -124,6 +127,10 @@ class TrainConfig:
             ``torch.set_num_threads`` (None leaves PyTorch's default). The default, 1 thread, is the
             fastest for small models on CPU and avoids oversubscribing a shared machine (two
             threads on two busy cores ran LeNet-5 epochs 10-30x slower); raise it for wide models.
+        world_size: the number of processes training the run (1 for a plain run): a record, which
+            ``torchrun`` decides and ``maestro-lod train`` and the run directory's ``config.json``
+            fill in, so a config.json says how its run was launched (the last launch, for a resumed
+            run). ``batch_size`` is per process: the global batch is ``batch_size × world_size``.
         optimizer, lr, momentum, nesterov, weight_decay, betas: SGD or AdamW.
         schedule, milestones, gamma, warmup_steps: LR per optimisation step. ``multistep`` multiplies
             by ``gamma`` at each milestone (fractions of the total epochs); ``cosine`` anneals to 0;
@@ -179,6 +186,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = 1
     num_workers: int = 0
+    world_size: int = 1
     optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
@@ -239,6 +247,7 @@ class TrainConfig:
         if self.threads is not None:
             _check_int("threads", self.threads, 1, THREAD_LIMIT)
         _check_int("num_workers", self.num_workers, 0, WORKER_LIMIT)
+        _check_int("world_size", self.world_size, 1)
         self._check_optimisation()
         self._check_method()
         _check_int("bn_recal_batches", self.bn_recal_batches, 0)

@@ -61,6 +61,12 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def choose_backend(device_type: str, cuda_available: bool) -> str:
+    """The process-group backend for a run on ``device_type``: ``"nccl"`` when the run uses CUDA and
+    CUDA is present (NCCL only moves GPU tensors), ``"gloo"`` otherwise (CPU tensors)."""
+    return "nccl" if device_type == "cuda" and cuda_available else "gloo"
+
+
 def timeout_from_env() -> float:
     """``MAESTRO_LOD_DIST_TIMEOUT`` (seconds) or :data:`DEFAULT_TIMEOUT_S`."""
     text = os.environ.get(TIMEOUT_ENV)
@@ -99,7 +105,7 @@ class Distributed:
     @classmethod
     def from_env(cls, device_type: str = "cpu", timeout_s: float | None = None) -> "Distributed":
         """Join (or reuse) the default process group when launched by ``torchrun``; a single-process
-        :class:`Distributed` otherwise. Backend: NCCL for CUDA devices, gloo otherwise."""
+        :class:`Distributed` otherwise. Backend: :func:`choose_backend`."""
         if not launched_by_torchrun() and not (dist.is_available() and dist.is_initialized()):
             return cls()
         timeout_s = timeout_from_env() if timeout_s is None else float(timeout_s)
@@ -107,7 +113,7 @@ class Distributed:
             raise DistributedError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
-            backend = "nccl" if device_type == "cuda" else "gloo"
+            backend = choose_backend(device_type, torch.cuda.is_available())
             if backend == "nccl":
                 torch.cuda.set_device(local_rank)
             try:

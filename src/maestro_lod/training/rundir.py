@@ -1,6 +1,7 @@
 """The files of a run's output directory, written as training goes, and the claim on the directory.
 
-``config.json`` at the start; after every epoch the checkpoint and then ``metrics.jsonl`` (one JSON
+``config.json`` at the start (the run's options, with the number of processes of this launch as
+``world_size``); after every epoch the checkpoint and then ``metrics.jsonl`` (one JSON
 object per epoch, rewritten from the checkpoint's history, so it is never ahead of it); the PNG
 plots and finally ``summary.json``, whose presence marks a finished run. ``.maestro-lod-run`` marks
 the directory as this package's (directories of older versions are recognised by their
@@ -259,7 +260,9 @@ class RunDirectory(Callback):
         if not marker.is_file():
             _writing(marker, lambda: write_json_atomic(marker, {"maestro_lod": {"version": __version__}}))
         config = self.directory / CONFIG_FILE
-        text = json_text(trainer.config.to_dict(), repr(str(config)), indent=2) + "\n"
+        # the processes of this launch, whatever the config says (a resumed run records its new launch)
+        options = {**trainer.config.to_dict(), "world_size": trainer.distributed.world_size}
+        text = json_text(options, repr(str(config)), indent=2) + "\n"
         if not config.is_file() or config.read_bytes() != text.encode():
             _writing(config, lambda: write_text_atomic(config, text))
         if trainer.history:  # resumed: the checkpoint's history is the truth
