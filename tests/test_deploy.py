@@ -199,7 +199,9 @@ def test_batchnorm_statistics_recomputed_for_the_points_that_change(digits):
     torch.manual_seed(0)
     model = ml.factorize(SmallConvNet()).eval()
     calibration = calibration_batches(digits.train, 256, 128)
+    state = torch.get_rng_state()
     front = greedy_front(model, calibration, step=0.5)
+    assert torch.equal(torch.get_rng_state(), state)  # a search mid-training leaves the run's draws alone
     trained = materialize(model, front.points[0], calibration)
     assert torch.equal(trained.bn1.running_mean, model.bn1.running_mean)  # the trained point keeps its statistics
     later = front.points[len(front.points) // 2]

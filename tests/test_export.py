@@ -83,3 +83,15 @@ def test_state_dict_round_trip_through_safetensors_across_ranks():
 def test_bad_merge_mode():
     with pytest.raises(ValueError, match="merge='sometimes'"):
         export(factorize(nn.Linear(3, 3)), merge="sometimes")
+
+
+def test_export_leaves_the_global_random_generator_alone():
+    """Exporting mid-training must not change the run's later draws (data order, dropout masks):
+    the plain layers it builds are never randomly initialised."""
+    torch.manual_seed(0)
+    model = factorize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)))
+    attention = factorize(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1))
+    for factorised, merge in ((model, "auto"), (model, "always"), (model, "never"), (attention, "auto")):
+        state = torch.get_rng_state()
+        export(factorised, merge=merge)
+        assert torch.equal(torch.get_rng_state(), state), merge

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Factorized, follow_requires_grad
+from .base import Factorized, follow_requires_grad, plain_layer
 from .linear import LowRankLinear
 from .weight import ComputedWeight
 
@@ -164,7 +164,7 @@ class LowRankMultiheadAttention(Factorized, nn.MultiheadAttention):
         """A dense ``nn.MultiheadAttention`` with the same outputs, whatever ``merge`` says: PyTorch's
         attention reads its packed projection weights directly, so they cannot be split in two."""
         param = self.out_proj.up
-        dense = nn.MultiheadAttention(self.embed_dim, self.num_heads, self.dropout, bias=self.in_proj_bias is not None,
+        dense = plain_layer(nn.MultiheadAttention, self.embed_dim, self.num_heads, self.dropout, bias=self.in_proj_bias is not None,
                                       add_bias_kv=self.bias_k is not None, add_zero_attn=self.add_zero_attn,
                                       kdim=self.kdim, vdim=self.vdim, batch_first=self.batch_first,
                                       device=param.device, dtype=param.dtype)

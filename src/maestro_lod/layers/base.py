@@ -4,8 +4,6 @@ importance, physical truncation)."""
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
@@ -73,11 +71,11 @@ def composing_is_cheaper(positions: int, rank: int, out_per_group: int, in_per_g
 
 
 def plain_layer(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
-    """``cls(*args, **kwargs)`` whose parameters are about to be replaced: PyTorch's warning that
-    initialising a zero-width weight (rank 0) does nothing is silenced, as nothing is initialised."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
-        return cls(*args, **kwargs)
+    """``cls(*args, **kwargs)`` with uninitialised parameters, for a caller that overwrites every
+    one of them. Skipping the initialisation keeps export from drawing on the global random
+    generator (which would change a training run's data order or dropout masks after an export)
+    and from spending time on initialising weights that are thrown away."""
+    return torch.nn.utils.skip_init(cls, *args, **kwargs)
 
 
 class LowRankLayer(Factorized, nn.Module):

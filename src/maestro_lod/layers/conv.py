@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..functional import random_split, svd_split
-from .base import LowRankLayer, follow_requires_grad
+from .base import LowRankLayer, follow_requires_grad, plain_layer
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -132,15 +132,15 @@ class LowRankConv(LowRankLayer):
         common = dict(device=up.device, dtype=up.dtype)
         bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
         if merge or up.shape[-1] == 0:
-            dense = conv_cls(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            dense = plain_layer(conv_cls, self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                              self.dilation, self.groups, bias is not None, self.padding_mode, **common)
             dense.weight = nn.Parameter(self.dense_weight().detach().clone())
             dense.bias = bias
             return dense
         width = self.groups * up.shape[-1]
-        first = conv_cls(self.in_channels, width, self.kernel_size, self.stride, self.padding, self.dilation,
+        first = plain_layer(conv_cls, self.in_channels, width, self.kernel_size, self.stride, self.padding, self.dilation,
                          self.groups, False, self.padding_mode, **common)
-        second = conv_cls(width, self.out_channels, 1, 1, 0, 1, self.groups, bias is not None, **common)
+        second = plain_layer(conv_cls, width, self.out_channels, 1, 1, 0, 1, self.groups, bias is not None, **common)
         first.weight = nn.Parameter(self._spatial_weight(down).contiguous())
         second.weight = nn.Parameter(self._pointwise_weight(up).contiguous())
         second.bias = bias

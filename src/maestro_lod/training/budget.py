@@ -116,8 +116,7 @@ def greedy_cut(trainer: "Trainer", kind: str, target: float) -> dict[str, int]:
     sample = calibration_batches(trainer.train_data, CUT_CALIBRATION, seed=trainer.config.seed)
     batches = [(tuple(x.to(device) for x in inputs) if isinstance(inputs, (tuple, list)) else inputs.to(device),
                 targets.to(device)) for inputs, targets in sample]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the search draws from it
-        front = greedy_front(trainer.model, batches, cost=kind, step=CUT_STEP, kind=trainer.kind)
+    front = greedy_front(trainer.model, batches, cost=kind, step=CUT_STEP, kind=trainer.kind)
     dense = trainer.dense_params if kind == "params" else trainer.dense_macs
     feasible = [p for p in front.points if getattr(p, kind) <= target * dense * (1 + 1e-9)]
     point = min(feasible, key=lambda p: p.index) if feasible else front.points[-1]
