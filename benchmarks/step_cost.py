@@ -129,6 +129,7 @@ def maestro_step(model, task: str, inputs, targets) -> Callable[[], None]:
 
 
 def dense_step(model, inputs, targets) -> Callable[[], None]:
+    """One dense training step as the trainer runs it, without the optimiser update."""
     step = DenseStep(model, contextlib.nullcontext)
 
     def run() -> None:
@@ -138,12 +139,14 @@ def dense_step(model, inputs, targets) -> Callable[[], None]:
 
 
 def rows_of(lead: str, case: str, times: dict[str, float]) -> list[dict]:
+    """Table rows of one case, each variant's time also as a ratio to the first variant's."""
     first = next(iter(times.values()))
     return [{"lead": lead, "case": case, "variant": name, "ms": 1000 * t, "vs_first": t / first}
             for name, t in times.items()]
 
 
 def measure_compose(repeats: int) -> list[dict]:
+    """Dense, pairs forced and the layers' own choice, for a training pass and a whole step."""
     rows = []
     for task in TASKS:
         model, inputs, targets = batch(task)
@@ -170,6 +173,7 @@ def indexed_soft_loss(logits, teacher_logits, targets):
 
 
 def measure_soft_loss(repeats: int) -> list[dict]:
+    """Indexed against masked-by-``torch.where`` distillation loss, forward and backward."""
     rows = []
     for positions, classes in ((2048, 103), (512, 32000)):
         generator = torch.Generator().manual_seed(0)
@@ -227,6 +231,7 @@ def summed_backward_step(model, sampler, inputs, targets) -> None:
 
 
 def measure_backward_order(repeats: int) -> list[dict]:
+    """Time and peak saved bytes of one backward of the sum against the full loss first."""
     model, inputs, targets = batch("char-lm")
     summed = ml.factorize(model)
     first = copy.deepcopy(summed)
@@ -249,6 +254,7 @@ def measure_backward_order(repeats: int) -> list[dict]:
 
 
 def measure_sampler(repeats: int) -> list[dict]:
+    """The sampled-rank scope walking the model against given the layers, and the draw alone."""
     torch.manual_seed(0)
     model = ml.factorize(build_model("transformer", load_data("reverse"), size="base"))
     layers = list(ml.low_rank_layers(model))
@@ -288,6 +294,7 @@ def per_factor_group_lasso(factors, weight: float) -> None:
 
 
 def measure_group_lasso(repeats: int) -> list[dict]:
+    """The per-factor group-lasso gradient against ``GroupLassoGradient.add_to_grads_``."""
     torch.manual_seed(0)
     model = ml.factorize(build_model("transformer", load_data("reverse"), size="base"))
     layers = [layer for _, layer in ml.low_rank_layers(model)]
@@ -300,6 +307,7 @@ def measure_group_lasso(repeats: int) -> list[dict]:
 
 
 def measure_slices(repeats: int) -> list[dict]:
+    """A layer at a sampled rank with its factors as views against contiguous copies."""
     rows = []
     cases = (("cnn4 conv4 at rank 64 of 128", nn.Conv2d(128, 128, 3, padding=1), (64, 128, 7, 7), 64),
              ("char-LM linear1 at rank 32 of 64", nn.Linear(64, 256), (32, 64, 64), 32))
