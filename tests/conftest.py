@@ -79,3 +79,13 @@ def resume_matches_uninterrupted(make_trainer, checkpoint, after_epochs: int = 2
     strip = [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in full.history]
     assert [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in resumed.history] == strip
     return full, resumed
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: small models train several times faster on one thread
+    than on two cores that other work shares (bfloat16 backward passes up to 8x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,14 +18,7 @@ from maestro_lod.regularization import GroupLassoGradient  # noqa: E402
 from maestro_lod.training.steps import MaestroStep  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread per test: these small models train several times faster on one thread than on
-    two cores that other work shares (bfloat16 backward passes up to 8x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # these small models train fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -155,7 +155,14 @@ def _positions(model: nn.Module, inputs: tuple, layers: dict[str, LowRankLayer])
             counts[name] += output.numel() // module.weight_shape[0]
         return hook
 
-    handles = [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
+    _observed_forward(model, inputs, [layer.register_forward_hook(record(name)) for name, layer in layers.items()])
+    return counts
+
+
+def _observed_forward(model: nn.Module, inputs: tuple, handles: list) -> None:
+    """One eval-mode forward of ``model`` for the hooks behind ``handles``, removed afterwards. The
+    attention fast path is off meanwhile so that every factorised layer runs as a module call (the
+    fused path reads their weights instead); the training flag and the fast-path switch are restored."""
     was_training, fast_path = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
@@ -166,7 +173,6 @@ def _positions(model: nn.Module, inputs: tuple, layers: dict[str, LowRankLayer])
             handle.remove()
         model.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fast_path)
-    return counts
 
 
 def structural_costs(model: nn.Module, example_inputs: Any, visits: dict[str, list[int]],
@@ -290,16 +296,9 @@ def measure_latency(model: nn.Module, example_inputs: Any, visits: dict[str, lis
     layers = {name: layer for name, layer in low_rank_layers(model) if name not in dense_layers}
     visits = {name: ranks for name, ranks in visits.items() if name in layers}
     captured: dict[str, torch.Tensor] = {}
-    handles = [layer.register_forward_pre_hook(lambda _m, args, name=name: captured.setdefault(name, args[0]))
-               for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        forward(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    _observed_forward(model, inputs, [
+        layer.register_forward_pre_hook(lambda _m, args, name=name: captured.setdefault(name, args[0]))
+        for name, layer in layers.items()])
     merges = _merge_ranks(model, visits, kept)
     table: dict[str, dict[int, float]] = {}
     for name, ranks in visits.items():
