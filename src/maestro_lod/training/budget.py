@@ -60,7 +60,7 @@ removes up to 10 of fc1's ranks, 0.12 of the dense model's parameters, at once).
 CUT_CALIBRATION = 512
 """Training samples the cut scores removals on. The search walks every layer down to its minimum
 rank, so its cost grows with this: on LeNet-5 at ranks 6/16/34/28/10 it took 22 s with 512
-samples and 91 s with the deploy default of 2,048 (one loaded CPU thread; docs/results/cut_time.py),
+samples and 91 s with the deploy default of 2,048 (one loaded CPU thread; benchmarks/cut_time.py),
 against 5–10 s per training epoch; a cut of a few percent of the cost does not need the finer ranking."""
 
 

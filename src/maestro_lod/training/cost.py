@@ -14,10 +14,10 @@ positions costs ``P·r·(m + n)`` MACs at rank ``r``, linear in the rank, so low
 rank ``R_l`` to ``r_l`` saves ``P_l·(m_l + n_l)·(R_l − r_l)``. That is the factor pair's cost, the
 paper's accounting, also where the layer's forward runs the equal and cheaper composed product
 instead (:meth:`~maestro_lod.layers.LowRankLayer.composes`): the count describes the method, not
-the kernels chosen. :class:`PassCost` measures the whole model once (``count_macs``, which counts
-what runs; the composed layers are converted back to their pairs' cost) and each factorised layer's
-``P_l·(m_l + n_l)`` once (one forward with hooks), whenever the ranks may have changed (once per
-epoch).
+the kernels chosen. :class:`PassCost` measures the whole model once (``count_macs`` with every
+layer running its pair: :attr:`~maestro_lod.layers.LowRankLayer.may_compose` is off meanwhile) and
+each factorised layer's ``P_l·(m_l + n_l)`` once (one forward with hooks), whenever the ranks may
+have changed (once per epoch).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from ..inject import low_rank_layers
-from ..layers.base import composing_is_cheaper
 from ..metrics import count_macs
 from .steps import forward
 
@@ -64,15 +63,19 @@ class PassCost:
             for handle in handles:
                 handle.remove()
             model.train(was_training)
-        per_rank, composed_excess = {}, 0
+        per_rank = {}
         for name, layer in layers.items():
-            m, n, groups = layer.dense_shape()
-            count = positions.get(name, 0)
-            per_rank[name] = count * (m + n)
-            if composing_is_cheaper(count, layer.rank, m // groups, n // groups):
-                composed_excess += m * n // groups * (layer.rank + count) - per_rank[name] * layer.rank
-        return cls(count_macs(model, example_inputs) - composed_excess, per_rank,
-                   {name: layer.rank for name, layer in layers.items()})
+            m, n, _ = layer.dense_shape()
+            per_rank[name] = positions.get(name, 0) * (m + n)
+        allowed = {name: layer.may_compose for name, layer in layers.items()}
+        for layer in layers.values():  # count the pairs, the paper's accounting
+            layer.may_compose = False
+        try:
+            forward_macs = count_macs(model, example_inputs)
+        finally:
+            for name, layer in layers.items():
+                layer.may_compose = allowed[name]
+        return cls(forward_macs, per_rank, {name: layer.rank for name, layer in layers.items()})
 
     def forward_of(self, lowered: dict[str, int]) -> int:
         """Per-example forward MACs with the layers in ``lowered`` at the given ranks."""

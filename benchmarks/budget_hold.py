@@ -1,6 +1,6 @@
 """A targeted run with another holding weight: the measurement behind ``budget.HOLD_LAMBDA``.
 
-``python docs/results/budget_hold.py --target params=0.5 --hold 1e-3 --seed 0 --out FILE.json`` trains
+``python benchmarks/budget_hold.py --target params=0.5 --hold 1e-3 --seed 0 --out FILE.json`` trains
 the default recipe (LeNet-5 / mnist5k, the ``lenet5-mnist5k`` preset) with ``--target`` exactly as
 ``maestro-lod train --target ... --reference none`` does, except that once the target is met λ_gl
 becomes ``--hold`` instead of :data:`maestro_lod.training.budget.HOLD_LAMBDA`. It writes one JSON

@@ -1,7 +1,7 @@
 """Seconds the greedy cut of a targeted run takes, by calibration size: the measurement behind
 ``budget.CUT_CALIBRATION``.
 
-``python docs/results/cut_time.py RUN_DIR`` loads the final checkpoint of a ``maestro-lod train``
+``python benchmarks/cut_time.py RUN_DIR`` loads the final checkpoint of a ``maestro-lod train``
 run directory and times :func:`maestro_lod.deploy.greedy_front` from its ranks with the cut's step
 (``budget.CUT_STEP``) on 512 and 2,048 training samples, on one thread. It prints one line per
 size: samples, points of the front, seconds, and the first points' exported parameters as a share
