@@ -4,6 +4,7 @@ written, finished cells are not recomputed, the suite's configs round-trip throu
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -79,12 +80,33 @@ def test_sweep_trains_every_grid_point_as_a_resumable_cell(tmp_path, capsys):
     assert capsys.readouterr().out.count("(done)") == 4
 
 
+def test_a_sweep_of_size_targets_trains_one_targeted_run_per_target(tmp_path, capsys):
+    out = tmp_path / "targets"
+    argv = ["bench", "--tasks", "mlp-digits", "--epochs", "3", "--out", str(out), "--repeats", "2",
+            "--methods", "dense,maestro", "--sweep", "target=params=0.50,params=0.3"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["sweep"] == {"target": ["params=0.5", "params=0.3"]}  # canonical spelling
+    cells = {(c["method"], c["point"].get("target")): c for c in results["cells"]}
+    assert set(cells) == {("dense", None), ("maestro", "params=0.5"), ("maestro", "params=0.3")}
+    for fraction in (0.5, 0.3):
+        cell = cells[("maestro", f"params={fraction}")]
+        assert Path(cell["directory"]).parent.name == f"target=params={fraction}"
+        summary = json.loads((Path(cell["directory"]) / "summary.json").read_text())
+        assert summary["target"] == f"params={fraction}"
+        assert cell["params"] / cell["dense_params"] <= fraction + 1e-9  # the exported model meets its target
+    table = (out / "results.md").read_text()
+    assert "| target |" in table and "| maestro | params=0.3 |" in table and "| dense | — |" in table
+    assert (out / "sweep.png").stat().st_size > 1000
+
+
 @pytest.mark.parametrize("sweep, message", [
     (["lr=0.1"], "unknown key 'lr'"), (["lambda_gl"], "unknown key 'lambda_gl'"),
     (["lambda_gl=1e-3,abc"], "'abc' is not a number"), (["lambda_gl=-1e-3"], "lambda_gl=-1e-3 must be >= 0"),
     (["eps_ps=nan"], "'nan' is not a finite number"), (["epochs=2.5"], "'2.5' is not an int"),
     (["epochs=0"], "must be at least 1"), (["lambda_gl=1e-3,0.001"], "listed twice"), (["eps_ps="], "no values"),
-    (["eps_ps=1e-3", "eps_ps=1e-2"], "swept twice"),
+    (["eps_ps=1e-3", "eps_ps=1e-2"], "swept twice"), (["target=flops=0.3"], "unknown cost 'flops'"),
+    (["target=macs=1.5"], r"must be in \(0, 1\]"), (["target=macs=0.5,macs=0.50"], "target=macs=0.50 is listed twice"),
 ])
 def test_bad_sweeps_are_refused_in_one_line(sweep, message, tmp_path, capsys):
     with pytest.raises(UsageError, match=message):

@@ -24,7 +24,8 @@ Suites:
 ``--tasks`` and ``--seeds`` select cells.
 
 Sensitivity sweeps: ``--sweep lambda_gl=1e-4,1e-3 --sweep eps_ps=1e-4,1e-3`` trains every point of
-the cartesian product of the given values (``epochs=...`` may be swept too). A grid point is one
+the cartesian product of the given values (``epochs=...`` may be swept too, and size targets:
+``--sweep target=macs=0.5,macs=0.3`` trains one targeted MAESTRO run per target). A grid point is one
 more level of the cell directory, ``OUT/<task>/<method>/lambda_gl=0.0001,eps_ps=0.001/seed<k>``, so
 each point is an ordinary resumable run. The MAESTRO options (``lambda_gl``, ``eps_ps``) vary only
 in cells of a MAESTRO method whose variant does not fix them (``maestro-no-gl`` keeps λ = 0); the
@@ -49,12 +50,13 @@ from typing import Any
 import torch
 
 from ..data import load_data
-from ..errors import UsageError
+from ..errors import ConfigError, UsageError
 from ..export import export
 from ..files import write_json_atomic, write_png_atomic, write_text_atomic
 from ..metrics import count_macs, count_params
 from ..models import build_model
 from ..training.checkpoint import load_checkpoint
+from ..training.budget import parse_target
 from ..training.config import TrainConfig
 from ..training.loop import Trainer
 from ..training.methods import METHODS, MaestroMethod
@@ -112,6 +114,7 @@ SUITES: dict[str, Suite] = {
 SWEEP_KEYS: dict[str, tuple[type, str]] = {
     "lambda_gl": (float, "maestro"),
     "eps_ps": (float, "maestro"),
+    "target": (str, "maestro"),
     "epochs": (int, "every"),
 }
 """Options ``--sweep`` can vary → (value type, which cells it varies in: MAESTRO cells only, or every cell)."""
@@ -119,11 +122,12 @@ SWEEP_METHODS = ("dense", "maestro")
 """The methods of a sweep without ``--methods``: the dense reference once, MAESTRO at every point."""
 
 
-def parse_sweep(items: list[str]) -> dict[str, list[float | int]]:
+def parse_sweep(items: list[str]) -> dict[str, list[float | int | str]]:
     """``["lambda_gl=1e-3,1e-2", "eps_ps=1e-4"]`` → ``{"lambda_gl": [0.001, 0.01], "eps_ps": [0.0001]}``
-    (keys in the order given). An unknown or repeated key, a value that is not a number of the key's
-    type, a negative λ or ε, a repeated value or epochs < 1 is a one-line :class:`UsageError`."""
-    grid: dict[str, list[float | int]] = {}
+    (keys in the order given); ``"target=macs=0.5,macs=0.3"`` → ``{"target": ["macs=0.5", "macs=0.3"]}``.
+    An unknown or repeated key, a value that is not a number of the key's type or not a size target,
+    a negative λ or ε, a repeated value or epochs < 1 is a one-line :class:`UsageError`."""
+    grid: dict[str, list[float | int | str]] = {}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -135,6 +139,9 @@ def parse_sweep(items: list[str]) -> dict[str, list[float | int]]:
         kind = SWEEP_KEYS[key][0]
         values = []
         for part in _list(text):
+            if kind is str:
+                values.append(_target_value(item, part, values))
+                continue
             try:
                 value = kind(part)
             except ValueError:
@@ -150,6 +157,23 @@ def parse_sweep(items: list[str]) -> dict[str, list[float | int]]:
             raise UsageError(f"--sweep {item!r}: no values; give {key}=V1,V2,...")
         grid[key] = values
     return grid
+
+
+def _target_value(item: str, part: str, values: list) -> str:
+    """One swept size target in its canonical spelling (``"macs=0.50"`` → ``"macs=0.5"``)."""
+    try:
+        cost, fraction = parse_target(part)
+    except ConfigError as error:
+        raise UsageError(f"--sweep {item!r}: {error}") from None
+    value = f"{cost}={fraction:g}"
+    if value in values:
+        raise UsageError(f"--sweep {item!r}: target={part} is listed twice")
+    return value
+
+
+def _axis_value(value: float | int | str) -> float:
+    """A swept value as a number on a plot's axis (a size target by its fraction)."""
+    return float(value.partition("=")[2]) if isinstance(value, str) else float(value)
 
 
 def grid_points(grid: dict[str, list[float | int]]) -> list[dict[str, float | int]]:
@@ -168,7 +192,7 @@ def applicable(point: dict[str, float | int], method: str) -> dict[str, float | 
 
 def point_label(point: dict[str, float | int]) -> str:
     """``{"lambda_gl": 0.001, "eps_ps": 0.0001}`` → ``"lambda_gl=0.001,eps_ps=0.0001"`` (a directory name)."""
-    return ",".join(f"{key}={value!r}" for key, value in point.items())
+    return ",".join(f"{key}={value if isinstance(value, str) else repr(value)}" for key, value in point.items())
 
 
 @dataclass
@@ -316,6 +340,10 @@ def aggregate(results: list[dict[str, Any]], tasks: list[Task]) -> list[dict[str
     return rows
 
 
+def _shown(value: float | int | str) -> str:
+    return value if isinstance(value, str) else f"{value:g}"
+
+
 def markdown(rows: list[dict[str, Any]], grid: dict[str, list[float | int]] | None = None) -> str:
     """The aggregate rows as a Markdown table per task; with a sweep ``grid``, a column per swept key
     ("—" where the key does not apply to the method), the exported cost against dense and the ranks."""
@@ -337,7 +365,7 @@ def markdown(rows: list[dict[str, Any]], grid: dict[str, list[float | int]] | No
             else:
                 score = f"{r['perplexity']:.3f} ± {r['perplexity_std']:.3f}"
             ratio = f"{r['train_macs'] / dense['train_macs']:.2f}" if dense else "—"
-            values = "".join(f" {r['point'][key]:g} |" if key in r["point"] else " — |" for key in keys)
+            values = "".join(f" {_shown(r['point'][key])} |" if key in r["point"] else " — |" for key in keys)
             costs = (f" {r['params_ratio']:.3f} | {r['macs_ratio']:.3f} | {'; '.join(r['ranks'])} |"
                      if keys else "")
             out.append(f"| {r['method']} |{values} {score} | {r['params']:,.0f} | {r['macs']:,.0f} |{costs} "
@@ -380,7 +408,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
 def plot_sweep(rows: list[dict[str, Any]], grid: dict[str, list[float | int]], out: Path) -> None:
     """sweep.png, one row of two panels per task: the score, and the exported parameters (solid) and
-    MACs (dashed) as shares of the dense model's, against λ (or the first swept key), one line per
+    MACs (dashed) as shares of the dense model's, against λ (or the first swept key; a size target
+    by its fraction), one line per
     method and value of the other swept keys. The dense model is a horizontal line in both panels."""
     x_key = "lambda_gl" if "lambda_gl" in grid else next(iter(grid))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
@@ -396,8 +425,8 @@ def plot_sweep(rows: list[dict[str, Any]], grid: dict[str, list[float | int]], o
                 rest = {k: v for k, v in r["point"].items() if k != x_key}
                 series.setdefault(r["method"] + (f", {point_label(rest)}" if rest else ""), []).append(r)
         for label, points in series.items():
-            points.sort(key=lambda r: r["point"][x_key])
-            xs = [r["point"][x_key] for r in points]
+            points.sort(key=lambda r: _axis_value(r["point"][x_key]))
+            xs = [_axis_value(r["point"][x_key]) for r in points]
             line, = accuracy.plot(xs, [score(r) for r in points], "o-", label=label)
             cost.plot(xs, [r["params_ratio"] for r in points], "o-", color=line.get_color(), label=f"{label}: params")
             cost.plot(xs, [r["macs_ratio"] for r in points], "s--", color=line.get_color(), label=f"{label}: MACs")
@@ -406,12 +435,12 @@ def plot_sweep(rows: list[dict[str, Any]], grid: dict[str, list[float | int]], o
             accuracy.axhline(score(dense), color="black", linestyle=":", label="dense")
         cost.axhline(1.0, color="black", linestyle=":", label="dense")
         for axes in (accuracy, cost):
-            positive = [v for v in grid[x_key] if v > 0]
+            positive = [v for v in map(_axis_value, grid[x_key]) if v > 0]
             if positive and len(positive) < len(grid[x_key]):
                 axes.set_xscale("symlog", linthresh=min(positive))
             elif positive and max(positive) / min(positive) > 10:
                 axes.set_xscale("log")
-            axes.set_xlabel(x_key)
+            axes.set_xlabel(f"{x_key} (fraction of the dense cost)" if x_key == "target" else x_key)
             axes.grid(alpha=0.3)
             axes.legend(fontsize=6)
         accuracy.set_ylabel("val accuracy (%)" if metric == "accuracy" else "val perplexity")
