@@ -192,8 +192,8 @@ class MaestroMethod(TrainingMethod):
         config, controller, model = trainer.config, self.controller, trainer.model
         dense = trainer.dense_params if controller.kind == "params" else trainer.dense_macs
         measure = lambda: budget.exported_cost(model, controller.kind, dense, trainer.example_inputs)  # noqa: E731
-        if controller.start is None:  # the cost at factorisation: where the planned trajectory begins
-            controller.start = budget.trained_cost(model, controller.kind, dense, trainer.example_inputs)
+        if controller.start is None:
+            controller.start = measure()  # the cost at factorisation: where the planned trajectory begins
         factorised_epoch = epoch - config.warmup_epochs
         closed = 0.0
         if not controller.met:
@@ -208,13 +208,12 @@ class MaestroMethod(TrainingMethod):
                 truncate_(model, budget.greedy_cut(trainer, controller.kind, controller.target), trainer.optimizer)
                 closed = before - measure()
         achieved = measure()
-        trained = budget.trained_cost(model, controller.kind, dense, trainer.example_inputs)
         planned = controller.planned(factorised_epoch)
         used = controller.lam
-        if self._penalty is not None:  # the optimiser is untouched
-            self._penalty.weight = controller.update(factorised_epoch, trained, achieved)
-        self._epoch_numbers = {"lambda_gl": used, "exported_cost": achieved, "trained_cost": trained,
-                               "planned_cost": planned, "target_met": controller.met, "gap_closed": closed}
+        if self._penalty is not None:
+            self._penalty.weight = controller.update(factorised_epoch, achieved)  # the optimiser is untouched
+        self._epoch_numbers = {"lambda_gl": used, "exported_cost": achieved, "planned_cost": planned,
+                               "target_met": controller.met, "gap_closed": closed}
 
     def epoch_extra(self, trainer: "Trainer") -> dict[str, Any]:
         if self.controller is None:

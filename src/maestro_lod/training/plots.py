@@ -73,8 +73,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
 def plot_cost(history: list[dict[str, Any]], dense_params: int, dense_macs: int, path: Path) -> None:
     """Parameters and MACs per epoch against the dense model's (dashed); for a run with a size
-    target, a third panel: the trained cost the controller steers on against the planned
-    trajectory, the exported cost, and the target."""
+    target, a third panel: the exported cost against the planned trajectory and the target."""
     epochs = [r["epoch"] for r in history]
     targeted = [r for r in history if "planned_cost" in r]
     figure = Figure(figsize=(13 if targeted else 9, 4))
@@ -90,14 +89,12 @@ def plot_cost(history: list[dict[str, Any]], dense_params: int, dense_macs: int,
     if targeted:
         axes = panels[2]
         shown = [r["epoch"] for r in targeted]
-        if all("trained_cost" in r for r in targeted):
-            axes.plot(shown, [r["trained_cost"] for r in targeted], marker=".", label="trained model (steered)")
         axes.plot(shown, [r["exported_cost"] for r in targeted], marker=".", label="exported model")
         axes.plot(shown, [r["planned_cost"] for r in targeted], linestyle=":", label="planned")
         axes.axhline(targeted[-1]["target_cost"], color="tab:red", linestyle="--", label="target")
         axes.set_xlabel("epoch")
-        axes.set_ylabel("cost / dense")
-        axes.set_ylim(bottom=0)
+        axes.set_ylabel("exported cost / dense")
+        axes.set_ylim(0, 1.05)
         axes.legend(fontsize="small")
     _save(figure, path)
 
