@@ -409,8 +409,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 def plot_sweep(rows: list[dict[str, Any]], grid: dict[str, list[float | int]], out: Path) -> None:
     """sweep.png, one row of two panels per task: the score, and the exported parameters (solid) and
     MACs (dashed) as shares of the dense model's, against λ (or the first swept key; a size target
-    by its fraction), one line per
-    method and value of the other swept keys. The dense model is a horizontal line in both panels."""
+    by its fraction), one line per method and value of the other swept keys. The dense model is a
+    horizontal line in both panels."""
     x_key = "lambda_gl" if "lambda_gl" in grid else next(iter(grid))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     figure = _figure(2, len(tasks))
