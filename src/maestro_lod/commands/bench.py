@@ -139,17 +139,7 @@ def parse_sweep(items: list[str]) -> dict[str, list[float | int | str]]:
         kind = SWEEP_KEYS[key][0]
         values = []
         for part in _list(text):
-            if kind is str:
-                values.append(_target_value(item, part, values))
-                continue
-            try:
-                value = kind(part)
-            except ValueError:
-                raise UsageError(f"--sweep {item!r}: {part!r} is not {'an int' if kind is int else 'a number'}") from None
-            if kind is float and not math.isfinite(value):
-                raise UsageError(f"--sweep {item!r}: {part!r} is not a finite number")
-            if value < (1 if kind is int else 0):
-                raise UsageError(f"--sweep {item!r}: {key}={part} must be {'at least 1' if kind is int else '>= 0'}")
+            value = _target_value(item, part) if kind is str else _number_value(item, key, kind, part)
             if value in values:
                 raise UsageError(f"--sweep {item!r}: {key}={part} is listed twice")
             values.append(value)
@@ -159,21 +149,31 @@ def parse_sweep(items: list[str]) -> dict[str, list[float | int | str]]:
     return grid
 
 
-def _target_value(item: str, part: str, values: list) -> str:
+def _number_value(item: str, key: str, kind: type, part: str) -> float | int:
+    """One swept number: an int of at least 1 (epochs) or a finite float of at least 0 (λ, ε)."""
+    try:
+        value = kind(part)
+    except ValueError:
+        raise UsageError(f"--sweep {item!r}: {part!r} is not {'an int' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise UsageError(f"--sweep {item!r}: {part!r} is not a finite number")
+    if value < (1 if kind is int else 0):
+        raise UsageError(f"--sweep {item!r}: {key}={part} must be {'at least 1' if kind is int else '>= 0'}")
+    return value
+
+
+def _target_value(item: str, part: str) -> str:
     """One swept size target in its canonical spelling (``"macs=0.50"`` → ``"macs=0.5"``)."""
     try:
         cost, fraction = parse_target(part)
     except ConfigError as error:
         raise UsageError(f"--sweep {item!r}: {error}") from None
-    value = f"{cost}={fraction:g}"
-    if value in values:
-        raise UsageError(f"--sweep {item!r}: target={part} is listed twice")
-    return value
+    return f"{cost}={fraction:g}"
 
 
 def _axis_value(value: float | int | str) -> float:
     """A swept value as a number on a plot's axis (a size target by its fraction)."""
-    return float(value.partition("=")[2]) if isinstance(value, str) else float(value)
+    return parse_target(value)[1] if isinstance(value, str) else float(value)
 
 
 def grid_points(grid: dict[str, list[float | int]]) -> list[dict[str, float | int]]:
@@ -190,7 +190,7 @@ def applicable(point: dict[str, float | int], method: str) -> dict[str, float | 
             if SWEEP_KEYS[key][1] == "every" or (maestro and key not in overrides)}
 
 
-def point_label(point: dict[str, float | int]) -> str:
+def point_label(point: dict[str, float | int | str]) -> str:
     """``{"lambda_gl": 0.001, "eps_ps": 0.0001}`` → ``"lambda_gl=0.001,eps_ps=0.0001"`` (a directory name)."""
     return ",".join(f"{key}={value if isinstance(value, str) else repr(value)}" for key, value in point.items())
 
