@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from maestro_lod.commands.runs import build_trainer, load_task
+from maestro_lod.runs.loading import build_trainer, load_task
 from maestro_lod.errors import UsageError
 from maestro_lod.files import write_json_atomic
 from maestro_lod.training import TrainConfig

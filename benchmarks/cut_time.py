@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from maestro_lod.commands.runs import build_trainer, load_task
+from maestro_lod.runs.loading import build_trainer, load_task
 from maestro_lod.deploy import calibration_batches, greedy_front
 from maestro_lod.errors import UsageError
 from maestro_lod.training import TrainConfig

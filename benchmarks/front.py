@@ -24,14 +24,15 @@ from maestro_lod import rank_pattern
 from maestro_lod.data import load_data
 from maestro_lod.deploy import (calibration_batches, deployable, evaluate_front, greedy_front, materialize,
                                 measure_latency, visited_ranks)
-from maestro_lod.deploy.costs import layer_floor
+from maestro_lod.engine.costs import layer_floor
 from maestro_lod.files import write_json_atomic
 from maestro_lod.layers import low_rank_layers
-from maestro_lod.metrics import count_macs
+from maestro_lod.engine.counting import count_macs
 from maestro_lod.models import build_model
 from maestro_lod.tables import format_table
-from maestro_lod.training import TrainConfig, fit, preset
-from maestro_lod.training.evaluation import evaluate
+from maestro_lod.training import TrainConfig, fit
+from maestro_lod.runs.presets import preset
+from maestro_lod.engine.evaluation import evaluate
 from maestro_lod.training.rng import seed_everything
 
 TIME_LIMIT_S = 60.0

@@ -39,14 +39,15 @@ import torch
 import maestro_lod as ml
 from maestro_lod.data import load_data
 from maestro_lod.deploy import calibration_batches, deployable, evaluate_front, greedy_front, materialize
-from maestro_lod.deploy.costs import layer_floor
+from maestro_lod.engine.costs import layer_floor
 from maestro_lod.files import write_json_atomic
 from maestro_lod.layers import low_rank_layers
-from maestro_lod.metrics import count_macs, count_params
+from maestro_lod.engine.counting import count_macs, count_params
 from maestro_lod.models import build_model
 from maestro_lod.tables import format_table
-from maestro_lod.training import TrainConfig, fit, preset
-from maestro_lod.training.evaluation import evaluate
+from maestro_lod.training import TrainConfig, fit
+from maestro_lod.runs.presets import preset
+from maestro_lod.engine.evaluation import evaluate
 from maestro_lod.training.rng import seed_everything
 
 UNIFORM = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05)

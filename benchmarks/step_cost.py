@@ -60,8 +60,9 @@ from maestro_lod.files import write_json_atomic
 from maestro_lod.models import build_model
 from maestro_lod.regularization import GroupLassoGradient
 from maestro_lod.tables import format_table
-from maestro_lod.training.reuse import PrefixReuse, prefix_reuse_supported
-from maestro_lod.training.steps import DenseStep, MaestroStep, hard_loss, soft_loss
+from maestro_lod.engine.reuse import PrefixReuse, prefix_reuse_supported
+from maestro_lod.training.steps import DenseStep, MaestroStep
+from maestro_lod.engine.passes import hard_loss, soft_loss
 
 TASKS = {"cnn4": ("mnist5k", 64), "char-lm": ("pydoc-text", 32)}
 

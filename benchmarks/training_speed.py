@@ -46,7 +46,7 @@ from maestro_lod.files import write_json_atomic
 from maestro_lod.models import build_model
 from maestro_lod.tables import format_table
 from maestro_lod.training import TrainConfig, Trainer
-from maestro_lod.training.presets import preset
+from maestro_lod.runs.presets import preset
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from torch.utils.data import Subset, TensorDataset
 import maestro_lod as ml
 from maestro_lod.baselines import energy_rank, scaled_epochs, stabilised, stable_rank
 from maestro_lod.baselines.cuttlefish import ema
-from maestro_lod.baselines.layers import CUTTLEFISH_DENSE, PUFFERFISH_DENSE, kept_dense
+from maestro_lod.baselines.layer_choice import CUTTLEFISH_DENSE, PUFFERFISH_DENSE, kept_dense
 from maestro_lod.data import TaskData
 from maestro_lod.errors import ConfigError
 from maestro_lod.models import build_model

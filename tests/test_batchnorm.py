@@ -3,7 +3,7 @@
 import torch
 from conftest import SmallConvNet
 
-from maestro_lod.training.batchnorm import recalibrate_batchnorm
+from maestro_lod.engine.batchnorm import recalibrate_batchnorm
 
 
 def test_batchnorm_recalibration_is_the_exact_average_over_batches():

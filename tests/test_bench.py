@@ -13,7 +13,7 @@ from maestro_lod.commands.bench import (SUITES, VARIANTS, applicable, cell_confi
                                         parse_sweep, point_label)
 from maestro_lod.errors import UsageError
 from maestro_lod.training import TrainConfig
-from maestro_lod.training.config import read_toml
+from maestro_lod.training.train_config import read_toml
 
 
 def test_every_cell_config_round_trips_through_the_toml_the_train_command_reads(tmp_path):

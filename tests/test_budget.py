@@ -11,7 +11,7 @@ from maestro_lod import cli
 from maestro_lod.deploy import calibration_batches, greedy_front
 from maestro_lod.errors import ConfigError
 from maestro_lod.export import export
-from maestro_lod.metrics import count_params
+from maestro_lod.engine.counting import count_params
 from maestro_lod.models import build_model
 from maestro_lod.training import TrainConfig, Trainer
 from maestro_lod.training.budget import (CUT_CALIBRATION, CUT_STEP, GAIN, HOLD_LAMBDA, STEP_LIMIT, BudgetController,
@@ -149,7 +149,7 @@ def test_cli_refuses_a_bad_target_in_one_line(tmp_path, capsys):
 
 
 def test_cost_plot_shows_the_target_trajectory(tmp_path):
-    from maestro_lod.training.plots import plot_cost
+    from maestro_lod.runs.plots import plot_cost
 
     history = [{"epoch": e, "params": 100 - 10 * e, "macs": 200 - 20 * e, "exported_cost": 1 - 0.1 * e,
                 "planned_cost": 1 - 0.12 * e, "target_cost": 0.5} for e in range(1, 5)]

@@ -11,7 +11,7 @@ from maestro_lod import cli
 from maestro_lod.models import MODELS
 from maestro_lod.models.vision import LeNet5
 from maestro_lod.training import load_checkpoint
-from maestro_lod.training.rundir import RunDirectory
+from maestro_lod.runs.directory import RunDirectory
 
 FAST = ["--data", "digits", "--model-option", "padding=2", "--batch-size", "128", "--quiet"]
 TIME_KEYS = ("train_time", "epoch_time")

@@ -19,7 +19,7 @@ from maestro_lod.deploy import (Front, calibration_batches, calibration_loss, de
 from maestro_lod.deploy.artifacts import build_artifacts, load_plain
 from maestro_lod.errors import ConfigError
 from maestro_lod.models import build_model
-from maestro_lod.training.evaluation import evaluate
+from maestro_lod.engine.evaluation import evaluate
 
 from conftest import SmallConvNet
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from maestro_lod import FactorizeConfig, count_params, export, factorize, low_rank_layers, truncate_
-from maestro_lod.deploy.costs import KEPT_TYPES
+from maestro_lod.engine.costs import KEPT_TYPES
 from maestro_lod.export import MergedForReaders
 
 ATOL, RTOL = 1e-5, 1e-4

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import maestro_lod as ml
-from maestro_lod.inject import low_rank_layers
+from maestro_lod.layers import low_rank_layers
 
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
 
@@ -77,7 +77,7 @@ def test_every_factorised_module_follows_the_protocol_that_export_uses():
 
 
 def test_layer_queries_live_with_the_layers_and_keep_their_old_import_paths():
-    from maestro_lod.inject import low_rank_layers as from_inject, rank_pattern as pattern_from_inject
+    from maestro_lod.layers import low_rank_layers as from_inject, rank_pattern as pattern_from_inject
     from maestro_lod.layers import low_rank_layers as from_layers, rank_pattern as pattern_from_layers
     assert from_inject is from_layers is ml.low_rank_layers
     assert pattern_from_inject is pattern_from_layers is ml.rank_pattern

@@ -14,7 +14,7 @@ import torch
 
 from maestro_lod import cli, files
 from maestro_lod.training import load_checkpoint, save_checkpoint
-from maestro_lod.training.rundir import RunDirectory
+from maestro_lod.runs.directory import RunDirectory
 
 TINY = ["--model", "mlp", "--data", "digits", "--batch-size", "256", "--bn-recal-batches", "0", "--quiet"]
 DEEP = 5000
@@ -354,7 +354,7 @@ def test_a_stale_lock_of_a_killed_process_does_not_block_resume(runs, tmp_path, 
 
 def test_default_run_names_are_unique_within_one_second(tmp_path):
     from maestro_lod.errors import RunDirectoryError
-    from maestro_lod.training.rundir import RunLock, claim_new_directory
+    from maestro_lod.runs.directory import RunLock, claim_new_directory
 
     first, second = claim_new_directory(tmp_path / "mlp-digits-x"), claim_new_directory(tmp_path / "mlp-digits-x")
     assert first.directory != second.directory and second.directory.name == "mlp-digits-x-2"
@@ -411,7 +411,7 @@ def test_metrics_are_written_after_the_checkpoint(tmp_path, monkeypatch, capsys)
     def full_disk(path, state):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("maestro_lod.training.rundir.save_checkpoint", full_disk)
+    monkeypatch.setattr("maestro_lod.runs.directory.save_checkpoint", full_disk)
     out = tmp_path / "run"
     assert train(*TINY, "--epochs", "1", "--out", str(out)) == 2
     assert "No space left on device" in capsys.readouterr().err
@@ -445,7 +445,7 @@ def test_a_run_being_trained_by_another_process_is_refused_until_that_process_di
     unfinished(tmp_path, runs, None)
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
-                               "from maestro_lod.training.rundir import RunLock\n"
+                               "from maestro_lod.runs.directory import RunLock\n"
                                f"RunLock({str(out)!r}).acquire(); print('claimed', flush=True); time.sleep(120)"],
                               stdout=subprocess.PIPE, text=True)
     try:

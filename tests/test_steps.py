@@ -13,8 +13,9 @@ from torch import nn
 import maestro_lod as ml
 from maestro_lod.data import IGNORE_INDEX
 from maestro_lod.regularization import GroupLassoGradient
-from maestro_lod.training.reuse import PrefixReuse, prefix_reuse_supported
-from maestro_lod.training.steps import MaestroStep, soft_loss
+from maestro_lod.engine.reuse import PrefixReuse, prefix_reuse_supported
+from maestro_lod.training.steps import MaestroStep
+from maestro_lod.engine.passes import soft_loss
 
 
 @pytest.mark.parametrize("hierarchical", [True, False])
@@ -139,7 +140,7 @@ def test_without_reuse_the_full_loss_is_backpropagated_before_the_sampled_pass()
 
 
 def test_training_macs_count_the_pairs_where_a_layer_runs_the_composed_product():
-    from maestro_lod.training.cost import PassCost
+    from maestro_lod.training.step_macs import PassCost
     torch.manual_seed(0)
     model = ml.factorize(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 64, 10)))
     x = torch.randn(1, 1, 8, 8)

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from maestro_lod.training import TrainConfig, preset, read_toml
+from maestro_lod.training import TrainConfig, read_toml
+from maestro_lod.runs.presets import preset
 from maestro_lod.training.optim import lr_factor
-from maestro_lod.training.reference import stored_reference
+from maestro_lod.runs.reference import stored_reference
 
 
 def test_config_round_trips_and_defaults_are_the_benchmark_recipe():

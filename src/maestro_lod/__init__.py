@@ -12,7 +12,7 @@ from .inject import (BuildSpec, Component, LayerHandler, LeftDense, Plan, PlanEn
                      register_layer)
 from .layers import (ComputedWeight, Factorized, LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention,
                      low_rank_layers, rank_pattern)
-from .metrics import count_macs, count_params, layer_summary
+from .engine.counting import count_macs, count_params, layer_summary
 from .regularization import group_lasso, importances
 from .sampling import FixedFractionSampler, IndependentSampler, RankSampler, SingleLayerSampler, sampled_ranks
 from .shrinking import shrink_, truncate_

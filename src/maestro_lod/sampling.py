@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ConfigTypeError
-from .inject import low_rank_layers
+from .layers import low_rank_layers
 from .layers import LowRankLayer
 from .registry import Registry
 

@@ -29,10 +29,10 @@ import torch
 from ..config import FactorizeConfig
 from ..errors import ConfigError
 from ..training.methods import METHODS, TrainingMethod
-from .layers import CUTTLEFISH_DENSE, dense_kept_config, kept_dense, weight_matrices
+from .layer_choice import CUTTLEFISH_DENSE, dense_kept_config, kept_dense, weight_matrices
 
 if TYPE_CHECKING:
-    from ..training.config import TrainConfig
+    from ..training.train_config import TrainConfig
     from ..training.loop import Trainer
 
 RELAXED = {2: 2.5, 1: 5.0}

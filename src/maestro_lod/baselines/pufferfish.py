@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 from ..config import FactorizeConfig
 from ..errors import ConfigError
 from ..training.methods import METHODS, TrainingMethod
-from .layers import PUFFERFISH_DENSE, dense_kept_config, kept_dense
+from .layer_choice import PUFFERFISH_DENSE, dense_kept_config, kept_dense
 
 if TYPE_CHECKING:
-    from ..training.config import TrainConfig
+    from ..training.train_config import TrainConfig
     from ..training.loop import Trainer
 
 

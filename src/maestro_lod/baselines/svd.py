@@ -17,10 +17,10 @@ import torch
 from ..config import FactorizeConfig
 from ..errors import ConfigError
 from ..training.methods import METHODS, TrainingMethod
-from .layers import weight_matrices
+from .layer_choice import weight_matrices
 
 if TYPE_CHECKING:
-    from ..training.config import TrainConfig
+    from ..training.train_config import TrainConfig
     from ..training.loop import Trainer
 
 

@@ -10,7 +10,7 @@ aggregates), ``results.md`` (mean ± std over seeds), ``accuracy-vs-macs.png`` a
 Per cell: validation accuracy (perplexity for language models), parameters and MACs of the
 exported model, its CPU latency (median of ``--repeats`` forward passes of one example, one
 thread), training wall time, and training MACs (3 × forward MACs per example and pass, from the
-ranks each step ran; see :mod:`maestro_lod.training.cost`).
+ranks each step ran; see :mod:`maestro_lod.training.step_macs`).
 
 Suites:
 
@@ -53,14 +53,14 @@ from ..data import load_data
 from ..errors import ConfigError, UsageError
 from ..export import export
 from ..files import write_json_atomic, write_png_atomic, write_text_atomic
-from ..metrics import count_macs, count_params
+from ..engine.counting import count_macs, count_params
 from ..models import build_model
 from ..training.checkpoint import load_checkpoint
 from ..training.budget import parse_target
-from ..training.config import TrainConfig
+from ..training.train_config import TrainConfig
 from ..training.loop import Trainer
 from ..training.methods import METHODS, MaestroMethod
-from ..training.presets import preset
+from ..runs.presets import preset
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense": ("dense", {}),

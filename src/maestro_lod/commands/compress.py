@@ -24,19 +24,19 @@ from tqdm import tqdm
 
 from ..data import load_data
 from ..deploy.artifacts import FILES, FORMATS, build_artifacts, check_formats, write_files
-from ..deploy.costs import COSTS, deployable, layer_floor, measure_latency, repeat_batch, time_model, visited_ranks
+from ..engine.costs import COSTS, deployable, layer_floor, measure_latency, repeat_batch, time_model, visited_ranks
 from ..deploy.family import FAMILY_FILE, save_family
-from ..deploy.front import TARGET_KEYS, Front, FrontPoint, check_target
-from ..deploy.search import CALIBRATION_SIZE, calibration_batches, evaluate_front, greedy_front, materialize
+from ..engine.front import TARGET_KEYS, Front, FrontPoint, check_target
+from ..engine.search import CALIBRATION_SIZE, calibration_batches, evaluate_front, greedy_front, materialize
 from ..errors import CheckpointError, ConfigError, UsageError
 from ..files import write_json_atomic
 from ..layers import low_rank_layers
 from ..models import build_model
 from ..tables import format_table
 from ..training.checkpoint import load_checkpoint
-from ..training.config import TrainConfig
+from ..training.train_config import TrainConfig
 from ..training.loop import Trainer
-from ..training.rundir import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE
+from ..runs.directory import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE
 
 FRONT_FILE = "front.json"
 PLOT_FILE = "front.png"

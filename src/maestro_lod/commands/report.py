@@ -8,11 +8,11 @@ from typing import Any
 from ..data import TaskData
 from ..errors import TrainingDiverged, UsageError
 from ..tables import format_table
-from ..training.config import TrainConfig
+from ..training.train_config import TrainConfig
 from ..training.methods import METHODS, DenseMethod
-from ..training.progress import Progress
-from ..training.reference import stored_reference
-from .runs import build_trainer
+from ..runs.progress import Progress
+from ..runs.reference import stored_reference
+from ..runs.loading import build_trainer
 
 
 def dense_reference(config: TrainConfig, data: TaskData | None, quiet: bool) -> dict[str, Any] | None:

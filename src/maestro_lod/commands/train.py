@@ -20,15 +20,14 @@ from ..errors import TrainingDiverged, UsageError
 from ..models import MODELS
 from ..sampling import SAMPLERS
 from ..training.distributed import Distributed, DistributedError, env_rank, launched_by_torchrun
-from ..training.config import (DEVICES, EXECUTION_KEYS, METHODS, REFERENCES, REUSE_MODES, TrainConfig,
-                               check_nesting, read_toml)
+from ..training.train_config import DEVICES, EXECUTION_KEYS, METHODS, REFERENCES, REUSE_MODES, TrainConfig, check_nesting, read_toml
 from ..training.optim import OPTIMIZERS, SCHEDULES
-from ..training.presets import PRESETS, preset
+from ..runs.presets import PRESETS, preset
 from ..training.loop import resolve_device
-from ..training.progress import Progress
-from ..training.rundir import CONFIG_FILE, RunDirectory, RunLock
+from ..runs.progress import Progress
+from ..runs.directory import CONFIG_FILE, RunDirectory, RunLock
 from .report import dense_reference, result_table
-from .runs import Claim, build_trainer, claim_output, claim_resume, load_task, restore
+from ..runs.loading import Claim, build_trainer, claim_output, claim_resume, load_task, restore
 
 INTERRUPTED = 130
 """Exit code after Ctrl-C (128 + SIGINT), as shells report it."""

@@ -12,11 +12,10 @@ chosen by budget, and deployable artifacts for them.
   :func:`load_family` materialises any of its points from it by slicing the leading ranks.
 """
 
-from .costs import COSTS, LatencyTable, deployable, measure_latency, visited_ranks
+from ..engine.costs import COSTS, LatencyTable, deployable, measure_latency, visited_ranks
 from .family import FAMILY_FILE, load_family, load_family_front, save_family
-from .front import TARGET_KEYS, Front, FrontPoint
-from .search import (CALIBRATION_SIZE, calibration_batches, calibration_loss, evaluate_front, greedy_front,
-                     materialize)
+from ..engine.front import TARGET_KEYS, Front, FrontPoint
+from ..engine.search import CALIBRATION_SIZE, calibration_batches, calibration_loss, evaluate_front, greedy_front, materialize
 
 __all__ = ["COSTS", "TARGET_KEYS", "CALIBRATION_SIZE", "Front", "FrontPoint", "LatencyTable", "greedy_front",
            "evaluate_front", "materialize", "calibration_batches", "calibration_loss", "deployable",

@@ -42,9 +42,9 @@ from ..errors import CheckpointError, ConfigError, MaestroError, MissingFileErro
 from ..export import export
 from ..files import write_bytes_atomic
 from ..layers import LowRankConv, LowRankLinear, outermost_factorized, rank_pattern
-from ..metrics import count_macs, count_params
-from ..training.steps import forward
-from .costs import deployable
+from ..engine.counting import count_macs, count_params
+from ..engine.passes import forward
+from ..engine.costs import deployable
 
 FORMATS = ("pt2", "onnx", "safetensors")
 FILES = {"pt2": "model.pt2", "onnx": "model.onnx", "safetensors": "model.safetensors"}
@@ -132,7 +132,7 @@ def run_onnx(model: bytes, inputs: Any) -> torch.Tensor:
 
 def program_macs(module: nn.Module, inputs: Any) -> int:
     """Multiply–accumulates of one call of ``module`` (e.g. a loaded ``.pt2`` program, which has no
-    eval mode to switch to) counted like :func:`~maestro_lod.metrics.count_macs`."""
+    eval mode to switch to) counted like :func:`~maestro_lod.engine.counting.count_macs`."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         forward(module, inputs)
     return counter.get_total_flops() // 2

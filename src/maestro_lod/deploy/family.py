@@ -31,10 +31,10 @@ from ..errors import CheckpointError, ConfigError, ConfigTypeError
 from ..files import write_bytes_atomic
 from ..layers import low_rank_layers, rank_pattern
 from ..shrinking import truncate_
-from ..training.batchnorm import batchnorm_layers
+from ..engine.batchnorm import batchnorm_layers
 from .artifacts import read_tagged_safetensors
-from .front import Front, FrontPoint
-from .search import Batch, materialize
+from ..engine.front import Front, FrontPoint
+from ..engine.search import Batch, materialize
 
 FAMILY_FILE = "family.safetensors"
 FAMILY_METADATA_KEY = "maestro_lod_family"

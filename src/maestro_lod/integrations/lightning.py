@@ -31,12 +31,12 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 from ..config import FactorizeConfig
 from ..errors import CheckpointError, ConfigError
 from ..layers import low_rank_layers, rank_pattern
-from ..metrics import count_macs, count_params
+from ..engine.counting import count_macs, count_params
 from ..regularization import GroupLassoGradient
 from ..sampling import RankSampler, sampled_ranks
 from ..shrinking import shrink_
-from ..training.batchnorm import recalibrate_batchnorm
-from ..training.steps import forward, soft_loss
+from ..engine.batchnorm import recalibrate_batchnorm
+from ..engine.passes import forward, soft_loss
 from . import (ensure_factorized, fit_state_dict_ranks, generator_state, make_sampler, restore_generator_state,
                underlying_optimizer)
 

@@ -28,11 +28,11 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 from ..config import FactorizeConfig
 from ..errors import CheckpointError, ConfigError, ConfigTypeError
 from ..layers import low_rank_layers, rank_pattern
-from ..metrics import count_macs, count_params
+from ..engine.counting import count_macs, count_params
 from ..regularization import GroupLassoGradient
 from ..sampling import RankSampler, sampled_ranks
 from ..shrinking import shrink_
-from ..training.steps import hard_loss, soft_loss
+from ..engine.passes import hard_loss, soft_loss
 from . import (ensure_factorized, factorized_targets, generator_state, make_sampler, resize_to,
                restore_generator_state, underlying_optimizer)
 

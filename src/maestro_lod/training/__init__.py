@@ -9,14 +9,13 @@ in :data:`METHODS`. The ``maestro-lod train`` command is a thin layer over this 
 
 from ..errors import TrainingDiverged
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig, read_toml
+from .train_config import TrainConfig, read_toml
 from .loop import Callback, FitResult, Trainer, TrainerState, fit
 from .methods import METHODS, DenseMethod, MaestroFullRanks, MaestroMethod, MaestroWithoutShrinking, TrainingMethod
-from .presets import PRESETS, preset
 from .records import EpochRecord, RunSummary, StepStats
 
 __all__ = ["TrainConfig", "read_toml", "Trainer", "TrainerState", "fit", "FitResult", "Callback", "TrainingDiverged",
            "METHODS", "TrainingMethod", "DenseMethod", "MaestroMethod", "EpochRecord", "RunSummary", "StepStats",
-           "save_checkpoint", "load_checkpoint", "PRESETS", "preset", "MaestroWithoutShrinking", "MaestroFullRanks"]
+           "save_checkpoint", "load_checkpoint", "MaestroWithoutShrinking", "MaestroFullRanks"]
 
 from .. import baselines  # noqa: E402,F401  (registers the baseline methods in METHODS)

@@ -3,7 +3,7 @@
 ``TrainConfig.target = "params=0.3"`` (or ``"macs=0.3"``) asks for an exported model with 30 % of
 the dense model's parameters (MACs per sample). :class:`BudgetController` replaces the hand-tuned
 ``lambda_gl``: after every shrinking epoch it measures the exported cost of the model (from the
-rank pattern, with the deploy cost formulas of :mod:`maestro_lod.deploy.costs`) and compares it
+rank pattern, with the deploy cost formulas of :mod:`maestro_lod.engine.costs`) and compares it
 with a planned trajectory that falls geometrically from the cost at factorisation to the target by
 ``target_by`` of the factorised epochs::
 
@@ -42,10 +42,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..engine.costs import layer_floor, structural_costs
+from ..engine.counting import count_macs, count_params
+from ..engine.search import calibration_batches, greedy_front
 from ..errors import ConfigError
 from ..export import export
-from ..inject import factorize, low_rank_layers
-from ..metrics import count_macs, count_params
+from ..inject import factorize
+from ..layers import low_rank_layers
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -102,8 +105,6 @@ def exported_cost(model: nn.Module, kind: str, dense: float, example_inputs: Any
 def pattern_cost(model: nn.Module, kind: str, dense: float, example_inputs: Any):
     """A function ``ranks → relative exported cost`` for rank patterns at or below the current ranks
     of ``model`` (the deploy package's linear cost model, merges included)."""
-    from ..deploy.costs import layer_floor, structural_costs  # the deploy package imports training modules
-
     layers = dict(low_rank_layers(model))
     visits = {name: list(range(layer.rank, layer_floor(layer, layer.rank) - 1, -1)) for name, layer in layers.items()}
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -113,12 +114,11 @@ def pattern_cost(model: nn.Module, kind: str, dense: float, example_inputs: Any)
 
 def greedy_cut(trainer: "Trainer", kind: str, target: float) -> dict[str, int]:
     """Ranks at or below the current ones whose relative exported ``kind`` cost is ≤ ``target``:
-    the greedy search of :mod:`maestro_lod.deploy` from the current ranks, on
+    the greedy search of :mod:`maestro_lod.engine.search` from the current ranks, on
     :data:`CUT_CALIBRATION` training samples drawn with the run's seed (the global random state is
     left as it was), taking the first pattern on its path that is within the
     target (each of its rounds removes the slice of least calibration loss per unit of cost; the
     cheapest pattern if none is within the target)."""
-    from ..deploy import calibration_batches, greedy_front  # the deploy package imports training modules
 
     device = next(trainer.model.parameters()).device
     sample = calibration_batches(trainer.train_data, CUT_CALIBRATION, seed=trainer.config.seed)

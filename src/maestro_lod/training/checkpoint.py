@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigTypeError, MissingFileError
 from ..files import write_bytes_atomic
 from ..functional import DOWN_RANK_DIM, UP_RANK_DIM
-from ..inject import low_rank_layers
+from ..layers import low_rank_layers
 
 METADATA_KEY = "maestro_lod"
 FORMAT = 2

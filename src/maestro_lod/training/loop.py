@@ -26,20 +26,22 @@ from ..data import KINDS
 from ..config import FactorizeConfig
 from ..errors import CheckpointError, ConfigError, ConfigTypeError, TrainingDiverged
 from ..export import export
-from ..inject import factorize, low_rank_layers, rank_pattern
-from ..metrics import count_macs, count_params
+from ..inject import factorize
+from ..layers import low_rank_layers, rank_pattern
+from ..engine.counting import count_macs, count_params
 from ..sampling import RankSampler, build_sampler
-from .batchnorm import recalibrate_batchnorm
+from ..engine.batchnorm import recalibrate_batchnorm
 from .checkpoint import check_trainer_state
-from .config import EXECUTION_KEYS, TrainConfig
-from .cost import PassCost
+from .train_config import EXECUTION_KEYS, TrainConfig
+from .step_macs import PassCost
 from .distributed import Distributed, GlobalBatchSampler, Shard
-from .evaluation import evaluate
+from ..engine.evaluation import evaluate
 from .methods import METHODS, TrainingMethod
 from .optim import build_optimizer, build_scheduler, continue_schedule
 from .records import EpochRecord, EpochTotals, RunSummary, StepStats
 from .rng import capture_rng, derive_seed, restore_rng, seed_everything
-from .steps import Step, forward
+from .steps import Step
+from ..engine.passes import forward
 
 SAMPLER_SEED_OFFSET = 7919
 """The sampler's generator is seeded with ``seed + SAMPLER_SEED_OFFSET`` so it draws a different

@@ -18,18 +18,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..inject import low_rank_layers
+from ..layers import low_rank_layers
 from ..registry import Registry
 from ..regularization import GroupLassoGradient
 from ..shrinking import shrink_, truncate_
 from . import budget
-from .evaluation import LANGUAGE_KINDS
-from .reuse import PrefixReuse, prefix_reuse_supported, runs_deterministically
-from .steps import DenseStep, MaestroStep, PenalisedDenseStep, Step, forward
+from ..engine.evaluation import LANGUAGE_KINDS
+from ..engine.reuse import PrefixReuse, prefix_reuse_supported, runs_deterministically
+from .steps import DenseStep, MaestroStep, PenalisedDenseStep, Step
+from ..engine.passes import forward
 
 if TYPE_CHECKING:
     from ..config import FactorizeConfig
-    from .config import TrainConfig
+    from .train_config import TrainConfig
     from .loop import Trainer
 
 

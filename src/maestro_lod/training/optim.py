@@ -16,7 +16,7 @@ from torch import nn
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from .train_config import TrainConfig
 
 
 OPTIMIZERS = Registry("optimizer")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import TrainConfig
+from ..training.train_config import TrainConfig
 from .presets import preset
 
 DENSE_RECIPE_KEYS = ("model", "data", "model_options", "data_root", "augment", "seq_len", "epochs", "batch_size",

@@ -1,6 +1,6 @@
 """Starting and continuing runs of ``maestro-lod train`` without ever losing one.
 
-A run first claims its directory (:class:`~maestro_lod.training.rundir.RunLock`), so two commands
+A run first claims its directory (:class:`~maestro_lod.runs.directory.RunLock`), so two commands
 never train into the same place; then everything that can fail is checked (the model's size on
 PyTorch's ``meta`` device, the model, the device, a checkpoint's contents) before a file of an
 earlier run is deleted, right before training starts.
@@ -20,12 +20,11 @@ from ..data import TaskData, load_data
 from ..errors import ConfigError, RunDirectoryError, UsageError
 from ..models import build_model
 from ..training.checkpoint import load_checkpoint
-from ..training.config import EXECUTION_KEYS, TrainConfig
+from ..training.train_config import EXECUTION_KEYS, TrainConfig
 from ..training.distributed import Distributed
 from ..training.loop import Callback, Trainer
 from ..training.rng import seed_everything
-from ..training.rundir import (CHECKPOINT_FILE, CONFIG_FILE, RUN_FILES, RunLock, claim_directory,
-                               claim_new_directory, clean_temporaries, foreign_message, read_json_file, run_status)
+from .directory import CHECKPOINT_FILE, CONFIG_FILE, RUN_FILES, RunLock, claim_directory, claim_new_directory, clean_temporaries, foreign_message, read_json_file, run_status
 
 RUNS_ROOT = Path("runs")
 PARAMETER_LIMIT = 2_000_000_000

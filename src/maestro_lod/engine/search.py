@@ -11,7 +11,7 @@ rank, because other code multiplies by its dense weight (:func:`~.costs.read_lay
 accuracy and save nothing: it stays at its trained rank. Candidates are evaluated through ``active_rank`` views of a
 single working copy of the model: no weights are copied per candidate, and each calibration batch
 runs once per round at the current ranks while the modules before each candidate layer replay
-their recorded outputs (:class:`~maestro_lod.training.reuse.PrefixReuse`; only for models whose
+their recorded outputs (:class:`~maestro_lod.engine.reuse.PrefixReuse`; only for models whose
 eval-mode forward is deterministic).
 
 BatchNorm: running statistics describe the model they were collected on. For a model with
@@ -37,14 +37,13 @@ from ..data import IGNORE_INDEX
 from ..errors import ConfigError, ConfigTypeError
 from ..export import export
 from ..layers import low_rank_layers, rank_pattern
-from ..metrics import count_macs, count_params
+from .counting import count_macs, count_params
 from ..shrinking import truncate_
-from ..training.batchnorm import BATCHNORM_TYPES, batchnorm_layers, recalibrate_batchnorm
-from ..training.evaluation import evaluate
-from ..training.reuse import PrefixReuse
-from ..training.steps import forward
-from .costs import (LatencyTable, check_cost, deployable, layer_floor, measure_latency, read_layers,
-                    structural_costs, visited_ranks)
+from .batchnorm import BATCHNORM_TYPES, batchnorm_layers, recalibrate_batchnorm
+from .evaluation import evaluate
+from .reuse import PrefixReuse
+from .passes import forward
+from .costs import LatencyTable, check_cost, deployable, layer_floor, measure_latency, read_layers, structural_costs, visited_ranks
 from .front import Front, FrontPoint
 
 CALIBRATION_SIZE = 2048

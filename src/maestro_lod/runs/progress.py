@@ -7,7 +7,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from .loop import Callback, Trainer
+from ..training.loop import Callback, Trainer
 
 
 def epoch_line(record: dict[str, Any], epochs: int, dense_params: int, dense_macs: int) -> str:

@@ -21,9 +21,9 @@ from typing import Any
 from .. import __version__
 from ..errors import RunDirectoryError
 from ..files import json_text, remove_stale_temporaries, write_json_atomic, write_text_atomic
-from .checkpoint import save_checkpoint
-from .config import check_nesting
-from .loop import Callback, Trainer
+from ..training.checkpoint import save_checkpoint
+from ..training.train_config import check_nesting
+from ..training.loop import Callback, Trainer
 from .plots import PLOT_FILES, write_plots
 
 CONFIG_FILE = "config.json"

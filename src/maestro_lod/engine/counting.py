@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import ConfigTypeError
-from .layers import low_rank_layers
-from .tables import format_table
+from ..errors import ConfigTypeError
+from ..layers import low_rank_layers
+from ..tables import format_table
 
 
 def count_params(model: nn.Module) -> int:

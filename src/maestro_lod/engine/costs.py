@@ -32,8 +32,8 @@ from ..errors import ConfigError
 from ..export import attribute_readers, export, static_readers
 from ..functional import DOWN_RANK_DIM, UP_RANK_DIM
 from ..layers import LowRankConv, LowRankLayer, LowRankMultiheadAttention, low_rank_layers, outermost_factorized
-from ..metrics import count_macs, count_params
-from ..training.steps import forward
+from .counting import count_macs, count_params
+from .passes import forward
 
 COSTS = ("macs", "params", "latency")
 KEPT_TYPES = (LowRankMultiheadAttention,)

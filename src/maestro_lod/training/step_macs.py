@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..inject import low_rank_layers
-from ..metrics import count_macs
-from .steps import forward
+from ..layers import low_rank_layers
+from ..engine.counting import count_macs
+from ..engine.passes import forward
 
 BACKWARD_FACTOR = 2
 """Backward MACs as a multiple of the forward's."""
