@@ -58,6 +58,9 @@ class SecondMoment:
     def add(self, rows: torch.Tensor) -> None:
         """Add ``rows`` (N × groups·n, in group order) to the sum."""
         rows = rows.detach()
+        if rows.shape[-1] != self.groups * self.features:
+            raise ConfigError(f"calibration: the input of {self.name} has {rows.shape[-1]} features per position, "
+                              f"the layer takes {self.groups * self.features}")
         if rows.device.type == "mps":  # no float64 there
             rows = rows.cpu()
         if self.matrix is None:
@@ -92,7 +95,7 @@ def _conv_patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     picks = picks.repeat(channels, *([1] * (dims + 1)))
     positions = max(1, math.prod(x.shape[2:]))
     step = max(1, CHUNK_ELEMENTS // max(positions * channels * k, 1))
-    blocks = []
+    blocks = [x.new_zeros(0, channels * k, dtype=torch.float64)]
     for start in range(0, x.shape[0], step):
         patches = _CONV_FN[dims](x[start:start + step].to(torch.float64), picks, None, conv.stride, padding,
                                  conv.dilation, channels)
