@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 from .checks import dataclass_from_dict
 from .errors import ConfigError, ConfigTypeError
 
-INITS = ("svd", "random")
+INITS = ("svd", "random", "whitened")
+DEFAULT_DAMPING = 1e-2
 
 
 def _check_modules(value: Any, what: str) -> Any:
@@ -50,7 +52,11 @@ class FactorizeConfig:
             A target that matches no supported layer is an error.
         exclude_modules: same forms; matching modules stay dense. An exclusion that matches no
             factorisable layer is warned about (it is probably misspelt).
-        init: ``"svd"`` (exact at full rank, Eckart–Young at every truncation) or ``"random"``.
+        init: ``"svd"`` (exact at full rank, Eckart–Young at every truncation), ``"random"``, or
+            ``"whitened"``: SVD weighted by the layer's inputs on calibration data, exact at full
+            rank and with the smallest output error on that data at every truncation. It needs
+            ``factorize(model, config, calibration=batches)`` (see
+            :func:`maestro_lod.whitening.input_second_moments` for the batch forms).
         rank: start rank of every layer: None for full rank ``min(m, n)``; an int (capped at each
             layer's full rank); or a float fraction of the full rank (rounded up).
         rank_pattern: ``{name pattern: rank}`` overrides, matched like ``target_modules`` list
@@ -59,6 +65,10 @@ class FactorizeConfig:
         min_rank: progressive shrinking never takes a layer below this rank (0 allowed: a layer
             at rank 0 outputs its bias).
         seed: seed of the random initialisation (``init="random"``).
+        damping: ``init="whitened"`` adds ``damping · mean(diag C) · I`` to each layer's input
+            second moment ``C`` before whitening (a finite float ≥ 0, relative to the mean input
+            energy): it keeps the factorisation defined when the inputs span a subspace, and
+            larger values move it towards plain SVD.
     """
 
     target_modules: str | list[str] | None = None
@@ -68,6 +78,7 @@ class FactorizeConfig:
     rank_pattern: dict[str, int | float] = field(default_factory=dict)
     min_rank: int = 1
     seed: int | None = None
+    damping: float = DEFAULT_DAMPING
 
     def __post_init__(self) -> None:
         self.target_modules = _check_modules(self.target_modules, "target_modules")
@@ -85,6 +96,11 @@ class FactorizeConfig:
             raise ConfigError(f"min_rank={self.min_rank!r} must be a non-negative int")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigTypeError(f"seed must be an int or None, got {self.seed!r}")
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
+            raise ConfigTypeError(f"damping must be a float, got {self.damping!r}")
+        if not math.isfinite(self.damping) or self.damping < 0:
+            raise ConfigError(f"damping={self.damping!r} must be a finite float >= 0")
+        self.damping = float(self.damping)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; ``from_dict(to_dict())`` gives an equal config."""

@@ -12,11 +12,12 @@ from .config import FactorizeConfig, name_matches, pattern_matches
 from .errors import ConfigError, ConfigTypeError
 from .functional import truncated_rank
 from .layers import Factorized, LowRankLayer
-from .layers.handlers import (LAYER_HANDLERS, BuildSpec, Component, LayerHandler, handler_for, register_layer,
-                              supported_labels)
+from .layers.handlers import (BUILT_IN_HANDLERS, LAYER_HANDLERS, BuildSpec, Component, LayerHandler, handler_for,
+                              register_layer, supported_labels)
 from .layers.hooks import carry_hooks, hook_refusal
 from .layers.query import low_rank_layers, rank_pattern
 from .tables import format_table
+from .whitening import check_calibration, whitening_factors
 
 __all__ = ["factorize", "plan", "Plan", "PlanEntry", "LeftDense", "PlanTotals", "LayerHandler", "Component",
            "BuildSpec", "LAYER_HANDLERS", "register_layer", "low_rank_layers", "rank_pattern"]
@@ -286,9 +287,28 @@ def _nothing_to_factorise(entries: Plan) -> str:
     return f"nothing to factorise: {detail}" + (f" (skipped: {skipped})" if skipped else "")
 
 
-def _build(decision: _Decision, config: FactorizeConfig, generator: torch.Generator | None) -> nn.Module:
-    """The replacement of one module, checked to follow the :class:`~maestro_lod.layers.Factorized` protocol."""
-    spec = BuildSpec(decision.ranks, config.init, config.min_rank, generator)
+def _whitening(model: nn.Module, decisions: list[_Decision], config: FactorizeConfig,
+               calibration) -> dict[int, dict[str, torch.Tensor] | None]:
+    """The whitening factors of every module to replace (by ``id``), from one calibration pass.
+    Modules of handlers other than the built-in ones (whose builders know no whitening) and modules
+    the calibration never reached get None: they are initialised by plain SVD, with a warning."""
+    whitened = {}
+    for decision in decisions:
+        if any(decision.handler is h for h in BUILT_IN_HANDLERS):
+            whitened[decision.paths[0]] = decision
+        else:
+            warnings.warn(f"{decision.paths[0] or '<root>'}: layer handler {decision.handler.label!r} has no "
+                          f"whitened init; initialised by plain SVD", stacklevel=3)
+    factors = whitening_factors(model, {name: d.module for name, d in whitened.items()}, calibration, config.damping)
+    return {id(d.module): factors[name] for name, d in whitened.items()}
+
+
+def _build(decision: _Decision, config: FactorizeConfig, generator: torch.Generator | None,
+           whitening: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The replacement of one module, checked to follow the :class:`~maestro_lod.layers.Factorized` protocol.
+    With ``init="whitened"`` and no ``whitening`` factors the module is initialised by plain SVD."""
+    init = "svd" if config.init == "whitened" and whitening is None else config.init
+    spec = BuildSpec(decision.ranks, init, config.min_rank, generator, whitening)
     new = decision.handler.build(decision.module, spec)
     if not isinstance(new, Factorized):
         raise ConfigTypeError(f"layer handler {decision.handler.label!r} built a {type(new).__name__}, "
@@ -298,8 +318,17 @@ def _build(decision: _Decision, config: FactorizeConfig, generator: torch.Genera
     return new
 
 
-def factorize(model: nn.Module, config: FactorizeConfig | None = None) -> nn.Module:
+def factorize(model: nn.Module, config: FactorizeConfig | None = None, *, calibration=None) -> nn.Module:
     """Replace the targeted layers of ``model`` by low-rank ordered layers, in place.
+
+    ``calibration`` (only with ``init="whitened"``, which requires it) is an iterable of model
+    input batches: a tensor, an ``(inputs, targets)`` tuple as a DataLoader yields (targets are
+    ignored; a tuple of inputs is unpacked), or a dict of keyword inputs; see
+    :func:`maestro_lod.whitening.input_second_moments`. The model runs once over it in eval mode
+    to collect each layer's input second moment, and each layer is factorised to minimise its
+    output error on those inputs. Layers of a custom handler, or that the calibration never
+    reaches, are initialised by plain SVD with a warning. Passing ``calibration`` with another
+    init is an error rather than data silently left unused.
 
     Every alias of a shared module is replaced by the same low-rank layer. All replacements are
     built before any is swapped in, so on error the model is left unchanged. Returns ``model``
@@ -325,13 +354,22 @@ def factorize(model: nn.Module, config: FactorizeConfig | None = None) -> nn.Mod
     computed from the factors) and refuses writes.
     """
     config = config or FactorizeConfig()
+    if not isinstance(config, FactorizeConfig):
+        raise ConfigTypeError(f"config must be a FactorizeConfig, got {type(config).__name__}")
+    if config.init == "whitened":
+        if calibration is None:
+            raise ConfigError("init='whitened' needs calibration data: factorize(model, config, calibration=batches)")
+        check_calibration(calibration)
+    elif calibration is not None:
+        raise ConfigError(f"calibration is only used by init='whitened' (this config has init={config.init!r})")
     entries, decisions, notes = _analyse(model, config)
     for message in notes:
         warnings.warn(message, stacklevel=2)
     if not decisions:
         raise ConfigError(_nothing_to_factorise(entries))
     generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
-    replacements = [(d, _build(d, config, generator)) for d in decisions]
+    whitening = _whitening(model, decisions, config, calibration) if config.init == "whitened" else {}
+    replacements = [(d, _build(d, config, generator, whitening.get(id(d.module)))) for d in decisions]
     for decision, new in replacements:
         for path in decision.paths:
             if path == "":

@@ -2,9 +2,10 @@
 
 A :class:`LayerHandler` describes one kind of layer: the classes it handles, the weight matrices
 (:class:`Component`) it factorises, and a builder that receives the dense module and a
-:class:`BuildSpec` (start rank per component, initialisation, minimum rank, random generator) and
-returns the :class:`~maestro_lod.layers.base.Factorized` replacement. Handlers are kept in
-:data:`LAYER_HANDLERS` by label; the most recently registered handler that claims a module wins.
+:class:`BuildSpec` (start rank per component, initialisation, minimum rank, random generator,
+whitening factors for ``init="whitened"``) and returns the
+:class:`~maestro_lod.layers.base.Factorized` replacement. Handlers are kept in :data:`LAYER_HANDLERS`
+by label; the most recently registered handler that claims a module wins.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ConfigTypeError
+from ..functional import whitened_split
 from ..registry import Registry
-from .attention import LowRankMultiheadAttention
+from .attention import PROJECTIONS, LowRankMultiheadAttention, attention_projection_weights
 from .base import Factorized, follow_requires_grad
 from .conv import LowRankConv
 from .linear import LowRankLinear
@@ -53,11 +55,23 @@ class BuildSpec:
     init: str = "svd"
     min_rank: int = 1
     generator: torch.Generator | None = None
+    whitening: dict[str, torch.Tensor] | None = None
+    """For ``init="whitened"``: each component's whitening factor ``L`` (``L Lᵀ`` = its inputs' damped
+    second moment; ``groups × n × n`` for a grouped convolution), by suffix. Built by
+    :func:`maestro_lod.whitening.whitening_factors`."""
 
     @property
     def rank(self) -> int:
         """The start rank of a layer with a single component."""
         return self.ranks[""]
+
+    def whitening_factor(self, suffix: str = "") -> torch.Tensor:
+        """The whitening factor of component ``suffix`` (an error names what is missing)."""
+        if self.whitening is None or suffix not in self.whitening:
+            what = f"component {suffix!r}" if suffix else "the layer"
+            raise ConfigError(f"init='whitened' needs the input statistics of {what}: "
+                              f"call factorize(model, config, calibration=batches)")
+        return self.whitening[suffix]
 
 
 def _no_reason(module: nn.Module) -> str | None:
@@ -140,7 +154,17 @@ def _linear_components(linear: nn.Linear) -> list[Component]:
     return [Component("", linear.out_features, linear.in_features)]
 
 
+def _whitened_linear(weight: torch.Tensor, bias: torch.Tensor | None, rank: int, factor: torch.Tensor,
+                     min_rank: int) -> LowRankLinear:
+    """A :class:`LowRankLinear` of ``weight`` (out × in) with whitened factors (copies the bias)."""
+    up, down = whitened_split(weight, factor, rank)
+    layer = LowRankLinear(up, down, None if bias is None else bias.detach().clone(), min(weight.shape), min_rank)
+    return follow_requires_grad(layer.to(weight.device), weight, bias)
+
+
 def _build_linear(linear: nn.Linear, spec: BuildSpec) -> LowRankLinear:
+    if spec.init == "whitened":
+        return _whitened_linear(linear.weight, linear.bias, spec.rank, spec.whitening_factor(), spec.min_rank)
     return LowRankLinear.from_dense(linear, rank=spec.rank, init=spec.init, min_rank=spec.min_rank,
                                     generator=spec.generator)
 
@@ -157,6 +181,14 @@ def _conv_skip_reason(conv: nn.Module) -> str | None:
 
 
 def _build_conv(conv: nn.Module, spec: BuildSpec) -> LowRankConv:
+    if spec.init == "whitened":
+        groups = conv.groups
+        out_per_group, in_per_group = conv.out_channels // groups, conv.weight[0].numel()
+        matrix = conv.weight.reshape(groups, out_per_group, in_per_group)
+        up, down = whitened_split(matrix[0] if groups == 1 else matrix, spec.whitening_factor(), spec.rank)
+        bias = None if conv.bias is None else conv.bias.detach().clone()
+        layer = LowRankConv(up, down, bias, conv, min(out_per_group, in_per_group), spec.min_rank)
+        return follow_requires_grad(layer.to(conv.weight.device), conv.weight, conv.bias)
     return LowRankConv.from_dense(conv, rank=spec.rank, init=spec.init, min_rank=spec.min_rank,
                                   generator=spec.generator)
 
@@ -168,6 +200,16 @@ def _attention_components(mha: nn.MultiheadAttention) -> list[Component]:
 
 
 def _build_attention(mha: nn.MultiheadAttention, spec: BuildSpec) -> LowRankMultiheadAttention:
+    if spec.init == "whitened":
+        weights = attention_projection_weights(mha)
+        projections = {name: _whitened_linear(weights[name], mha.out_proj.bias if name == "out_proj" else None,
+                                              spec.ranks[name], spec.whitening_factor(name), spec.min_rank)
+                       for name in PROJECTIONS}
+        attention = LowRankMultiheadAttention(mha, projections)
+        for attr in ("in_proj_bias", "bias_k", "bias_v"):
+            if getattr(mha, attr) is not None:
+                getattr(attention, attr).requires_grad_(getattr(mha, attr).requires_grad)
+        return attention
     return LowRankMultiheadAttention.from_dense(mha, rank=spec.ranks, init=spec.init, min_rank=spec.min_rank,
                                                 generator=spec.generator)
 
@@ -184,6 +226,8 @@ def _hf_conv1d_components(conv1d: nn.Module) -> list[Component]:
 
 
 def _build_hf_conv1d(conv1d: nn.Module, spec: BuildSpec) -> LowRankLinear:
+    if spec.init == "whitened":
+        return _whitened_linear(conv1d.weight.t(), conv1d.bias, spec.rank, spec.whitening_factor(), spec.min_rank)
     layer = LowRankLinear.from_weight(conv1d.weight.t(), conv1d.bias, spec.rank, init=spec.init,
                                       min_rank=spec.min_rank, generator=spec.generator)
     return follow_requires_grad(layer, conv1d.weight, conv1d.bias)
