@@ -5,6 +5,7 @@ are ordered by importance, train them with ordered dropout and a hierarchical gr
 shrink ranks as training goes, and export any point of the accuracy–cost curve to plain PyTorch.
 """
 
+from .canonical import canonicalize_
 from .config import FactorizeConfig
 from .errors import CheckpointError, ConfigError, ConfigTypeError, MaestroError, TrainingDiverged
 from .export import export
@@ -25,5 +26,5 @@ __all__ = [
     "Component", "BuildSpec", "register_layer", "low_rank_layers", "rank_pattern", "Factorized", "ComputedWeight",
     "LowRankLayer", "LowRankLinear", "LowRankConv", "LowRankMultiheadAttention",
     "RankSampler", "SingleLayerSampler", "IndependentSampler", "FixedFractionSampler", "sampled_ranks",
-    "group_lasso", "importances", "shrink_", "truncate_", "export", "count_params", "count_macs", "layer_summary",
+    "group_lasso", "importances", "shrink_", "truncate_", "canonicalize_", "export", "count_params", "count_macs", "layer_summary",
 ]

@@ -14,8 +14,8 @@ Collection runs the model once over the calibration batches, in eval mode and wi
 with forward hooks on the layers that sum ``x xᵀ`` in float64: nothing but one ``n × n`` matrix
 per weight (``n`` = inputs per group) is kept, never the activations. What ``x`` is per layer:
 
-* ``nn.Linear`` and Hugging Face ``Conv1D``: the input, every leading dimension flattened;
-* ``nn.Conv1d/2d/3d``: the receptive-field patches the weight multiplies (the columns of
+* ``nn.Linear``, Hugging Face ``Conv1D`` and a factorised :class:`~maestro_lod.LowRankLinear`: the input, every leading dimension flattened;
+* ``nn.Conv1d/2d/3d`` and a factorised :class:`~maestro_lod.LowRankConv`: the receptive-field patches the weight multiplies (the columns of
   ``unfold``, with the layer's stride, padding, padding mode and dilation), one matrix per group
   over that group's input channels × kernel positions;
 * ``nn.MultiheadAttention``: ``q_proj`` sees the query, ``k_proj`` the key, ``v_proj`` the value,
@@ -36,6 +36,7 @@ from torch import nn
 
 from .errors import ConfigError, ConfigTypeError
 from .functional import whitening_factor
+from .layers import LowRankConv, LowRankLinear
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CHUNK_ELEMENTS = 1 << 24
@@ -157,13 +158,13 @@ def _register(name: str, module: nn.Module, moments: dict[str, SecondMoment]) ->
 
         return [module.register_forward_hook(attention_hook, with_kwargs=True)]
 
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, LowRankConv)):
         groups = module.groups
-        moment = moments[""] = SecondMoment(name, module.weight[0].numel(), groups)
+        moment = moments[""] = SecondMoment(name, module.in_channels // groups * math.prod(module.kernel_size), groups)
 
         def hook(conv, args, kwargs):
             moment.add(_conv_patches(conv, _first_argument(args, kwargs, "input")))
-    elif isinstance(module, nn.Linear):
+    elif isinstance(module, (nn.Linear, LowRankLinear)):
         moment = moments[""] = SecondMoment(name, module.in_features)
 
         def hook(linear, args, kwargs):
@@ -177,7 +178,8 @@ def _register(name: str, module: nn.Module, moments: dict[str, SecondMoment]) ->
             moment.add(x.reshape(-1, x.shape[-1]))
     else:
         raise ConfigTypeError(f"{name}: no input statistics for {type(module).__name__} "
-                              f"(known: Linear, Conv1d/2d/3d, MultiheadAttention, transformers Conv1D)")
+                              f"(known: Linear, Conv1d/2d/3d, MultiheadAttention, transformers Conv1D and the "
+                              f"factorised Linear and Conv layers)")
     return [module.register_forward_pre_hook(hook, with_kwargs=True)]
 
 
