@@ -34,10 +34,11 @@ from ..engine.batchnorm import recalibrate_batchnorm
 from .checkpoint import check_trainer_state
 from .train_config import EXECUTION_KEYS, TrainConfig
 from .step_macs import PassCost
-from .distributed import Distributed, GlobalBatchSampler, Shard
+from .distributed import Distributed
 from ..engine.evaluation import evaluate
 from .methods import METHODS, TrainingMethod
 from .optim import build_optimizer, build_scheduler, continue_schedule
+from .precision import Precision, build_precision
 from .records import EpochRecord, EpochTotals, RunSummary, StepStats
 from .rng import capture_rng, derive_seed, restore_rng, seed_everything
 from .steps import Step
@@ -48,6 +49,8 @@ SAMPLER_SEED_OFFSET = 7919
 stream from the data shuffling generator (seeded with ``seed``)."""
 RECALIBRATION_SEED_BASE = 1_000_003
 """BatchNorm recalibration batches of epoch e are shuffled with seed ``seed·BASE + e`` (no state to save)."""
+STEP_MEANS = 3
+"""A step's numbers (``loss, loss_full, loss_sampled, correct, count``) begin with this many means."""
 
 
 class Callback:
@@ -132,9 +135,12 @@ class Trainer:
     global generator with ``config.seed``; :meth:`state_dict` / :meth:`load_state_dict` capture
     everything needed to continue a run bit for bit.
 
-    ``distributed``: the processes of a data-parallel run (:mod:`.distributed`); by default the
-    group ``torchrun`` describes (joined here), else the single process. ``config.batch_size`` is
-    then each process's share of a global batch of ``batch_size × world_size``.
+    ``distributed``: the processes of the run (:mod:`.distributed`); by default the group
+    ``torchrun`` describes (joined here, a :class:`~.distributed.DataParallel`), else the single
+    process. ``config.batch_size`` is each process's share of a global batch of
+    ``batch_size × world_size``. :attr:`precision` (:mod:`.precision`): float16 autocast with a
+    gradient scaler for ``config.amp``, float32 otherwise. The loop calls both the same way
+    whatever they are.
     """
 
     def __init__(self, model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainConfig | None = None, *,
@@ -155,10 +161,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.distributed = distributed or Distributed.from_env(self.device.type)
         self.callbacks = [c for c in callbacks if self.distributed.is_main or not getattr(c, "main_only", False)]
-        if self.distributed.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.distributed.local_rank)
-        if config.amp and self.device.type != "cuda":
-            raise ConfigError(f"amp=true needs a CUDA device, but the run uses {self.device.type}")
+        self.device = self.distributed.process_device(self.device)
+        self.precision: Precision = build_precision(config.amp, self.device)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         seed_everything(config.seed)
@@ -168,10 +172,11 @@ class Trainer:
             sampler = build_sampler(config.sampler, generator, fraction=config.sample_fraction)
         self.sampler = sampler
         self.train_data = train_data
-        self.train_loader = self._train_loader(train_data)
-        shard = Shard(val_data, self.distributed.world_size, self.distributed.rank) if self.distributed.enabled else val_data
-        self.val_loader = DataLoader(shard, batch_size=config.eval_batch_size, shuffle=False,
-                                     num_workers=config.num_workers)
+        self.train_loader = self.distributed.train_loader(train_data, config.batch_size, self.data_generator,
+                                                          num_workers=config.num_workers,
+                                                          pin_memory=self.device.type == "cuda")
+        self.val_loader = DataLoader(self.distributed.eval_shard(val_data), batch_size=config.eval_batch_size,
+                                     shuffle=False, num_workers=config.num_workers)
         self.model = model.to(self.device)
         self.example_inputs = _to_device(_add_batch_dim(val_data[0][0]), self.device)
         self.state = TrainerState()
@@ -185,21 +190,8 @@ class Trainer:
         self.method: TrainingMethod = METHODS.lookup(config.method)()
         self.method.setup(self)
         self.distributed.broadcast_module(self.model)  # every process starts from rank 0's weights
-        self.scaler = torch.amp.GradScaler("cuda") if config.amp else None
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config, len(self.train_loader))
-
-    def _train_loader(self, train_data: Dataset) -> DataLoader:
-        """Shuffled batches; in a distributed run this process's share of each global batch
-        (:class:`~.distributed.GlobalBatchSampler`, drawing from the same generator)."""
-        config, pin = self.config, self.device.type == "cuda"
-        if not self.distributed.enabled:
-            return DataLoader(train_data, batch_size=config.batch_size, shuffle=True, generator=self.data_generator,
-                              num_workers=config.num_workers, pin_memory=pin)
-        batches = GlobalBatchSampler(len(train_data), config.batch_size, self.distributed.world_size,
-                                     self.distributed.rank, self.data_generator)
-        return DataLoader(train_data, batch_sampler=batches, generator=self.data_generator,
-                          num_workers=config.num_workers, pin_memory=pin)
 
     # ------------------------------------------------------------------------- state of the run
     @property
@@ -222,12 +214,21 @@ class Trainer:
         """Whether the model has low-rank layers."""
         return any(True for _ in low_rank_layers(self.model))
 
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The gradient scaler of :attr:`precision` (``None`` without one). Setting a scaler wraps
+        the current precision's forward passes in a :class:`~.precision.ScaledPrecision`
+        (:meth:`~.precision.Precision.with_scaler`)."""
+        return self.precision.scaler
+
+    @scaler.setter
+    def scaler(self, scaler: torch.amp.GradScaler | None) -> None:
+        self.precision = self.precision.with_scaler(scaler)
+
     # ------------------------------------------------------------- services the methods use
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The mixed-precision scope of forward passes (a no-op without ``amp``)."""
-        if self.config.amp:
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+        """The scope of forward passes: :attr:`precision`'s (a no-op in float32)."""
+        return self.precision.autocast()
 
     def factorize_model(self, config: FactorizeConfig | None = None) -> None:
         """Replace the model by its factorised form (``config``: the run's ``factorize`` table by
@@ -262,9 +263,6 @@ class Trainer:
         self._step = None
 
     # --------------------------------------------------------------------------------- training
-    def _backward(self, loss: torch.Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-
     def _train_steps(self, epoch: int, cost: PassCost) -> tuple[dict[str, float], int]:
         """One pass over the training data; returns the epoch's mean loss parts and accuracy, and
         its training MACs (see :mod:`.cost`)."""
@@ -275,25 +273,20 @@ class Trainer:
         for index, (inputs, targets) in enumerate(self.train_loader, start=1):
             inputs, targets = _to_device(inputs, self.device), targets.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            numbers = self._step(inputs, targets, self._backward)
-            if self.distributed.enabled:
-                numbers = self._average(numbers, index - 1)
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
+            numbers = self._step(inputs, targets, self.precision.backward)
+            # the gradients of the global batch, still scaled; then true gradients for the penalty and clipping
+            numbers = self.distributed.reduce_step(self.model.parameters(), numbers, self.train_loader, index - 1,
+                                                   STEP_MEANS)
+            self.precision.unscale_(self.optimizer)
             stats = StepStats.from_tensor(numbers, self._step.add_penalty_gradients_())
             if not math.isfinite(stats.objective):
                 raise TrainingDiverged(epoch, index, stats.objective)
             if self.config.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-            if self.scaler is None:
-                self.optimizer.step()
-            else:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            self.precision.step(self.optimizer)
             self.scheduler.step()
             totals.add(stats)
-            items = len(targets) if not self.distributed.enabled else \
-                round(len(targets) / self.train_loader.batch_sampler.share(index - 1))  # the global batch
+            items = self.distributed.global_items(self.train_loader, index - 1, len(targets))
             train_macs += cost.step_macs(self._step.passes, items)
             if self.callbacks:
                 metrics = {"loss": stats.objective, "accuracy": totals.accuracy, "total_rank": total_rank}
@@ -301,15 +294,8 @@ class Trainer:
                     callback.on_step_end(self, index, metrics)
         return totals.means(), train_macs
 
-    def _average(self, numbers: torch.Tensor, step: int) -> torch.Tensor:
-        """Average the gradients over the processes (weighted by their shares of the global batch,
-        before unscaling, penalty, clipping and the update) and reduce the step's numbers alike."""
-        share = self.train_loader.batch_sampler.share(step)
-        weights = torch.tensor([share, share, share, 1.0, 1.0], device=numbers.device)  # losses are means
-        return self.distributed.average_gradients(list(self.model.parameters()), share, numbers * weights)
-
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.distributed.all_reduce_sum(tensor.to(self.device)).cpu()
+        return self.distributed.reduce_sum(tensor, self.device)
 
     def _run_batch(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = batch
@@ -337,13 +323,11 @@ class Trainer:
         train_time = time.perf_counter() - started
         self.distributed.broadcast_buffers(self.model)  # BatchNorm statistics of rank 0's shares
         self.method.after_steps(self, epoch)
-        if self.distributed.enabled:  # identical parameters must shrink identically
-            self.distributed.check_same(rank_pattern(self.model), f"the ranks after epoch {epoch}")
+        self.distributed.after_shrink(self.model, epoch)
         if self.method.recalibrates(self):
             recalibrate_batchnorm(self.model, self._recalibration_batches(epoch), self._run_batch,
                                   self.config.bn_recal_batches)
-        val = evaluate(self.model, self.val_loader, self._run_batch, self.kind,
-                       self._reduce if self.distributed.enabled else None)
+        val = evaluate(self.model, self.val_loader, self._run_batch, self.kind, self._reduce)
         for key in ("loss", "perplexity"):  # a non-finite metric cannot be recorded (strict JSON) or trusted
             if key in val and not math.isfinite(val[key]):
                 raise TrainingDiverged(epoch, None, val[key], what=f"validation {key}")
@@ -415,7 +399,7 @@ class Trainer:
             "optimizer": {"state": {str(k): v for k, v in optimizer["state"].items()},
                           "param_groups": optimizer["param_groups"]},
             "scheduler": self.scheduler.state_dict(),
-            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "scaler": self.precision.state_dict(),
             "rng": capture_rng(self._generators()), "method": self.method.state_dict(),
         }
 
@@ -442,8 +426,7 @@ class Trainer:
                                         "param_groups": state["optimizer"]["param_groups"]})
         self.scheduler = build_scheduler(self.optimizer, self.config, len(self.train_loader))
         continue_schedule(self.scheduler, state["scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
+        self.precision.load_state_dict(state["scaler"])
         restore_rng(state["rng"], self._generators())
         self.state = TrainerState.from_dict(state)
 
