@@ -19,9 +19,22 @@ SEED_RANGE = (0, 2**64 - 1)
 """Seeds a ``torch.Generator`` takes without remapping: 0 … 2⁶⁴ − 1."""
 
 
+def _brief(value: Any) -> str:
+    """``repr(value)``, with a module as ``Name(...)`` and a tensor as its shape and dtype."""
+    if isinstance(value, nn.Module):
+        return f"{type(value).__name__}(...)"
+    if isinstance(value, torch.Tensor):
+        return f"tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (nn.Module, torch.Tensor)) for v in value):
+        inner = ", ".join(_brief(v) for v in value[:3]) + (", …" if len(value) > 3 else "")
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    return repr(value)
+
+
 def shown(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for a one-line message."""
-    text = " ".join(repr(value).split())
+    """``repr(value)`` on one line cut to ``limit`` characters (a module as ``Name(...)``, a tensor
+    as its shape and dtype), for a one-line message."""
+    text = " ".join(_brief(value).split())
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
