@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .checks import dataclass_from_dict
+from .checks import check_seed, dataclass_from_dict, shown
 from .errors import ConfigError, ConfigTypeError
 
 INITS = ("svd", "random", "whitened")
@@ -63,8 +63,10 @@ class FactorizeConfig:
             entries or as a regex; an int above the matched layer's full rank is an error, a key
             matching no factorisable layer is warned about.
         min_rank: progressive shrinking never takes a layer below this rank (0 allowed: a layer
-            at rank 0 outputs its bias).
-        seed: seed of the random initialisation (``init="random"``).
+            at rank 0 outputs its bias). A layer whose full rank is smaller never shrinks;
+            :func:`maestro_lod.factorize` warns when that holds for every layer it factorises.
+        seed: seed of the random initialisation (``init="random"``): None or an int in
+            0 … 2⁶⁴ − 1 (the range a ``torch.Generator`` takes).
         damping: ``init="whitened"`` adds ``damping · mean(diag C) · I`` to each layer's input
             second moment ``C`` before whitening (a finite float ≥ 0, relative to the mean input
             energy): it keeps the factorisation defined when the inputs span a subspace, and
@@ -83,6 +85,8 @@ class FactorizeConfig:
     def __post_init__(self) -> None:
         self.target_modules = _check_modules(self.target_modules, "target_modules")
         self.exclude_modules = _check_modules(self.exclude_modules, "exclude_modules")
+        if not isinstance(self.init, str):
+            raise ConfigTypeError(f"init={shown(self.init)} must be one of {', '.join(INITS)}, got {type(self.init).__name__}")
         if self.init not in INITS:
             raise ConfigError(f"init={self.init!r} is not one of {', '.join(INITS)}")
         if self.rank is not None:
@@ -90,12 +94,17 @@ class FactorizeConfig:
         if not isinstance(self.rank_pattern, dict):
             raise ConfigTypeError(f"rank_pattern must be a dict of pattern -> rank, got {self.rank_pattern!r}")
         for key, value in self.rank_pattern.items():
+            if not isinstance(key, str):
+                raise ConfigTypeError(f"rank_pattern key {shown(key)} must be a module name or regex string, "
+                                      f"got {type(key).__name__}")
             _check_modules(key, "rank_pattern key")
             check_rank(value, f"rank_pattern[{key!r}]")
-        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank < 0:
+        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int):
+            raise ConfigTypeError(f"min_rank={shown(self.min_rank)} must be a non-negative int, "
+                                  f"got {type(self.min_rank).__name__}")
+        if self.min_rank < 0:
             raise ConfigError(f"min_rank={self.min_rank!r} must be a non-negative int")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ConfigTypeError(f"seed must be an int or None, got {self.seed!r}")
+        check_seed(self.seed)
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
             raise ConfigTypeError(f"damping must be a float, got {self.damping!r}")
         if not math.isfinite(self.damping) or self.damping < 0:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checks import check_module, non_finite, shown
 from .config import FactorizeConfig, name_matches, pattern_matches
 from .errors import ConfigError, ConfigTypeError
 from .functional import truncated_rank
@@ -188,8 +189,8 @@ def _unmatched_patterns(config: FactorizeConfig, candidate_names: list[str]) -> 
     specs = [] if excludes is None else [excludes] if isinstance(excludes, str) else [[e] for e in excludes]
     for spec in specs:
         if not any(name_matches(n, spec) for n in candidate_names):
-            shown = spec if isinstance(spec, str) else spec[0]
-            messages.append(f"exclude_modules entry {shown!r} matches no factorisable layer")
+            entry = spec if isinstance(spec, str) else spec[0]
+            messages.append(f"exclude_modules entry {entry!r} matches no factorisable layer")
     for key in config.rank_pattern:
         if not any(pattern_matches(n, key) for n in candidate_names):
             messages.append(f"rank_pattern key {key!r} matches no factorisable layer")
@@ -198,10 +199,9 @@ def _unmatched_patterns(config: FactorizeConfig, candidate_names: list[str]) -> 
 
 def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Decision], list[str]]:
     """The plan, the replacements to build, and warnings about patterns that matched nothing."""
-    if not isinstance(model, nn.Module):
-        raise ConfigTypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     if not isinstance(config, FactorizeConfig):
-        raise ConfigTypeError(f"config must be a FactorizeConfig, got {type(config).__name__}")
+        raise ConfigTypeError(f"config={shown(config)} must be a FactorizeConfig, got {type(config).__name__}")
     paths: dict[int, list[str]] = {}
     modules: dict[int, nn.Module] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -260,7 +260,7 @@ def plan(model: nn.Module, config: FactorizeConfig | None = None) -> Plan:
     """Dry run of :func:`factorize`: every candidate weight, its shape, start rank, dense vs
     factorised parameter count, and why each skipped candidate is skipped; every other module with
     parameters and why it stays dense; totals. Changes nothing."""
-    entries, _, notes = _analyse(model, config or FactorizeConfig())
+    entries, _, notes = _analyse(model, FactorizeConfig() if config is None else config)
     for message in notes:
         warnings.warn(message, stacklevel=2)
     return entries
@@ -318,6 +318,26 @@ def _build(decision: _Decision, config: FactorizeConfig, generator: torch.Genera
     return new
 
 
+def _check_finite(decisions: list[_Decision]) -> None:
+    """Refuse, naming the layer and the parameter, a layer to replace whose weights hold NaN or inf
+    (SVD cannot factorise them, and the copy would carry them into the factors)."""
+    for decision in decisions:
+        for name, param in decision.module.named_parameters():
+            bad = non_finite(param)
+            if bad:
+                where = decision.paths[0] or "<root>"
+                raise ConfigError(f"layer {where!r} has {bad} values in {name!r}; factorize needs finite weights "
+                                  f"(was the model loaded or trained correctly?)")
+
+
+def _check_min_rank(entries: Plan, config: FactorizeConfig) -> None:
+    """Warn when ``min_rank`` exceeds the full rank of every layer to factorise: no layer would ever shrink."""
+    largest = max((e.max_rank for e in entries.factorized), default=0)
+    if entries.factorized and config.min_rank > largest:
+        warnings.warn(f"min_rank={config.min_rank} exceeds the full rank of every factorised layer (at most "
+                      f"{largest}): shrinking will never reduce a rank", stacklevel=3)
+
+
 def factorize(model: nn.Module, config: FactorizeConfig | None = None, *, calibration=None) -> nn.Module:
     """Replace the targeted layers of ``model`` by low-rank ordered layers, in place.
 
@@ -329,6 +349,9 @@ def factorize(model: nn.Module, config: FactorizeConfig | None = None, *, calibr
     output error on those inputs. Layers of a custom handler, or that the calibration never
     reaches, are initialised by plain SVD with a warning. Passing ``calibration`` with another
     init is an error rather than data silently left unused.
+
+    A layer to replace whose weights hold NaN or inf is refused by name; a ``min_rank`` above the
+    full rank of every layer to replace is warned about (no layer could ever shrink).
 
     Every alias of a shared module is replaced by the same low-rank layer. All replacements are
     built before any is swapped in, so on error the model is left unchanged. Returns ``model``
@@ -353,9 +376,10 @@ def factorize(model: nn.Module, config: FactorizeConfig | None = None, *, calibr
     A factorised layer's ``.weight`` reads like the dense weight (metadata for free, values
     computed from the factors) and refuses writes.
     """
-    config = config or FactorizeConfig()
+    check_module(model)
+    config = FactorizeConfig() if config is None else config
     if not isinstance(config, FactorizeConfig):
-        raise ConfigTypeError(f"config must be a FactorizeConfig, got {type(config).__name__}")
+        raise ConfigTypeError(f"config={shown(config)} must be a FactorizeConfig, got {type(config).__name__}")
     if config.init == "whitened":
         if calibration is None:
             raise ConfigError("init='whitened' needs calibration data: factorize(model, config, calibration=batches)")
@@ -367,6 +391,8 @@ def factorize(model: nn.Module, config: FactorizeConfig | None = None, *, calibr
         warnings.warn(message, stacklevel=2)
     if not decisions:
         raise ConfigError(_nothing_to_factorise(entries))
+    _check_finite(decisions)
+    _check_min_rank(entries, config)
     generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
     whitening = _whitening(model, decisions, config, calibration) if config.init == "whitened" else {}
     replacements = [(d, _build(d, config, generator, whitening.get(id(d.module)))) for d in decisions]

@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .checks import check_module, non_finite, shown
 from .errors import ConfigError, ConfigTypeError
 from .functional import DOWN_RANK_DIM, UP_RANK_DIM
 from .layers import LowRankLayer, low_rank_layers
@@ -102,15 +103,38 @@ def _resize_layer(layer: LowRankLayer, rank: int, optimizer: torch.optim.Optimiz
 
 def _layers(model: nn.Module, what: str) -> list[tuple[str, LowRankLayer]]:
     """The low-rank layers of ``model``; a model with none is a mistake (factorize first)."""
+    check_module(model)
     layers = list(low_rank_layers(model))
     if not layers:
         raise ConfigError(f"{what}: the model has no low-rank layers; call factorize() first")
     return layers
 
 
-def _check_optimizer(optimizer: object) -> None:
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise ConfigTypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+def _check_optimizer(optimizer: object, model: nn.Module) -> None:
+    """Refuse what is not an optimiser, and an optimiser that holds none of ``model``'s parameters
+    (built for another model, its state could never follow this one's rank changes)."""
+    if optimizer is None:
+        return
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigTypeError(f"optimizer={shown(optimizer)} must be a torch.optim.Optimizer or None, "
+                              f"got {type(optimizer).__name__}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in model.parameters()):
+        raise ConfigError(f"optimizer {type(optimizer).__name__} (holding {len(held)} parameter(s)) holds none of "
+                          f"this model's parameters; pass the optimiser built for this model")
+
+
+def _check_values(layers: list[tuple[str, LowRankLayer]]) -> None:
+    """Refuse factors without values (meta device) or with NaN/inf: their importances cannot rank them."""
+    for name, layer in layers:
+        for factor, label in ((layer.up, "up"), (layer.down, "down")):
+            if factor.is_meta:
+                raise ConfigError(f"shrink_: the factors of {name!r} are on the meta device and have no values to "
+                                  f"rank; load real weights first (e.g. model.to_empty(device=...) then load_state_dict)")
+            bad = non_finite(factor)
+            if bad:
+                raise ConfigError(f"shrink_: factor {name}.{label} holds {bad} values, so its ranks cannot be ordered "
+                                  f"by importance (has training diverged?)")
 
 
 def shrink_(model: nn.Module, threshold: float, optimizer: torch.optim.Optimizer | None = None) -> dict[str, tuple[int, int]]:
@@ -118,13 +142,18 @@ def shrink_(model: nn.Module, threshold: float, optimizer: torch.optim.Optimizer
 
     Physical and in place: the factors keep their Parameter identity and ``optimizer``'s state is
     sliced to match, so the same optimiser (and LR scheduler) carry on; pass every optimiser that
-    holds state for the model. A layer never goes below its ``min_rank``. Returns
+    holds state for the model (an optimiser holding none of the model's parameters is refused, as
+    are factors without values or with NaN/inf, whose ranks cannot be ordered). A layer never
+    goes below its ``min_rank``. Returns
     ``{name: (rank before, rank after)}`` for every low-rank layer.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ConfigTypeError(f"threshold={shown(threshold)} must be a finite number ≥ 0, got {type(threshold).__name__}")
+    if not math.isfinite(threshold) or threshold < 0:
         raise ConfigError(f"threshold={threshold!r} must be a finite number ≥ 0")
-    _check_optimizer(optimizer)
     layers = _layers(model, "shrink_")
+    _check_optimizer(optimizer, model)
+    _check_values(layers)
     if optimizer is not None:
         _check_sliceable(optimizer, layers)
     changes = {}
@@ -144,13 +173,16 @@ def truncate_(model: nn.Module, ranks: dict[str, int], optimizer: torch.optim.Op
 
     All names and values are checked before anything changes. Returns ``{name: (before, after)}``.
     """
-    if not isinstance(ranks, dict):
-        raise ConfigTypeError(f"ranks must be a dict of layer name -> rank, got {type(ranks).__name__}")
-    _check_optimizer(optimizer)
     layers = dict(_layers(model, "truncate_"))
+    if not isinstance(ranks, dict):
+        raise ConfigTypeError(f"ranks={shown(ranks)} must be a dict of layer name -> rank, got {type(ranks).__name__}")
+    _check_optimizer(optimizer, model)
     for name, rank in ranks.items():
+        if not isinstance(name, str):
+            raise ConfigTypeError(f"layer name {shown(name)} in ranks must be a string, got {type(name).__name__}")
         if name not in layers:
-            raise ConfigError(f"no low-rank layer named {name!r}")
+            known = ", ".join(list(layers)[:8]) + (", …" if len(layers) > 8 else "")
+            raise ConfigError(f"no low-rank layer named {name!r} (low-rank layers: {known})")
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise ConfigTypeError(f"rank for {name!r} must be an int, got {rank!r}")
         if not 0 <= rank <= layers[name].rank:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..checks import check_module, shown
 from ..errors import ConfigTypeError
 from ..layers import low_rank_layers
 from ..tables import format_table
@@ -13,6 +14,7 @@ from ..tables import format_table
 
 def count_params(model: nn.Module) -> int:
     """Number of distinct parameter elements (shared parameters counted once)."""
+    check_module(model)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -28,12 +30,18 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor | tuple = (), kwar
     factorised layer's ``.weight`` for its dtype or shape costs nothing; reading its values costs
     the product of the factors, which is counted.
     """
+    check_module(model)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    if not all(isinstance(x, torch.Tensor) for x in inputs):
-        raise ConfigTypeError("example_inputs must be a tensor or a tuple of tensors")
+    wrong = [x for x in inputs if not isinstance(x, torch.Tensor)]
+    if wrong:
+        raise ConfigTypeError(f"example_inputs must be a tensor or a tuple of tensors, got "
+                              f"{shown(example_inputs if len(inputs) == 1 else wrong[0])} ({type(wrong[0]).__name__})")
     kwargs = {} if kwargs is None else kwargs
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise ConfigTypeError(f"kwargs must be a dict of keyword inputs, got {type(kwargs).__name__}")
+    if not isinstance(kwargs, dict):
+        raise ConfigTypeError(f"kwargs must be a dict of keyword inputs, got {shown(kwargs)} ({type(kwargs).__name__})")
+    for key in kwargs:
+        if not isinstance(key, str):
+            raise ConfigTypeError(f"kwargs key {shown(key)} must be a string (a keyword of the model's forward)")
     was_training, fast_path = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
@@ -48,6 +56,7 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor | tuple = (), kwar
 
 def layer_summary(model: nn.Module) -> str:
     """Table of every low-rank layer: shape, rank / max rank, factorised vs dense parameters."""
+    check_module(model)
     rows = [("layer", "shape", "rank", "params", "dense params", "ratio")]
     total, dense_total = 0, 0
     for name, layer in low_rank_layers(model):
