@@ -21,8 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .errors import ConfigError
 from .functional import DOWN_RANK_DIM, UP_RANK_DIM
-from .layers import low_rank_layers
-from .layers import LowRankLayer
+from .layers import LowRankLayer, low_rank_layers
 
 Factor = tuple[torch.Tensor, int]  # a factor and its rank dimension
 

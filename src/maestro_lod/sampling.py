@@ -16,9 +16,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .checks import check_seed
 from .errors import ConfigError, ConfigTypeError
-from .layers import low_rank_layers
-from .layers import LowRankLayer
+from .layers import LowRankLayer, low_rank_layers
 from .registry import Registry
 
 
@@ -29,7 +29,7 @@ def _generator(seed: int | torch.Generator | None) -> torch.Generator:
         return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigTypeError(f"seed must be an int, a torch.Generator or None, got {seed!r}")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(check_seed(seed))
 
 
 SAMPLERS = Registry("rank sampler")
