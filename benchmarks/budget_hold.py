@@ -22,7 +22,7 @@ import torch
 from maestro_lod.runs.loading import build_trainer, load_task
 from maestro_lod.errors import UsageError
 from maestro_lod.files import write_json_atomic
-from maestro_lod.training import TrainConfig
+from maestro_lod.training import MaestroConfig, TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"{out} exists; choose another --out")
     if not args.hold >= 0:
         raise UsageError(f"--hold {args.hold} must be >= 0")
-    config = TrainConfig(target=args.target, seed=args.seed, reference="none")
+    config = TrainConfig(method_options=MaestroConfig(target=args.target), seed=args.seed, reference="none")
     trainer = build_trainer(config, load_task(config), [])  # the model and trainer exactly as maestro-lod train builds them
-    trainer.method.controller.hold = args.hold
+    trainer.method.scheduler.hold = args.hold
     result = trainer.fit()
     epochs = [{"epoch": r.epoch, "val_accuracy": r.val_accuracy, "ranks": r.ranks,
                **{k: r.extra[k] for k in ("lambda_gl", "exported_cost", "target_met", "gap_closed") if k in r.extra}}

@@ -39,6 +39,7 @@ import torch
 import maestro_lod as ml
 from maestro_lod.data import load_data
 from maestro_lod.deploy import calibration_batches, deployable, evaluate_front, greedy_front, materialize
+from maestro_lod.engine import targets
 from maestro_lod.engine.costs import layer_floor
 from maestro_lod.files import write_json_atomic
 from maestro_lod.layers import low_rank_layers
@@ -110,7 +111,7 @@ def run_setup(name: str, spec: dict[str, Any], epochs: int, threads: int | None)
     front = greedy_front(maestro, calibration, cost)
     evaluate_front(front, maestro, val, calibration)
     seconds["front maestro"] = time.perf_counter() - started
-    dense_cost = front.dense_params if cost == "params" else front.dense_macs
+    dense_cost = targets.dense_cost(front, cost)
 
     # (b) uniform truncation of the same model
     uniform = []

@@ -83,8 +83,8 @@ TASKS = {
 
 def make_trainer(data, method: str, seed: int, args: argparse.Namespace) -> Trainer:
     recipe = TASKS[args.task].recipe
-    config = TrainConfig(**{**recipe, "epochs": args.epochs, "threads": args.threads}, method=method, seed=seed,
-                         reuse_prefix=args.reuse_prefix)
+    config = TrainConfig.from_dict({**recipe, "epochs": args.epochs, "threads": args.threads, "method": method,
+                                    "seed": seed, "reuse_prefix": args.reuse_prefix})
     torch.manual_seed(seed)
     return Trainer(build_model(recipe["model"], data), data.train, data.val, config, kind=data.kind)
 

@@ -65,7 +65,7 @@ def main(spec_path):
     callbacks = [record]
     if spec.get("crash_rank") == rank:
         callbacks.append(Crash(spec["crash_step"]))
-    trainer = Trainer(model, data.train, data.val, TrainConfig(**spec["config"]), callbacks=callbacks)
+    trainer = Trainer(model, data.train, data.val, TrainConfig.from_dict(spec["config"]), callbacks=callbacks)
     try:
         for _ in range(trainer.config.epochs):
             record.on_epoch_end(trainer, trainer.train_epoch())

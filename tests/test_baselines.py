@@ -41,17 +41,17 @@ def _trainer(digits, config):
 
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_method_runs_and_resumes_exactly(digits, tmp_path, method):
-    config = TrainConfig(model="small", data="digits", batch_size=64, method=method, **CASES[method])
+    config = TrainConfig.from_dict(dict(model="small", data="digits", batch_size=64, method=method, **CASES[method]))
     full, resumed = resume_matches_uninterrupted(lambda: _trainer(digits, config), tmp_path / "ck.safetensors")
     assert full.summary()["method"] == method and full.factorized
     assert resumed.summary()["train_macs"] == full.summary()["train_macs"] > 0
 
 
 def test_ablations_differ_from_maestro_as_named(digits):
-    no_shrink = _trainer(digits, TrainConfig(method="maestro-no-shrink", epochs=1, eps_ps=1e5, batch_size=128))
+    no_shrink = _trainer(digits, TrainConfig.from_dict(dict(method="maestro-no-shrink", epochs=1, eps_ps=1e5, batch_size=128)))
     no_shrink.fit()
     assert no_shrink.history[-1].ranks == no_shrink.initial_ranks
-    full = _trainer(digits, TrainConfig(method="maestro-full", epochs=1, eps_ps=1e5, batch_size=128))
+    full = _trainer(digits, TrainConfig.from_dict(dict(method="maestro-full", epochs=1, eps_ps=1e5, batch_size=128)))
     full.fit()
     assert full.history[-1].train_loss_sampled == 0.0  # no sampled sub-model
     assert full.history[-1].train_penalty > 0  # the group lasso acts
@@ -66,7 +66,7 @@ def _vision(shape, classes=10):
 def _pufferfish(model_name, data, **options):
     model = build_model(model_name, data, **options)
     empty = data.train
-    config = TrainConfig(model=model_name, method="pufferfish", epochs=4, dense_share=0.0, threads=None)
+    config = TrainConfig.from_dict(dict(model=model_name, method="pufferfish", epochs=4, dense_share=0.0, threads=None))
     return Trainer(model, empty, empty, config)
 
 
@@ -106,7 +106,7 @@ def test_pufferfish_on_transformer_keeps_first_encoder_and_decoder_layer():
 
 
 def test_pufferfish_warm_up_then_fresh_optimiser(digits):
-    trainer = _trainer(digits, TrainConfig(method="pufferfish", epochs=4, dense_share=0.5, batch_size=128))
+    trainer = _trainer(digits, TrainConfig.from_dict(dict(method="pufferfish", epochs=4, dense_share=0.5, batch_size=128)))
     first = trainer.optimizer
     trainer.fit()
     phases = [r.phase for r in trainer.history]
@@ -116,7 +116,7 @@ def test_pufferfish_warm_up_then_fresh_optimiser(digits):
     assert set(trainer.initial_ranks) == {"conv2", "fc1"}  # SmallConvNet: first and last kept dense
     assert trainer.history[-1].ranks == trainer.initial_ranks  # no shrinking
     with pytest.raises(ConfigError, match="leaves no factorised epoch"):
-        TrainConfig(method="pufferfish", epochs=2, dense_share=1.0)
+        TrainConfig.from_dict(dict(method="pufferfish", epochs=2, dense_share=1.0))
 
 
 def test_stable_rank_is_the_floor_of_the_energy_over_the_top_singular_value():
@@ -149,8 +149,8 @@ def test_stabilisation_rule_on_synthetic_histories():
 
 
 def test_cuttlefish_tracks_stable_ranks_and_factorises_at_the_scaled_rank(digits):
-    config = TrainConfig(method="cuttlefish", epochs=6, stable_reference_epochs=30, stable_tolerance=1e6,
-                         batch_size=128)
+    config = TrainConfig.from_dict(dict(method="cuttlefish", epochs=6, stable_reference_epochs=30, stable_tolerance=1e6,
+                         batch_size=128))
     trainer = _trainer(digits, config)
     method = trainer.method
     assert method.counts(config) == (2, 3, 3)  # 11, 15, 15 scaled by 6/30, at least 2
@@ -189,7 +189,7 @@ def test_svd_energy_and_uniform_budgets(digits):
     assert energy_rank(w.unsqueeze(0), 20.5 / total) == 3
     assert energy_rank(w.unsqueeze(0), 21.5 / total) == 4
     for energy in (0.5, 0.9, 0.99):
-        trainer = _trainer(digits, TrainConfig(method="svd", epochs=1, svd_energy=energy, batch_size=128))
+        trainer = _trainer(digits, TrainConfig.from_dict(dict(method="svd", epochs=1, svd_energy=energy, batch_size=128)))
         dense = {}
         truncate = trainer.method.after_steps
 
@@ -209,8 +209,8 @@ def test_svd_energy_and_uniform_budgets(digits):
             approximation = layer.dense_weight().detach().reshape(matrix.shape)
             assert (torch.linalg.matrix_norm(approximation - matrix) ** 2).item() == pytest.approx(
                 squares[layer.rank:].sum().item(), rel=1e-3, abs=1e-6)  # truncated SVD: Eckart–Young
-    uniform = _trainer(digits, TrainConfig(method="svd", epochs=2, svd_finetune_epochs=1, rank_ratio=0.5,
-                                           batch_size=128))
+    uniform = _trainer(digits, TrainConfig.from_dict(dict(method="svd", epochs=2, svd_finetune_epochs=1, rank_ratio=0.5,
+                                           batch_size=128)))
     uniform.fit()
     assert uniform.initial_ranks == {"conv1": 4, "conv2": 8, "fc1": 16, "fc2": 5}
     assert [r.phase for r in uniform.history] == ["dense", "svd-finetune"]
@@ -232,8 +232,8 @@ def test_training_macs_match_a_hand_count(digits):
     dense.fit()
     forward = 64 * 4 * 9 + 64 * 10  # conv: 64 positions × 4 out × 9 in; fc: 64 × 10
     assert dense.history[0]["train_macs"] == 3 * 100 * forward
-    config = TrainConfig(epochs=1, batch_size=64, sampler="fixed", sample_fraction=0.5, reuse_prefix="off",
-                         eps_ps=0.0, lambda_gl=0.0)
+    config = TrainConfig.from_dict(dict(epochs=1, batch_size=64, sampler="fixed", sample_fraction=0.5, reuse_prefix="off",
+                         eps_ps=0.0, lambda_gl=0.0))
     maestro = Trainer(ml.factorize(_Tiny()), train, train, config)
     maestro.fit()
     # factorised conv rank 4: 64·4·9 (down) + 64·4·4 (up); fc rank 10: 10·64 + 10·10

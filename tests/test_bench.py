@@ -24,8 +24,8 @@ def test_every_cell_config_round_trips_through_the_toml_the_train_command_reads(
                 path = tmp_path / "cell.toml"
                 path.write_text(config_toml(config))
                 assert TrainConfig.from_dict(read_toml(path)) == config, (task.name, method)
-    assert cell_config(SUITES["quick"].tasks[0], "maestro-no-gl", 0, None).lambda_gl == 0.0
-    assert cell_config(SUITES["quick"].tasks[0], "svd", 0, 2).svd_finetune_epochs == 1
+    assert cell_config(SUITES["quick"].tasks[0], "maestro-no-gl", 0, None).method_options.lambda_gl == 0.0
+    assert cell_config(SUITES["quick"].tasks[0], "svd", 0, 2).method_options.svd_finetune_epochs == 1
 
 
 def test_quick_suite_on_a_tiny_budget_resumes_without_recomputing(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """Training to a size: ``TrainConfig.target`` steers the group-lasso weight until the exported
 model reaches the requested share of the dense model's cost."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,15 +15,18 @@ from maestro_lod.errors import ConfigError
 from maestro_lod.export import export
 from maestro_lod.engine.counting import count_params
 from maestro_lod.models import build_model
-from maestro_lod.training import TrainConfig, Trainer
-from maestro_lod.training.budget import (CUT_CALIBRATION, CUT_STEP, GAIN, HOLD_LAMBDA, STEP_LIMIT, BudgetController,
-                                         greedy_cut, parse_target)
+from maestro_lod.training import TrainConfig, Trainer, load_checkpoint
+from maestro_lod.training.budget import (CUT_CALIBRATION, CUT_STEP, GAIN, HOLD_LAMBDA, STEP_LIMIT, TargetLambda,
+                                         greedy_cut)
+from maestro_lod.engine.targets import parse_target
+
+DATA = Path(__file__).parent / "data"
 
 
 def _config(**changes) -> TrainConfig:
     options = dict(model="mlp", data="digits", epochs=6, batch_size=64, lr=0.05, augment=False, eps_ps=1e-2,
                    lambda_gl=1e-3, target="params=0.5")
-    return TrainConfig(**{**options, **changes})
+    return TrainConfig.from_dict({**options, **changes})
 
 
 def _trainer(digits, config: TrainConfig) -> Trainer:
@@ -55,7 +60,7 @@ def test_resumed_targeted_run_matches_uninterrupted_run(digits, tmp_path):
     full, resumed = resume_matches_uninterrupted(lambda: _trainer(digits, config), tmp_path / "ck.safetensors")
     lambdas = [r.extra["lambda_gl"] for r in full.history]
     assert lambdas[2] != lambdas[0]  # the weight after the interruption comes from the controller's state
-    assert resumed.method.controller.state_dict() == full.method.controller.state_dict()
+    assert resumed.method.scheduler.state_dict() == full.method.scheduler.state_dict()
 
 
 def test_a_gap_left_after_the_last_epoch_is_closed_by_the_greedy_search(digits):
@@ -95,7 +100,7 @@ def test_unreachable_target_is_refused_with_the_reachable_minimum(digits):
 
 
 def test_controller_update_on_a_synthetic_cost_sequence():
-    controller = BudgetController("params", 0.3, 1e-3, factorised_epochs=10, target_by=0.6)
+    controller = TargetLambda("params", 0.3, 1e-3, factorised_epochs=10, target_by=0.6)
     assert controller.target_epoch == 6
     controller.start = 1.0
     planned = [controller.planned(j) for j in range(1, 8)]
@@ -111,11 +116,11 @@ def test_controller_update_on_a_synthetic_cost_sequence():
     assert controller.met and lam == HOLD_LAMBDA == 0.0
     assert controller.history[-1]["lambda_gl"] == before
     assert controller.update(5, 0.35) == lam and controller.met  # met once is met for good
-    restored = BudgetController("params", 0.3, 5.0, 10, 0.6)
+    restored = TargetLambda("params", 0.3, 5.0, 10, 0.6)
     restored.load_state_dict(controller.state_dict())
     assert restored.state_dict() == controller.state_dict() and restored.lam == lam
     assert [h["epoch"] for h in controller.history] == [1, 2, 3, 4, 5]
-    holding = BudgetController("macs", 0.5, 1e-2, 4, hold=1e-4)
+    holding = TargetLambda("macs", 0.5, 1e-2, 4, hold=1e-4)
     holding.update(1, 0.9)
     assert holding.update(2, 0.5) == 1e-4
 
@@ -157,3 +162,18 @@ def test_cost_plot_shows_the_target_trajectory(tmp_path):
     assert (tmp_path / "cost.png").stat().st_size > 1000
     plot_cost([{k: v for k, v in r.items() if "cost" not in k} for r in history], 100, 200, tmp_path / "plain.png")
     assert (tmp_path / "plain.png").is_file()
+
+
+def test_a_checkpoint_written_before_the_scheduler_existed_resumes_to_the_same_numbers(digits):
+    # written after epoch 2 of 3 by the code whose λ controller was part of MAESTRO's method, with
+    # the numbers of that code's uninterrupted run (tests/data)
+    expected = json.loads((DATA / "targeted-expected.json").read_text())
+    config = TrainConfig.from_dict(expected["config"])
+    torch.manual_seed(config.seed)
+    trainer = Trainer(build_model("mlp", digits, hidden_sizes=[32]), digits.train, digits.val, config)
+    trainer.load_state_dict(load_checkpoint(DATA / "targeted-epoch2.safetensors"))
+    assert isinstance(trainer.method.scheduler, TargetLambda) and trainer.method.scheduler.start is not None
+    result = trainer.fit()
+    history = [{k: v for k, v in r.to_dict().items() if k not in ("train_time", "epoch_time")} for r in result.history]
+    assert history == expected["history"]
+    assert {k: v for k, v in result.summary.extra.items() if k != "communication_time"} == expected["summary_extra"]

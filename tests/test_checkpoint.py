@@ -63,7 +63,7 @@ def test_too_deep_structures_are_refused_both_ways(tmp_path):
 def _trainer(data, **options):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    return Trainer(model, data.train, data.val, TrainConfig(epochs=2, batch_size=256, bn_recal_batches=0, **options))
+    return Trainer(model, data.train, data.val, TrainConfig.from_dict(dict(epochs=2, batch_size=256, bn_recal_batches=0, **options)))
 
 
 def test_a_shrunk_state_fits_a_fresh_model_and_a_grown_one_does_not(digits):

@@ -127,7 +127,7 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(tmp_path):
 
     digits = load_data("digits", augment=False)
     torch.manual_seed(0)
-    one = Trainer(mlp(), digits.train, digits.val, TrainConfig(**dict(config, batch_size=64)),
+    one = Trainer(mlp(), digits.train, digits.val, TrainConfig.from_dict(dict(config, batch_size=64)),
                   distributed=Distributed())
     one.fit()
     assert [h["ranks"] for h in one.history] == [e["ranks"] for e in two["epochs"]]

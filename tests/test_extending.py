@@ -52,7 +52,7 @@ def test_a_registered_method_runs_in_the_trainer_and_is_a_config_choice(register
     small = Subset(digits.train, range(256))
     namespace = registered("Adding a training method", model=_mlp(), train_data=small, val_data=small)
     assert namespace["result"].summary["method"] == "maestro-late-shrink"
-    run = ml.training.fit(_mlp(), small, small, TrainConfig(method="maestro-late-shrink", epochs=2, eps_ps=1e5))
+    run = ml.training.fit(_mlp(), small, small, TrainConfig.from_dict(dict(method="maestro-late-shrink", epochs=2, eps_ps=1e5)))
     initial = sum(run.summary["initial_ranks"].values())
     assert run.history[0]["total_rank"] == initial  # MAESTRO itself would cut them to 1 after epoch 1
     assert run.history[1]["total_rank"] == len(run.summary["initial_ranks"])  # cut in the second half
@@ -62,7 +62,7 @@ def test_a_registered_method_runs_in_the_trainer_and_is_a_config_choice(register
 def test_a_registered_sampler_is_a_config_value(registered, digits):
     registered("Adding a rank sampler")
     small = Subset(digits.train, range(64))
-    trainer = Trainer(ml.factorize(_mlp()), small, small, TrainConfig(epochs=1, sampler="common-fraction"))
+    trainer = Trainer(ml.factorize(_mlp()), small, small, TrainConfig.from_dict(dict(epochs=1, sampler="common-fraction")))
     assert type(trainer.sampler).__name__ == "CommonFractionSampler"
     layers = list(ml.low_rank_layers(trainer.model))
     for _ in range(5):

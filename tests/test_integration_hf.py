@@ -198,3 +198,16 @@ def test_exported_linear_model_loads_with_plain_from_pretrained(tmp_path):
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     x = torch.arange(10)[None]
     torch.testing.assert_close(plain(x).logits, model.eval()(x).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_a_target_run_ends_within_the_target(windows, tmp_path):
+    vocab, data = windows
+    trainer = MaestroTrainer(gpt2(vocab), arguments(tmp_path, num_train_epochs=2), train_dataset=data,
+                             lambda_gl=1e-3, target="params=0.6")
+    trainer.train()
+    dense = ml.count_params(ml.export(trainer.model, merge="always"))
+    assert ml.count_params(ml.export(trainer.model)) <= 0.6 * dense
+    assert trainer.scheduler.met and len(trainer.shrinks) == 2
+    assert any("maestro/exported_cost" in entry for entry in trainer.state.log_history)
+    with pytest.raises(ConfigError, match="unknown cost 'latency'"):
+        MaestroTrainer(gpt2(vocab), arguments(tmp_path), train_dataset=data, target="latency=0.5")

@@ -210,3 +210,17 @@ def test_bad_input_names_the_value(mnist, tmp_path):
     fit.save_checkpoint(path)
     with pytest.raises(CheckpointError, match=r"factorised here but not in the checkpoint: \['net.fc3'\]"):
         trainer(MaestroCallback(), max_epochs=2).fit(LeNet(data), loader(train), ckpt_path=path)
+
+
+def test_a_target_run_ends_within_the_target(mnist):
+    data, train, val = mnist
+    torch.manual_seed(0)
+    module = LeNet(data)
+    callback = MaestroCallback(config=ml.training.MaestroConfig(lambda_gl=1e-3, eps_ps=1e-3, target="params=0.5"))
+    trainer(callback, max_epochs=3).fit(module, loader(train), loader(val))
+    dense = ml.count_params(ml.export(module, merge="always"))
+    assert ml.count_params(ml.export(module)) <= 0.5 * dense
+    assert callback.scheduler.met and callback.scheduler.summary_extra(callback._run)["achieved_cost"] <= 0.5
+    assert [h["epoch"] for h in callback.scheduler.history] == [1, 2, 3]
+    with pytest.raises(ConfigError, match="not both"):
+        MaestroCallback(lambda_gl=1e-2, config=ml.training.MaestroConfig())

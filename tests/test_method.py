@@ -29,7 +29,7 @@ def _mlp() -> nn.Module:
 
 def _one_step_config(**changes) -> TrainConfig:
     options = dict(epochs=1, batch_size=64, lr=LR, momentum=0.0, lambda_gl=0.0, eps_ps=0.0, augment=False)
-    return TrainConfig(**{**options, **changes})
+    return TrainConfig.from_dict({**options, **changes})
 
 
 def _lowering_seed(model: nn.Module) -> int:
@@ -110,7 +110,7 @@ def test_gradient_clipping_bounds_the_whole_update(digits):
 
 
 def test_recalibration_sets_batchnorm_statistics_to_those_of_the_current_ranks(digits):
-    config = TrainConfig(epochs=1, batch_size=128, lr=0.05, lambda_gl=5e-3, eps_ps=0.2, bn_recal_batches=3)
+    config = TrainConfig.from_dict(dict(epochs=1, batch_size=128, lr=0.05, lambda_gl=5e-3, eps_ps=0.2, bn_recal_batches=3))
     torch.manual_seed(0)
     trainer = Trainer(SmallConvNet(), digits.train, digits.val, config)
     initial = sum(ml.rank_pattern(trainer.model).values())

@@ -46,7 +46,7 @@ def _trainer(digits, config):
 
 @pytest.mark.parametrize("case", sorted(RESUME_CASES))
 def test_resumed_run_matches_uninterrupted_run_exactly(digits, tmp_path, case):
-    config = TrainConfig(model="small", data="digits", batch_size=128, **RESUME_CASES[case])
+    config = TrainConfig.from_dict(dict(model="small", data="digits", batch_size=128, **RESUME_CASES[case]))
     full = _trainer(digits, config)
     full.fit()
     ranks = [r["total_rank"] for r in full.history]  # shrinking before and after the interruption

@@ -31,7 +31,7 @@ class _ExplodeAfter(nn.Module):
 
 def test_nan_loss_stops_with_epoch_and_step(digits):
     # 3 steps per epoch and 2 training forward passes per step: the 9th pass is epoch 2's second step
-    config = TrainConfig(epochs=3, batch_size=512, reuse_prefix="off", bn_recal_batches=0)
+    config = TrainConfig.from_dict(dict(epochs=3, batch_size=512, reuse_prefix="off", bn_recal_batches=0))
     trainer = Trainer(_ExplodeAfter(SmallConvNet(), limit=9), digits.train, digits.val, config)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 2, step 2"):
         trainer.fit()
@@ -66,7 +66,7 @@ def test_maestro_on_mnist5k_shrinks_ranks_and_keeps_accuracy():
     check of the objective's parts (many broken variants still clear it): those are pinned down
     exactly in test_method.py."""
     data = load_data("mnist5k")
-    config = TrainConfig(epochs=6, lr=0.02, lambda_gl=2e-3, eps_ps=1e-2)
+    config = TrainConfig.from_dict(dict(epochs=6, lr=0.02, lambda_gl=2e-3, eps_ps=1e-2))
     torch.manual_seed(0)
     result = fit(build_model("lenet5", data), data.train, data.val, config)
     summary = result.summary

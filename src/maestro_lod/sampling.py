@@ -33,7 +33,7 @@ def _generator(seed: int | torch.Generator | None) -> torch.Generator:
 
 
 SAMPLERS = Registry("rank sampler")
-"""Rank samplers by name (the values of ``TrainConfig.sampler``); register a :class:`RankSampler`
+"""Rank samplers by name (the values of ``MaestroConfig.sampler``); register a :class:`RankSampler`
 subclass with ``@SAMPLERS.register("name")``."""
 
 

@@ -1,6 +1,7 @@
 """Baselines that MAESTRO is compared with, as strategies of the one training loop.
 
-Importing this package registers them in :data:`maestro_lod.training.METHODS`:
+Importing this package registers them in :data:`maestro_lod.training.METHODS`, each with the
+class of its options (``TrainConfig.method_options``):
 
 * ``pufferfish`` (:mod:`.pufferfish`): full-rank warm-up, then a fixed rank ratio, plain training;
 * ``cuttlefish`` (:mod:`.cuttlefish`): full-rank training until every layer's stable rank has
@@ -11,9 +12,9 @@ Importing this package registers them in :data:`maestro_lod.training.METHODS`:
 """
 
 from . import cuttlefish, pufferfish, svd
-from .cuttlefish import CuttlefishMethod, scaled_epochs, stable_rank, stabilised
-from .pufferfish import PufferfishMethod
-from .svd import SvdMethod, energy_rank
+from .cuttlefish import CuttlefishConfig, CuttlefishMethod, scaled_epochs, stable_rank, stabilised
+from .pufferfish import PufferfishConfig, PufferfishMethod
+from .svd import SvdConfig, SvdMethod, energy_rank
 
-__all__ = ["PufferfishMethod", "CuttlefishMethod", "SvdMethod", "stable_rank", "stabilised", "scaled_epochs",
-           "energy_rank", "cuttlefish", "pufferfish", "svd"]
+__all__ = ["PufferfishMethod", "CuttlefishMethod", "SvdMethod", "PufferfishConfig", "CuttlefishConfig", "SvdConfig",
+           "stable_rank", "stabilised", "scaled_epochs", "energy_rank", "cuttlefish", "pufferfish", "svd"]

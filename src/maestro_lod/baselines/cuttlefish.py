@@ -22,18 +22,40 @@ at least one factorised epoch remains; records say so (``cuttlefish_forced``).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..config import FactorizeConfig
 from ..errors import ConfigError
-from ..training.methods import METHODS, TrainingMethod
+from ..training.methods import TrainingMethod
+from ..training.options import EPOCH_LIMIT, MethodConfig, check_int, check_number
+from ..training.protocols import TrainerView
+from ..training.registries import METHODS
+from ..training.train_config import TrainConfig
 from .layer_choice import CUTTLEFISH_DENSE, dense_kept_config, kept_dense, weight_matrices
 
-if TYPE_CHECKING:
-    from ..training.train_config import TrainConfig
-    from ..training.loop import Trainer
+
+@dataclass
+class CuttlefishConfig(MethodConfig):
+    """Cuttlefish's stabilisation rule (11 epochs of history, an EMA over 15, never before epoch 15,
+    mean |slope| ≤ 0.1 — 0.25 / 0.5 when two / one layers remain unstable). The three epoch counts
+    are for a run of ``stable_reference_epochs`` epochs (300, as in the paper); a shorter run scales
+    them by ``epochs / stable_reference_epochs``, rounded, at least 2."""
+
+    stable_window: int = 11
+    stable_ema: int = 15
+    stable_min_epoch: int = 15
+    stable_tolerance: float = 0.1
+    stable_reference_epochs: int = 300
+
+    def __post_init__(self) -> None:
+        for name in ("stable_window", "stable_ema", "stable_reference_epochs"):
+            check_int(name, getattr(self, name), 2, EPOCH_LIMIT)
+        check_int("stable_min_epoch", self.stable_min_epoch, 1, EPOCH_LIMIT)
+        check_number("stable_tolerance", self.stable_tolerance, 0.0, strict=True)
+
 
 RELAXED = {2: 2.5, 1: 5.0}
 """Tolerance multipliers when only two / one layers remain unstable (0.25 and 0.5 for 0.1)."""
@@ -81,8 +103,8 @@ class CuttlefishMethod(TrainingMethod):
     """Full-rank training until every candidate layer's scaled stable rank has settled, then
     factorisation at those ranks and plain training of the factorised model."""
 
-    name = "cuttlefish"
     label = "Cuttlefish"
+    config_class = CuttlefishConfig
 
     def __init__(self) -> None:
         self.initial: dict[str, int] = {}
@@ -96,20 +118,21 @@ class CuttlefishMethod(TrainingMethod):
         self.forced = False
 
     @classmethod
-    def check_config(cls, config: "TrainConfig") -> None:
+    def check_config(cls, config: TrainConfig) -> None:
         if config.epochs < 2:
             raise ConfigError("cuttlefish needs epochs >= 2: at least one full-rank and one factorised epoch")
 
-    def _candidates_config(self, trainer: "Trainer") -> FactorizeConfig:
+    def _candidates_config(self, trainer: TrainerView) -> FactorizeConfig:
         kept = kept_dense(trainer.config.model, trainer.model, CUTTLEFISH_DENSE)
         return dense_kept_config(trainer.config.factorize_config(), kept)
 
-    def counts(self, config: "TrainConfig") -> tuple[int, int, int]:
+    def counts(self, config: TrainConfig) -> tuple[int, int, int]:
         """(window, EMA window, first possible epoch) for this run's length."""
-        return tuple(scaled_epochs(count, config.epochs, config.stable_reference_epochs)
-                     for count in (config.stable_window, config.stable_ema, config.stable_min_epoch))
+        options = config.method_options
+        return tuple(scaled_epochs(count, config.epochs, options.stable_reference_epochs)
+                     for count in (options.stable_window, options.stable_ema, options.stable_min_epoch))
 
-    def setup(self, trainer: "Trainer") -> None:
+    def setup(self, trainer: TrainerView) -> None:
         if trainer.factorized:
             raise ConfigError("cuttlefish starts from a dense model; pass the model unfactorised")
         matrices = weight_matrices(trainer.model, self._candidates_config(trainer))
@@ -120,11 +143,11 @@ class CuttlefishMethod(TrainingMethod):
     def scale(self, name: str) -> float:
         return self.full[name] / self.initial[name]
 
-    def before_epoch(self, trainer: "Trainer", epoch: int) -> None:
+    def before_epoch(self, trainer: TrainerView, epoch: int) -> None:
         if self.ranks is not None and not trainer.factorized:
             trainer.factorize_model(self.factorize_config(trainer))
 
-    def after_steps(self, trainer: "Trainer", epoch: int) -> None:
+    def after_steps(self, trainer: TrainerView, epoch: int) -> None:
         if self.ranks is not None:
             return
         config = trainer.config
@@ -132,7 +155,7 @@ class CuttlefishMethod(TrainingMethod):
         for name, matrix in weight_matrices(trainer.model, self._candidates_config(trainer)).items():
             self.history[name].append(stable_rank(matrix))
         unstable = [name for name in self.history if name not in self.stable]
-        tolerance = config.stable_tolerance * RELAXED.get(len(unstable), 1.0)
+        tolerance = config.method_options.stable_tolerance * RELAXED.get(len(unstable), 1.0)
         for name in unstable:
             series = [rank * self.scale(name) for rank in self.history[name]]
             if stabilised(series, epoch, window=window, ema_window=ema_window, min_epoch=min_epoch,
@@ -144,15 +167,15 @@ class CuttlefishMethod(TrainingMethod):
             self.ranks = {name: min(self.full[name], math.ceil(ranks[-1] * self.scale(name)))
                           for name, ranks in self.history.items()}
 
-    def factorize_config(self, trainer: "Trainer") -> FactorizeConfig:
+    def factorize_config(self, trainer: TrainerView) -> FactorizeConfig:
         base = self._candidates_config(trainer)
         return FactorizeConfig.from_dict({**base.to_dict(), "rank": None, "rank_pattern": dict(self.ranks or {})})
 
-    def epoch_extra(self, trainer: "Trainer") -> dict[str, Any]:
+    def epoch_extra(self, trainer: TrainerView) -> dict[str, Any]:
         return {"stable_layers": len(self.stable), "candidate_layers": len(self.history),
                 "cuttlefish_forced": self.forced}
 
-    def phase(self, trainer: "Trainer") -> str:
+    def phase(self, trainer: TrainerView) -> str:
         return "cuttlefish" if trainer.factorized else "full-rank"
 
     def state_dict(self) -> dict[str, Any]:

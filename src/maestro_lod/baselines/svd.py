@@ -10,18 +10,37 @@ after the last epoch's steps, before its evaluation. The ``factorize`` table cho
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..config import FactorizeConfig
 from ..errors import ConfigError
-from ..training.methods import METHODS, TrainingMethod
+from ..training.methods import TrainingMethod
+from ..training.options import EPOCH_LIMIT, MethodConfig, check_int, check_number
+from ..training.protocols import TrainerView
+from ..training.registries import METHODS
+from ..training.train_config import TrainConfig
 from .layer_choice import weight_matrices
 
-if TYPE_CHECKING:
-    from ..training.train_config import TrainConfig
-    from ..training.loop import Trainer
+
+@dataclass
+class SvdConfig(MethodConfig):
+    """The options of post-training SVD: ``svd_energy`` keeps per layer the fewest singular values
+    holding this fraction of ``Σσ²`` (None: every layer at the uniform ``rank_ratio`` of its full
+    rank); ``svd_finetune_epochs`` are trained after the truncation (the run's last ones; 0
+    truncates after the last epoch's steps)."""
+
+    rank_ratio: float = 0.25
+    svd_energy: float | None = None
+    svd_finetune_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        check_number("rank_ratio", self.rank_ratio, 0.0, strict=True, high=1.0)
+        if self.svd_energy is not None:
+            check_number("svd_energy", self.svd_energy, 0.0, strict=True, high=1.0)
+        check_int("svd_finetune_epochs", self.svd_finetune_epochs, 0, EPOCH_LIMIT)
 
 
 def energy_rank(matrix: torch.Tensor, energy: float) -> int:
@@ -35,11 +54,11 @@ def energy_rank(matrix: torch.Tensor, energy: float) -> int:
     return min(rank, min(matrix.shape[-2:]))
 
 
-def budget_ranks(matrices: dict[str, torch.Tensor], config: "TrainConfig") -> dict[str, int]:
+def budget_ranks(matrices: dict[str, torch.Tensor], options: SvdConfig) -> dict[str, int]:
     """The rank of every layer under the run's budget (energy threshold or uniform ratio)."""
-    if config.svd_energy is not None:
-        return {name: energy_rank(matrix, config.svd_energy) for name, matrix in matrices.items()}
-    return {name: max(1, math.ceil(config.rank_ratio * min(matrix.shape[-2:]))) for name, matrix in matrices.items()}
+    if options.svd_energy is not None:
+        return {name: energy_rank(matrix, options.svd_energy) for name, matrix in matrices.items()}
+    return {name: max(1, math.ceil(options.rank_ratio * min(matrix.shape[-2:]))) for name, matrix in matrices.items()}
 
 
 @METHODS.register("svd")
@@ -47,32 +66,34 @@ class SvdMethod(TrainingMethod):
     """Dense training for ``epochs - svd_finetune_epochs`` epochs, truncated SVD to the budget,
     then the remaining epochs fine-tune the truncated model with a fresh optimiser."""
 
-    name = "svd"
     label = "post-hoc SVD"
+    config_class = SvdConfig
 
     def __init__(self) -> None:
         self.ranks: dict[str, int] | None = None
 
     @classmethod
-    def check_config(cls, config: "TrainConfig") -> None:
-        if config.svd_finetune_epochs >= config.epochs:
-            raise ConfigError(f"svd_finetune_epochs={config.svd_finetune_epochs} leaves no dense epoch of "
+    def check_config(cls, config: TrainConfig) -> None:
+        finetune = config.method_options.svd_finetune_epochs
+        if finetune >= config.epochs:
+            raise ConfigError(f"svd_finetune_epochs={finetune} leaves no dense epoch of "
                               f"epochs={config.epochs}")
 
-    def factorize_config(self, trainer: "Trainer") -> FactorizeConfig:
+    def factorize_config(self, trainer: TrainerView) -> FactorizeConfig:
         base = trainer.config.factorize_config()
         if self.ranks is None:
-            self.ranks = budget_ranks(weight_matrices(trainer.model, base), trainer.config)
+            self.ranks = budget_ranks(weight_matrices(trainer.model, base), trainer.config.method_options)
         return FactorizeConfig.from_dict({**base.to_dict(), "rank": None, "rank_pattern": dict(self.ranks)})
 
-    def after_steps(self, trainer: "Trainer", epoch: int) -> None:
-        if not trainer.factorized and epoch == trainer.config.epochs - trainer.config.svd_finetune_epochs:
+    def after_steps(self, trainer: TrainerView, epoch: int) -> None:
+        finetune = trainer.config.method_options.svd_finetune_epochs
+        if not trainer.factorized and epoch == trainer.config.epochs - finetune:
             trainer.factorize_model(self.factorize_config(trainer))
 
-    def recalibrates(self, trainer: "Trainer") -> bool:
+    def recalibrates(self, trainer: TrainerView) -> bool:
         return trainer.factorized
 
-    def phase(self, trainer: "Trainer") -> str:
+    def phase(self, trainer: TrainerView) -> str:
         return "svd-finetune" if trainer.factorized else "dense"
 
     def state_dict(self) -> dict[str, Any]:

@@ -56,25 +56,16 @@ from ..files import write_json_atomic, write_png_atomic, write_text_atomic
 from ..engine.counting import count_macs, count_params
 from ..models import build_model
 from ..training.checkpoint import load_checkpoint
-from ..training.budget import parse_target
+from ..engine.targets import parse_target
 from ..training.train_config import TrainConfig
 from ..training.loop import Trainer
+from ..training.ablations import VARIANTS as TRAINING_VARIANTS
 from ..training.methods import METHODS, MaestroMethod
 from ..runs.presets import preset
 
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "dense": ("dense", {}),
-    "maestro": ("maestro", {}),
-    "maestro-no-gl": ("maestro", {"lambda_gl": 0.0}),
-    "maestro-no-shrink": ("maestro-no-shrink", {}),
-    "maestro-no-full-pass": ("maestro", {"full_pass": False}),
-    "maestro-full": ("maestro-full", {}),
-    "pufferfish": ("pufferfish", {}),
-    "cuttlefish": ("cuttlefish", {}),
-    "svd": ("svd", {"svd_energy": 0.9, "svd_finetune_epochs": 2}),
-}
-"""Bench method → (training method, options over the task's recipe). The ablations: no group lasso,
-no progressive shrinking, no full pass, and every step at all ranks."""
+VARIANTS = TRAINING_VARIANTS
+"""Bench method → (training method, options over the task's recipe): the library's table of the
+ablations and baselines (:data:`maestro_lod.training.VARIANTS`)."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +227,7 @@ def _toml_value(value: Any) -> str:
 def config_toml(config: TrainConfig) -> str:
     """``config`` as a TOML table ``maestro-lod train --config`` reads back to an equal config.
     TOML has no null: a None is left out, which is only right where None is the field's default."""
-    defaults = TrainConfig().to_dict()
+    defaults = TrainConfig(method=config.method).to_dict()
     lines = []
     for key, value in config.to_dict().items():
         if value is None:
@@ -295,6 +286,7 @@ def _latency(model: torch.nn.Module, inputs: Any, repeats: int) -> float:
 def measure(cell: Cell, repeats: int) -> dict[str, Any]:
     """The cell's numbers from its run directory (the exported model rebuilt from its checkpoint)."""
     config = cell.config
+    options = config.method_options.to_dict()
     summary = json.loads((cell.directory / "summary.json").read_text())
     data = load_data(config.data, root=config.data_root, download=config.download, seed=config.seed,
                      augment=config.augment, seq_len=config.seq_len)
@@ -306,7 +298,7 @@ def measure(cell: Cell, repeats: int) -> dict[str, Any]:
     inputs = tuple(x.cpu() for x in inputs) if isinstance(inputs, tuple) else inputs.cpu()
     deployed = deployed.cpu()
     return {"task": cell.task.name, "method": cell.method, "seed": cell.seed, "point": dict(cell.point),
-            "directory": str(cell.directory), "lambda_gl": config.lambda_gl, "eps_ps": config.eps_ps,
+            "directory": str(cell.directory), "lambda_gl": options.get("lambda_gl"), "eps_ps": options.get("eps_ps"),
             "ranks": summary["final_ranks"], "accuracy": summary["final_accuracy"], "perplexity": summary.get("final_perplexity"),
             "params": count_params(deployed), "macs": count_macs(deployed, inputs),
             "dense_params": summary["dense_params"], "dense_macs": summary["dense_macs"],

@@ -26,7 +26,8 @@ from ..data import load_data
 from ..deploy.artifacts import FILES, FORMATS, build_artifacts, check_formats, write_files
 from ..engine.costs import COSTS, deployable, layer_floor, measure_latency, repeat_batch, time_model, visited_ranks
 from ..deploy.family import FAMILY_FILE, save_family
-from ..engine.front import TARGET_KEYS, Front, FrontPoint, check_target
+from ..engine.front import Front, FrontPoint
+from ..engine.targets import COMPRESS, Target, parse_target
 from ..engine.search import CALIBRATION_SIZE, calibration_batches, evaluate_front, greedy_front, materialize
 from ..errors import CheckpointError, ConfigError, UsageError
 from ..files import write_json_atomic
@@ -45,16 +46,9 @@ CHECK_SAMPLES = 64
 """Validation samples each artifact's outputs are compared on (and 3 more, as a second batch size)."""
 
 
-def _target(text: str) -> tuple[str, float]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY one of {', '.join(TARGET_KEYS)}, got {text!r}")
+def _target(text: str) -> Target:
     try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"target {text!r}: {value!r} is not a number") from None
-    try:
-        return key, check_target(key, number)
+        return parse_target(text, COMPRESS)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

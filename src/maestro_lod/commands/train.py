@@ -20,7 +20,8 @@ from ..errors import TrainingDiverged, UsageError
 from ..models import MODELS
 from ..sampling import SAMPLERS
 from ..training.distributed import Distributed, DistributedError, env_rank, launched_by_torchrun
-from ..training.train_config import DEVICES, EXECUTION_KEYS, METHODS, REFERENCES, REUSE_MODES, TrainConfig, check_nesting, read_toml
+from ..training.options import REUSE_MODES
+from ..training.train_config import DEVICES, EXECUTION_KEYS, METHODS, REFERENCES, TrainConfig, check_nesting, read_toml
 from ..training.optim import OPTIMIZERS, SCHEDULES
 from ..runs.presets import PRESETS, preset
 from ..training.loop import resolve_device

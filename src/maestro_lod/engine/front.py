@@ -19,10 +19,11 @@ from typing import Any
 from ..errors import ConfigError, MissingFileError
 from ..files import write_json_atomic, write_png_atomic
 from .costs import COSTS, LatencyTable
+from .targets import COMPRESS, check_target, dense_cost
 
 FORMAT = 1
 BUDGETS = COSTS
-TARGET_KEYS = (*BUDGETS, "max_drop")
+TARGET_KEYS = COMPRESS.keys
 
 
 @dataclass
@@ -88,7 +89,7 @@ class Front:
             if point.latency is None or not self.dense_latency:
                 raise ConfigError("a latency budget needs a front measured with a latency table")
             return point.latency / self.dense_latency
-        return getattr(point, budget) / (self.dense_macs if budget == "macs" else self.dense_params)
+        return getattr(point, budget) / dense_cost(self, budget)
 
     def drop(self, point: FrontPoint) -> float:
         """Accuracy lost against the trained model (needs evaluated points)."""
@@ -204,13 +205,3 @@ class Front:
         figure.suptitle(f"greedy front ({len(self.points)} points, cost: {self.cost})")
         figure.tight_layout()
         write_png_atomic(figure, path, dpi=110)
-
-
-def check_target(key: str, value: object) -> float:
-    """A target value in (0, 1] for a known key, else a ConfigError."""
-    if key not in TARGET_KEYS:
-        raise ConfigError(f"unknown target {key!r}; known: {', '.join(TARGET_KEYS)}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ConfigError(f"target {key}={value!r} must be a number in (0, 1]")
-    return float(value)
-

@@ -5,30 +5,99 @@
 * :mod:`maestro_lod.integrations.lightning`: ``MaestroCallback`` and ``maestro_loss`` for
   Lightning (extra ``lightning``).
 
-Both share the pieces below, which need neither library.
+Both take MAESTRO's options as a :class:`~maestro_lod.training.MaestroConfig` (or the same
+keywords) and set the group-lasso weight with the λ schedulers of :mod:`maestro_lod.training.budget`
+(a size ``target`` included). They share the pieces below, which need neither library.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import fields
+from functools import cached_property
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import FactorizeConfig
+from ..engine.counting import count_macs, count_params
 from ..errors import CheckpointError, ConfigError, ConfigTypeError
+from ..export import export
+from ..functional import DOWN_RANK_DIM
+from ..inject import factorize
 from ..layers import LowRankLayer, low_rank_layers
-from ..sampling import SAMPLERS, RankSampler, build_sampler
+from ..sampling import RankSampler, build_sampler
+from ..training.options import MaestroConfig
+
+
+def maestro_config(config: MaestroConfig | None, **options: Any) -> MaestroConfig:
+    """The MAESTRO options of an integration: ``config`` when given (then every keyword in
+    ``options`` must be left at its default), else a :class:`MaestroConfig` of the keywords,
+    which checks them."""
+    if config is None:
+        return MaestroConfig(**options)
+    if not isinstance(config, MaestroConfig):
+        raise ConfigTypeError(f"config must be a MaestroConfig, got {type(config).__name__}")
+    defaults = {f.name: f.default for f in fields(MaestroConfig)}
+    given = sorted(name for name, value in options.items() if value != defaults[name])
+    if given:
+        raise ConfigError(f"give MAESTRO's options either as config=MaestroConfig(...) or as keywords, not both "
+                          f"({', '.join(given)} given as keywords)")
+    return config
+
+
+class LoopRun:
+    """A training loop outside :class:`~maestro_lod.training.Trainer` as a λ scheduler sees it
+    (:class:`~maestro_lod.training.protocols.SizedRun`): the model, its optimiser and an example
+    input, read when the scheduler asks (a loop builds its optimiser and sees its first batch
+    after the scheduler exists), and the dense model's costs, counted once on first use from the
+    model with every factor pair merged back (the same at any rank)."""
+
+    def __init__(self, model: nn.Module, optimizer: Callable[[], torch.optim.Optimizer | None],
+                 example_inputs: Callable[[], Any]):
+        self.model = model
+        self._optimizer, self._example_inputs = optimizer, example_inputs
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._optimizer()
+
+    @property
+    def example_inputs(self) -> Any:
+        example = self._example_inputs()
+        if example is None:
+            raise ConfigError("no training batch seen yet: the model's MACs need an example input")
+        return example
+
+    @cached_property
+    def _dense(self) -> nn.Module:
+        return export(self.model, merge="always")
+
+    @cached_property
+    def dense_params(self) -> int:
+        return count_params(self._dense)
+
+    @cached_property
+    def dense_macs(self) -> int:
+        return count_macs(self._dense, self.example_inputs)
+
+
+def sampler_name(sampler: str | RankSampler) -> str:
+    """The name :class:`MaestroConfig` checks for ``sampler``: a name as given, ``"single"`` (the
+    default) for a sampler object, which is used as it is."""
+    if isinstance(sampler, RankSampler):
+        return "single"
+    if not isinstance(sampler, str):
+        raise ConfigTypeError(f"sampler must be a sampler name or a RankSampler, got {type(sampler).__name__}")
+    return sampler
 
 
 def make_sampler(sampler: str | RankSampler, seed: int, fraction: float) -> RankSampler:
     """A sampler object as given, or the registered sampler named ``sampler`` seeded with ``seed``."""
     if isinstance(sampler, RankSampler):
         return sampler
-    if not isinstance(sampler, str):
-        raise ConfigTypeError(f"sampler must be a sampler name or a RankSampler, got {type(sampler).__name__}")
-    if sampler not in SAMPLERS.names():
-        raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS.names())}")
     return build_sampler(sampler, torch.Generator().manual_seed(int(seed)), fraction=fraction)
 
 
@@ -49,8 +118,6 @@ def ensure_factorized(model: nn.Module, config: FactorizeConfig | dict | None) -
         if config is not None:
             raise ConfigError(f"{type(model).__name__} is already factorised; pass factorize=None to train it as it is")
         return model
-    from ..inject import factorize
-
     try:
         return factorize(model, config)
     except ConfigError as error:
@@ -105,8 +172,6 @@ def underlying_optimizer(optimizer: object) -> torch.optim.Optimizer | None:
 def fit_state_dict_ranks(model: nn.Module, state_dict: dict, prefix: str, source: str) -> None:
     """Resize ``model``'s low-rank layers to the ranks of the factors in ``state_dict`` (keys under
     ``prefix``) before it loads, with an error naming the layer and rank that cannot fit."""
-    from ..functional import DOWN_RANK_DIM
-
     ranks = {}
     for name, layer in low_rank_layers(model):
         down = state_dict.get(f"{prefix}{name}.down" if name else f"{prefix}down")

@@ -6,7 +6,9 @@ gradient accumulation and mixed-precision unscaling), shrinks at the end of ever
 ``shrink_every``-th training epoch with every optimiser's state sliced in place, recalibrates
 BatchNorm statistics before validation and logs ranks, parameters and MACs. Checkpoints carry the
 ranks in the factors' shapes (resized before loading; a checkpoint of a module factorised in other
-layers is refused naming them) and the sampler's state.
+layers is refused naming them) and the sampler's and the λ scheduler's state. With a size
+``target`` the group-lasso weight is steered each epoch as in ``maestro-lod train --target``
+(:mod:`maestro_lod.training.budget`; a gap left after the last epoch is cut by importance).
 
 In ``training_step``, replace ``loss = loss_fn(self(x), y)`` by
 ``loss = maestro_loss(self, x, y, loss_fn)``.
@@ -14,7 +16,6 @@ In ``training_step``, replace ``loss = loss_fn(self(x), y)`` by
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,16 +30,17 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
                       "pip install 'maestro-lod[lightning]'") from error
 
 from ..config import FactorizeConfig
+from ..engine.batchnorm import recalibrate_batchnorm
+from ..engine.counting import count_macs, count_params
+from ..engine.passes import forward, soft_loss
 from ..errors import CheckpointError, ConfigError
 from ..layers import low_rank_layers, rank_pattern
-from ..engine.counting import count_macs, count_params
 from ..regularization import GroupLassoGradient
 from ..sampling import RankSampler, sampled_ranks
-from ..shrinking import shrink_
-from ..engine.batchnorm import recalibrate_batchnorm
-from ..engine.passes import forward, soft_loss
-from . import (ensure_factorized, fit_state_dict_ranks, generator_state, make_sampler, restore_generator_state,
-               underlying_optimizer)
+from ..training.budget import LambdaScheduler, importance_cut, lambda_scheduler, reachable_minimum
+from ..training.options import MaestroConfig, check_int
+from . import (LoopRun, ensure_factorized, fit_state_dict_ranks, generator_state, maestro_config, make_sampler,
+               restore_generator_state, sampler_name, underlying_optimizer)
 
 __all__ = ["MaestroCallback", "maestro_loss"]
 
@@ -57,6 +59,11 @@ class MaestroCallback(pl.Callback):
         sampler: a registered sampler name (``"single"``) or a :class:`RankSampler`;
             ``sample_fraction`` for ``"fixed"``; ``seed`` seeds a named sampler.
         warmup_epochs: epochs of plain training of the full-rank factorised model first.
+        target, target_by: a size to reach instead of a fixed λ (``"params=0.3"``, ``"macs=0.3"``:
+            the exported model's cost as a fraction of the dense model's), planned to be reached
+            after ``target_by`` of the epochs after the warm-up (the Trainer's ``max_epochs``).
+        config: a :class:`~maestro_lod.training.MaestroConfig` holding the options above instead
+            of the keywords (its ``shrink_every`` ≥ 1; the keywords then stay at their defaults).
         factorize: a :class:`FactorizeConfig` (or dict) for the module; None = every supported
             layer (a module that is already factorised is kept as it is).
         bn_recal_batches: training batches that recalibrate BatchNorm before validation (20; 0 = off).
@@ -66,31 +73,32 @@ class MaestroCallback(pl.Callback):
 
     def __init__(self, lambda_gl: float = 1e-3, eps_ps: float = 1e-3, *, hierarchical: bool = True,
                  shrink_every: int = 1, sampler: str | RankSampler = "single", sample_fraction: float = 0.5,
-                 seed: int = 0, warmup_epochs: int = 0, factorize: FactorizeConfig | dict | None = None,
+                 seed: int = 0, warmup_epochs: int = 0, target: str | None = None, target_by: float = 0.6,
+                 config: MaestroConfig | None = None, factorize: FactorizeConfig | dict | None = None,
                  bn_recal_batches: int = 20, inputs: Callable[[Any], Any] = _first):
-        for name, value in (("lambda_gl", lambda_gl), ("eps_ps", eps_ps)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name}={value!r} must be a finite number ≥ 0")
-        for name, value in (("shrink_every", shrink_every), ("warmup_epochs", warmup_epochs),
-                            ("bn_recal_batches", bn_recal_batches), ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name}={value!r} must be an int ≥ 0")
-        if (isinstance(sample_fraction, bool) or not isinstance(sample_fraction, (int, float))
-                or not 0 < sample_fraction <= 1):
-            raise ConfigError(f"sample_fraction={sample_fraction!r} must be a number in (0, 1]")
-        self.lambda_gl = float(lambda_gl)
-        self.eps_ps = float(eps_ps)
-        self.hierarchical = bool(hierarchical)
-        self.shrink_every = shrink_every
-        self.sampler = make_sampler(sampler, seed, sample_fraction)
-        self.warmup_epochs = warmup_epochs
+        check_int("shrink_every", shrink_every, 0)
+        check_int("seed", seed, 0)
+        check_int("bn_recal_batches", bn_recal_batches, 0)
+        self.config = maestro_config(config, lambda_gl=lambda_gl, eps_ps=eps_ps, hierarchical=hierarchical,
+                                     shrink_every=max(shrink_every, 1), sampler=sampler_name(sampler),
+                                     sample_fraction=sample_fraction, warmup_epochs=warmup_epochs, target=target,
+                                     target_by=target_by)
+        self.shrinks_at_all = shrink_every > 0 or config is not None
+        if self.config.target is not None and not self.shrinks_at_all:
+            raise ConfigError(f"target={self.config.target!r} is reached by shrinking; give shrink_every >= 1")
+        self.sampler = make_sampler(sampler, seed, self.config.sample_fraction)
         self.factorize = factorize
         self.bn_recal_batches = bn_recal_batches
         self.inputs = inputs
         self.penalty: GroupLassoGradient | None = None
+        self.scheduler: LambdaScheduler | None = None
+        """The group-lasso weight and the end-of-epoch shrinking, built at the first training batch
+        (a target's reachable minimum in MACs needs an example input)."""
         self.shrinks: list[dict[str, tuple[int, int]]] = []
         self._example: Any = None
         self._hook = None
+        self._run: LoopRun | None = None
+        self._scheduler_state: dict[str, Any] | None = None
 
     # ---- set-up ---------------------------------------------------------------------------------
 
@@ -99,16 +107,37 @@ class MaestroCallback(pl.Callback):
             return
         if not any(True for _ in low_rank_layers(pl_module)):
             ensure_factorized(pl_module, self.factorize)
-        self.penalty = GroupLassoGradient([layer for _, layer in low_rank_layers(pl_module)], self.lambda_gl,
-                                          self.hierarchical)
+        self.penalty = GroupLassoGradient([layer for _, layer in low_rank_layers(pl_module)], self.config.lambda_gl,
+                                          self.config.hierarchical)
+        self._run = LoopRun(pl_module, lambda: self._optimizer(trainer), lambda: self._example_on(pl_module))
         if self._hook is None:
             def resize_before_load(module, state_dict, prefix, *args):
                 check_same_factorisation(module, state_dict, prefix)
                 fit_state_dict_ranks(module, state_dict, prefix, "checkpoint")
             self._hook = pl_module.register_load_state_dict_pre_hook(resize_before_load)
 
+    def _build_scheduler(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> LambdaScheduler:
+        epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else 0
+        if self.config.target is not None and epochs <= self.config.warmup_epochs:
+            raise ConfigError(f"target={self.config.target!r} is planned over the epochs after the warm-up; give the "
+                              f"Trainer max_epochs > warmup_epochs={self.config.warmup_epochs}")
+        run = self._run
+        return lambda_scheduler(self.config, epochs - self.config.warmup_epochs,
+                                lambda kind, target: importance_cut(run, kind, target),
+                                lambda kind: reachable_minimum(run, kind), type(pl_module).__name__)
+
+    @staticmethod
+    def _optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer | None:
+        optimizers = [underlying_optimizer(opt) for opt in trainer.optimizers]
+        if len(optimizers) > 1:
+            raise ConfigError(f"MaestroCallback shrinks with one optimiser; the module has {len(optimizers)}")
+        return optimizers[0] if optimizers else None
+
+    def _example_on(self, pl_module: pl.LightningModule) -> Any:
+        return None if self._example is None else move_data_to_device(self._example, pl_module.device)
+
     def in_warmup(self, trainer: pl.Trainer) -> bool:
-        return trainer.current_epoch < self.warmup_epochs
+        return trainer.current_epoch < self.config.warmup_epochs
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -116,21 +145,26 @@ class MaestroCallback(pl.Callback):
         if self._example is None:
             example = self.inputs(batch)
             self._example = example[:1] if isinstance(example, torch.Tensor) else example
+        if self.scheduler is None:
+            self.scheduler = self._build_scheduler(trainer, pl_module)
+            if self._scheduler_state is not None:
+                self.scheduler.load_state_dict(self._scheduler_state)
+            self.penalty.weight = self.scheduler.lam
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.penalty is None or self.lambda_gl == 0 or self.in_warmup(trainer):
+        if self.penalty is None or self.config.lambda_gl == 0 or self.in_warmup(trainer):
             return
         value = self.penalty.add_to_grads_()
         pl_module.log("maestro/penalty", float(value), on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        epoch = trainer.current_epoch + 1
-        if self.shrink_every and not self.in_warmup(trainer) and (epoch - self.warmup_epochs) % self.shrink_every == 0:
-            optimizers = [underlying_optimizer(opt) for opt in trainer.optimizers]
-            if len(optimizers) > 1:
-                raise ConfigError(f"MaestroCallback shrinks with one optimiser; the module has {len(optimizers)}")
-            self.shrinks.append(shrink_(pl_module, self.eps_ps, optimizers[0] if optimizers else None))
-        for name, value in self.cost_metrics(pl_module).items():
+        if self.shrinks_at_all and not self.in_warmup(trainer):
+            changes = self.scheduler.step(self._run, trainer.current_epoch + 1 - self.config.warmup_epochs)
+            if changes:
+                self.shrinks.append(changes)
+            self.penalty.weight = self.scheduler.lam
+        metrics = {f"maestro/{name}": float(value) for name, value in self.scheduler.epoch_extra().items()}
+        for name, value in {**metrics, **self.cost_metrics(pl_module)}.items():
             pl_module.log(name, value, on_step=False, on_epoch=True)
 
     @torch.no_grad()
@@ -163,10 +197,12 @@ class MaestroCallback(pl.Callback):
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler_state": generator_state(self.sampler), "shrinks": len(self.shrinks)}
+        return {"sampler_state": generator_state(self.sampler), "shrinks": len(self.shrinks),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         restore_generator_state(self.sampler, state_dict.get("sampler_state"))
+        self._scheduler_state = state_dict.get("scheduler")  # loaded into the scheduler once it is built
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint["maestro_ranks"] = rank_pattern(pl_module)

@@ -6,14 +6,17 @@ positions labelled -100 ignored; causal language models' labels shifted here, th
 shift them internally); the group lasso's closed-form gradient is added once per optimiser step,
 after gradient accumulation and after mixed-precision unscaling (a step pre-hook on the optimiser
 Trainer builds). Ranks shrink on schedule with that optimiser's state sliced in place (the LR
-scheduler is untouched). What ``save_model`` writes reloads with :func:`load_factorized`.
+scheduler is untouched). With a size ``target`` the group-lasso weight is steered at every shrink
+as in ``maestro-lod train --target`` (:mod:`maestro_lod.training.budget`; the shrinks of the run
+play the part of its epochs, and a gap left after the last one is cut by importance). What
+``save_model`` writes reloads with :func:`load_factorized`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+
 import torch
 from torch import nn
 
@@ -26,15 +29,17 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
                       "pip install 'maestro-lod[hf]'") from error
 
 from ..config import FactorizeConfig
-from ..errors import CheckpointError, ConfigError, ConfigTypeError
-from ..layers import low_rank_layers, rank_pattern
 from ..engine.counting import count_macs, count_params
+from ..engine.passes import hard_loss, soft_loss
+from ..errors import CheckpointError, ConfigError, ConfigTypeError
+from ..export import export
+from ..layers import low_rank_layers, rank_pattern
 from ..regularization import GroupLassoGradient
 from ..sampling import RankSampler, sampled_ranks
-from ..shrinking import shrink_
-from ..engine.passes import hard_loss, soft_loss
-from . import (ensure_factorized, factorized_targets, generator_state, make_sampler, resize_to,
-               restore_generator_state, underlying_optimizer)
+from ..training.budget import LambdaScheduler, importance_cut, lambda_scheduler, reachable_minimum
+from ..training.options import MaestroConfig, check_int, check_number
+from . import (LoopRun, ensure_factorized, factorized_targets, generator_state, maestro_config, make_sampler,
+               resize_to, restore_generator_state, sampler_name, underlying_optimizer)
 
 MAESTRO_FILE = "maestro.json"
 """Written next to the weights by every save: layers, ranks and the sampler's state."""
@@ -53,6 +58,9 @@ class _Schedule(TrainerCallback):
 
     def __init__(self, trainer: "MaestroTrainer"):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.plan_shrinks()
 
     def on_step_end(self, args, state, control, **kwargs):
         every = self.trainer.shrink_every
@@ -74,6 +82,11 @@ class MaestroTrainer(Trainer):
     * ``shrink_every`` (``"epoch"``): ``"epoch"``, a number of optimiser steps, or None (never);
     * ``sampler`` (``"single"``): a registered sampler name or a :class:`RankSampler`;
       ``sample_fraction`` (0.5, for ``"fixed"``), ``sampler_seed`` (the run's ``args.seed``);
+    * ``target``, ``target_by`` (None, 0.6): a size to reach instead of a fixed λ (``"params=0.3"``,
+      ``"macs=0.3"``), planned to be reached after ``target_by`` of the run's shrinks;
+    * ``config``: a :class:`~maestro_lod.training.MaestroConfig` holding the options above (its
+      ``shrink_every`` and ``warmup_epochs`` are the keywords' here; the others then stay at their
+      defaults);
     * ``warmup_steps`` / ``warmup_epochs`` (0): plain training of the full-rank factorised
       model first (labels only: no sampled pass, group lasso or shrinking);
     * ``factorize``: a :class:`FactorizeConfig` (or its dict) applied to ``model``; None factorises
@@ -84,39 +97,41 @@ class MaestroTrainer(Trainer):
 
     def __init__(self, model: nn.Module | None = None, *args, lambda_gl: float = 1e-3, hierarchical: bool = True,
                  eps_ps: float = 1e-3, shrink_every: str | int | None = "epoch", sampler: str | RankSampler = "single",
-                 sample_fraction: float = 0.5, sampler_seed: int | None = None, warmup_steps: int = 0,
+                 sample_fraction: float = 0.5, sampler_seed: int | None = None, target: str | None = None,
+                 target_by: float = 0.6, config: MaestroConfig | None = None, warmup_steps: int = 0,
                  warmup_epochs: float = 0, factorize: FactorizeConfig | dict | None = None,
                  shift_labels: bool | None = None, **kwargs):
         if model is None:
             raise ConfigError("MaestroTrainer needs a model (model_init is not supported: the model is factorised once)")
-        for name, value in (("lambda_gl", lambda_gl), ("eps_ps", eps_ps), ("warmup_epochs", warmup_epochs)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name}={value!r} must be a finite number ≥ 0")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ConfigError(f"warmup_steps={warmup_steps!r} must be an int ≥ 0")
-        if (isinstance(sample_fraction, bool) or not isinstance(sample_fraction, (int, float))
-                or not 0 < sample_fraction <= 1):
-            raise ConfigError(f"sample_fraction={sample_fraction!r} must be a number in (0, 1]")
-        if sampler_seed is not None and (isinstance(sampler_seed, bool) or not isinstance(sampler_seed, int)
-                                         or sampler_seed < 0):
-            raise ConfigError(f"sampler_seed={sampler_seed!r} must be an int ≥ 0 or None")
+        self.maestro = maestro_config(config, lambda_gl=lambda_gl, hierarchical=hierarchical, eps_ps=eps_ps,
+                                      sampler=sampler_name(sampler), sample_fraction=sample_fraction, target=target,
+                                      target_by=target_by)
+        check_number("warmup_epochs", warmup_epochs, 0.0)
+        check_int("warmup_steps", warmup_steps, 0)
+        if sampler_seed is not None:
+            check_int("sampler_seed", sampler_seed, 0)
         if not (shrink_every is None or shrink_every == "epoch"
                 or (isinstance(shrink_every, int) and not isinstance(shrink_every, bool) and shrink_every > 0)):
             raise ConfigError(f"shrink_every={shrink_every!r} must be 'epoch', a positive number of steps or None")
+        if self.maestro.target is not None and shrink_every is None:
+            raise ConfigError(f"target={self.maestro.target!r} is reached by shrinking; give shrink_every")
         model = ensure_factorized(model, factorize)
         super().__init__(model, *args, **kwargs)
-        self.lambda_gl = float(lambda_gl)
-        self.hierarchical = bool(hierarchical)
-        self.eps_ps = float(eps_ps)
         self.shrink_every = shrink_every
         self.warmup_steps = warmup_steps
         self.warmup_epochs = float(warmup_epochs)
-        self.sampler = make_sampler(sampler, self.args.seed if sampler_seed is None else sampler_seed, sample_fraction)
+        self.sampler = make_sampler(sampler, self.args.seed if sampler_seed is None else sampler_seed,
+                                    self.maestro.sample_fraction)
         self.shift_labels = shift_labels
         self.factorize_config = factorize if isinstance(factorize, FactorizeConfig) else (
             FactorizeConfig.from_dict(factorize) if isinstance(factorize, dict) else None)
-        self.penalty = GroupLassoGradient([layer for _, layer in low_rank_layers(self.model)], self.lambda_gl,
-                                          self.hierarchical)
+        self.penalty = GroupLassoGradient([layer for _, layer in low_rank_layers(self.model)], self.maestro.lambda_gl,
+                                          self.maestro.hierarchical)
+        self.run = LoopRun(self.model, self.torch_optimizer, self._example_inputs)
+        self.scheduler: LambdaScheduler | None = None
+        """The group-lasso weight and what a shrink does, planned when training begins."""
+        self._scheduler_state: dict | None = None  # a resumed run's, loaded once the scheduler exists
+        self._shrunk = 0  # shrinks after the warm-up so far (a resumed run's included)
         self.dense_params = None
         self.shrinks: list[dict[str, tuple[int, int]]] = []
         self._example: dict[str, torch.Tensor] | None = None
@@ -131,8 +146,39 @@ class MaestroTrainer(Trainer):
 
     # ---- schedule -------------------------------------------------------------------------------
 
-    def in_warmup(self) -> bool:
-        return self.state.global_step < self.warmup_steps or (self.state.epoch or 0.0) < self.warmup_epochs
+    def in_warmup(self, step: int | None = None, epoch: float | None = None) -> bool:
+        """Whether the run is (or, at ``step`` / ``epoch``, was) in its plain warm-up."""
+        step = self.state.global_step if step is None else step
+        epoch = (self.state.epoch or 0.0) if epoch is None else epoch
+        return step < self.warmup_steps or epoch < self.warmup_epochs
+
+    def plan_shrinks(self) -> None:
+        """Build the λ scheduler once the run's length is known (at the start of training): a
+        targeted run plans over the shrinks that fall after the warm-up."""
+        per_epoch = self.state.max_steps / max(self.state.num_train_epochs, 1)
+        if self.shrink_every == "epoch":
+            ends = [(round(e * per_epoch), float(e)) for e in range(1, int(self.state.num_train_epochs) + 1)]
+        elif self.shrink_every is None:
+            ends = []
+        else:
+            ends = [(s, s / per_epoch) for s in range(self.shrink_every, self.state.max_steps + 1, self.shrink_every)]
+        shrinks = sum(not self.in_warmup(step, epoch) for step, epoch in ends)
+        if self.maestro.target is not None and shrinks == 0:
+            raise ConfigError(f"target={self.maestro.target!r}: no shrink falls after the warm-up of this run")
+        if self.maestro.target is not None and self._example is None:  # the costs need an input now
+            batch = self.data_collator([self.train_dataset[0]])
+            self._example = {key: value[:1].to(self.model.device) for key, value in batch.items()
+                             if key != "labels" and isinstance(value, torch.Tensor)}
+        state = self._scheduler_state if self.scheduler is None else self.scheduler.state_dict()
+        self.scheduler = lambda_scheduler(self.maestro, shrinks, lambda kind, target: importance_cut(self.run, kind, target),
+                                          lambda kind: reachable_minimum(self.run, kind), type(self.model).__name__)
+        if state is not None:
+            self.scheduler.load_state_dict(state)
+        self.penalty.weight = self.scheduler.lam
+
+    def _example_inputs(self) -> torch.Tensor | None:
+        """The model's positional input for cost counting: the first batch's ``input_ids``."""
+        return None if self._example is None else self._example.get("input_ids")
 
     def torch_optimizer(self) -> torch.optim.Optimizer | None:
         """The torch optimiser Trainer created (inside accelerate's wrapper)."""
@@ -148,7 +194,7 @@ class MaestroTrainer(Trainer):
 
     def _add_penalty(self, optimizer, args, kwargs) -> None:
         # Runs inside optimizer.step(): after accumulation, unscaling and clipping, once per update.
-        if self.lambda_gl == 0 or not self.model.training or self.in_warmup():
+        if self.maestro.lambda_gl == 0 or not self.model.training or self.in_warmup():
             return
         value = self.penalty.add_to_grads_()
         self._sums[2] += float(value)
@@ -159,13 +205,16 @@ class MaestroTrainer(Trainer):
         """Shrink now (the schedule calls this), slicing the optimiser's state; logs the ranks."""
         if self.in_warmup():
             return {}
-        changes = shrink_(self.model, self.eps_ps, self.torch_optimizer())
+        self._shrunk += 1
+        changes = self.scheduler.step(self.run, self._shrunk)
+        self.penalty.weight = self.scheduler.lam
         self.shrinks.append(changes)
         self._macs = None
         # Trainer's log() clears control.should_log; at a step that is also a logging step the
         # training loss would then never be logged, so the flag is kept as it was
         should_log = self.control.should_log
-        self.log(self.cost_metrics())
+        steering = {f"maestro/{name}": float(value) for name, value in self.scheduler.epoch_extra().items()}
+        self.log({**steering, **self.cost_metrics()})
         self.control.should_log = should_log
         return changes
 
@@ -243,6 +292,8 @@ class MaestroTrainer(Trainer):
             "ranks": rank_pattern(self.model),
             "max_ranks": {name: layer.max_rank for name, layer in low_rank_layers(self.model)},
             "sampler_state": generator_state(self.sampler),
+            "shrunk": self._shrunk,
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
         }
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -256,6 +307,9 @@ class MaestroTrainer(Trainer):
         state = read_maestro_state(resume_from_checkpoint)
         resize_to(self.model, state["ranks"], os.path.join(resume_from_checkpoint, MAESTRO_FILE))
         restore_generator_state(self.sampler, state.get("sampler_state"))
+        self._shrunk = int(state.get("shrunk", 0))
+        self._scheduler_state = state.get("scheduler")
+        self.scheduler = None
         self._macs = None
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
@@ -337,7 +391,5 @@ def export_for_from_pretrained(model: nn.Module, **kwargs) -> nn.Module:
     at its trained rank, so ``save_pretrained`` writes the architecture's own keys and plain
     ``AutoModel….from_pretrained`` loads it (architectures built from ``nn.Linear``; GPT-2's
     ``Conv1D`` stores its weight transposed, so GPT-2 needs :func:`load_factorized` instead)."""
-    from ..export import export
-
     return export(model, merge="always", **kwargs)
 

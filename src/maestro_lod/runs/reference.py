@@ -29,7 +29,7 @@ class StoredReference:
 
 
 def _recipe(**changes: Any) -> dict[str, Any]:
-    config = TrainConfig(**changes).to_dict()
+    config = TrainConfig.from_dict(changes).to_dict()
     return {key: config[key] for key in DENSE_RECIPE_KEYS}
 
 

@@ -1,11 +1,15 @@
 """Training to a size: steer the group-lasso weight so that the exported model reaches a cost target.
 
-``TrainConfig.target = "params=0.3"`` (or ``"macs=0.3"``) asks for an exported model with 30 % of
-the dense model's parameters (MACs per sample). :class:`BudgetController` replaces the hand-tuned
-``lambda_gl``: after every shrinking epoch it measures the exported cost of the model (from the
-rank pattern, with the deploy cost formulas of :mod:`maestro_lod.engine.costs`) and compares it
-with a planned trajectory that falls geometrically from the cost at factorisation to the target by
-``target_by`` of the factorised epochs::
+``MaestroConfig(target="params=0.3")`` (or ``"macs=0.3"``) asks for an exported model with 30 % of
+the dense model's parameters (MACs per sample). MAESTRO's group-lasso weight comes from a λ
+scheduler composed into the method (as a sparsity scheduler is attached to a sparsifier): it
+runs the end of every factorised epoch (shrinking) and says the λ of the next one.
+:class:`ConstantLambda` keeps the configured ``lambda_gl`` and shrinks every ``shrink_every``
+epochs. :class:`TargetLambda` replaces the hand-tuned ``lambda_gl``: after every shrinking epoch it
+measures the exported cost of the model (from the rank pattern, with the deploy cost formulas of
+:mod:`maestro_lod.engine.costs`) and compares it with a planned trajectory that falls
+geometrically from the cost at factorisation to the target by ``target_by`` of the factorised
+epochs::
 
     planned(j) = start · (target / start) ** min(1, j / J)     J = max(1, ceil(target_by · F))
 
@@ -23,37 +27,41 @@ shrink and leaves the rest of the run to recover at the reached size: on LeNet-5
 seeds' spread at 0.5×, 0.2 and 0.8 points more accurate at 0.3× and 0.15× (docs/RESULTS.md,
 "Asking for a size").
 
-Once the cost is at or below the target the controller holds: shrinking stops and λ drops to
+Once the cost is at or below the target the scheduler holds: shrinking stops and λ drops to
 :data:`HOLD_LAMBDA` for the remaining epochs, so that the penalty which made the model small no
 longer pulls its weights away from the task and accuracy recovers at the reached size. Where a
 step to the target has to be cut short (a shrink that would overshoot it, or a gap left after the
 last epoch's steps), the ranks come from the deploy package's greedy search
 (:func:`maestro_lod.deploy.greedy_front` on a fixed calibration sample of the training data): of
 the patterns it visits from the current ranks, the first within the target. ``gap_closed`` in the
-last record says how much of the cost that final cut removed.
+last record says how much of the cost that final cut removed. The integrations, whose batches the
+search cannot score, cut by importance instead (:func:`importance_cut`).
 """
+
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import FactorizeConfig
 from ..engine.costs import layer_floor, structural_costs
 from ..engine.counting import count_macs, count_params
 from ..engine.search import calibration_batches, greedy_front
+from ..engine.targets import Target, dense_cost, parse_target
 from ..errors import ConfigError
 from ..export import export
 from ..inject import factorize
 from ..layers import low_rank_layers
+from ..shrinking import shrink_, truncate_
+from .options import MaestroConfig
+from .protocols import SizedRun, TrainerView
 
-if TYPE_CHECKING:
-    from .loop import Trainer
-
-TARGET_COSTS = ("params", "macs")
 GAIN = 3.0
 """How strongly λ reacts to the relative distance from the planned cost."""
 STEP_LIMIT = 4.0
@@ -75,26 +83,6 @@ samples and 91 s with the deploy default of 2,048 (one loaded CPU thread; benchm
 against 5–10 s per training epoch; a cut of a few percent of the cost does not need the finer ranking."""
 
 
-def parse_target(value: Any) -> tuple[str, float] | None:
-    """``"params=0.3"`` → ``("params", 0.3)``; None stays None; anything else is a one-line ConfigError."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ConfigError(f"target={value!r} must be a string COST=FRACTION such as 'macs=0.3' "
-                          f"(COST: {', '.join(TARGET_COSTS)})")
-    key, sep, number = value.partition("=")
-    key = key.strip()
-    if not sep or key not in TARGET_COSTS:
-        raise ConfigError(f"target={value!r}: unknown cost {key!r}; use {' or '.join(f'{k}=FRACTION' for k in TARGET_COSTS)}")
-    try:
-        fraction = float(number)
-    except ValueError:
-        raise ConfigError(f"target={value!r}: {number.strip()!r} is not a number") from None
-    if not math.isfinite(fraction) or not 0 < fraction <= 1:
-        raise ConfigError(f"target={value!r}: the fraction must be in (0, 1] (of the dense model's {key})")
-    return key, fraction
-
-
 def exported_cost(model: nn.Module, kind: str, dense: float, example_inputs: Any) -> float:
     """Cost of ``export(model)`` (``params`` or ``macs`` per sample) relative to ``dense``."""
     deployed = export(model)
@@ -112,7 +100,12 @@ def pattern_cost(model: nn.Module, kind: str, dense: float, example_inputs: Any)
     return lambda ranks: costs(ranks) / dense
 
 
-def greedy_cut(trainer: "Trainer", kind: str, target: float) -> dict[str, int]:
+Cut = Callable[[str, float], dict[str, int]]
+"""``cut(kind, target)`` → ranks at or below the current ones whose relative exported ``kind`` cost is
+within ``target`` (the cheapest reachable pattern when none is)."""
+
+
+def greedy_cut(trainer: TrainerView, kind: str, target: float) -> dict[str, int]:
     """Ranks at or below the current ones whose relative exported ``kind`` cost is ≤ ``target``:
     the greedy search of :mod:`maestro_lod.engine.search` from the current ranks, on
     :data:`CUT_CALIBRATION` training samples drawn with the run's seed (the global random state is
@@ -125,37 +118,106 @@ def greedy_cut(trainer: "Trainer", kind: str, target: float) -> dict[str, int]:
     batches = [(tuple(x.to(device) for x in inputs) if isinstance(inputs, (tuple, list)) else inputs.to(device),
                 targets.to(device)) for inputs, targets in sample]
     front = greedy_front(trainer.model, batches, cost=kind, step=CUT_STEP, kind=trainer.kind)
-    dense = trainer.dense_params if kind == "params" else trainer.dense_macs
+    dense = dense_cost(trainer, kind)
     feasible = [p for p in front.points if getattr(p, kind) <= target * dense * (1 + 1e-9)]
     point = min(feasible, key=lambda p: p.index) if feasible else front.points[-1]
     return dict(point.ranks)
 
 
-def reachable_minimum(trainer: "Trainer", kind: str) -> float:
-    """The smallest relative exported cost the run's model can reach: every factorised layer at its
-    minimum rank, the layers that are not factorised as they are."""
-    model = trainer.model
-    work = copy.deepcopy(model) if trainer.factorized else factorize(copy.deepcopy(model),
-                                                                     trainer.config.factorize_config())
+@torch.no_grad()
+def importance_cut(run: SizedRun, kind: str, target: float) -> dict[str, int]:
+    """Ranks at or below the current ones whose relative exported ``kind`` cost is ≤ ``target``,
+    found without data: one rank at a time, the last kept rank of least importance (the norm the
+    group lasso orders, :meth:`~maestro_lod.layers.LowRankLayer.importance`) is removed, never below
+    a layer's minimum rank. For training loops whose batches the greedy search cannot score."""
+    cost = pattern_cost(run.model, kind, dense_cost(run, kind), run.example_inputs)
+    layers = dict(low_rank_layers(run.model))
+    ranks = {name: layer.rank for name, layer in layers.items()}
+    floors = {name: layer_floor(layer, layer.rank) for name, layer in layers.items()}
+    importance = {name: layer.importance().detach().cpu() for name, layer in layers.items()}
+    while cost(ranks) > target * (1 + 1e-9):
+        candidates = [(float(importance[name][ranks[name] - 1]), name) for name in ranks if ranks[name] > floors[name]]
+        if not candidates:
+            break
+        ranks[min(candidates)[1]] -= 1
+    return ranks
+
+
+def reachable_minimum(run: SizedRun, kind: str, factorize_config: FactorizeConfig | None = None) -> float:
+    """The smallest relative exported cost ``run``'s model can reach: every factorised layer at its
+    minimum rank, the layers that are not factorised as they are (a model that has no low-rank
+    layers yet counts as factorised with ``factorize_config``)."""
+    model = copy.deepcopy(run.model)
+    if not any(True for _ in low_rank_layers(model)):
+        model = factorize(model, factorize_config)
     with torch.no_grad():
-        for _, layer in low_rank_layers(work):
+        for _, layer in low_rank_layers(model):
             layer.truncate_(min(layer.min_rank, layer.rank))
-    dense = trainer.dense_params if kind == "params" else trainer.dense_macs
-    return exported_cost(work, kind, dense, trainer.example_inputs)
+    return exported_cost(model, kind, dense_cost(run, kind), run.example_inputs)
 
 
-class BudgetController:
-    """The λ controller of a targeted run (see the module docstring). ``history`` holds one entry
-    per epoch it saw; :meth:`state_dict` is all of its state (JSON values)."""
+class LambdaScheduler:
+    """The group-lasso weight of a MAESTRO run and the end-of-epoch work that sets it.
+
+    :attr:`lam` is the weight of the coming epoch's steps; :meth:`step` runs after the steps of
+    every factorised epoch (shrinking, for a targeted run also cuts and measurements) and sets the
+    next one. :meth:`state_dict` is all of a scheduler's state (JSON values), saved with every
+    checkpoint."""
+
+    lam: float
+
+    def step(self, run: SizedRun, epoch: int) -> dict[str, tuple[int, int]]:
+        """End factorised epoch ``epoch`` (1-based) of ``run``; returns the rank changes made
+        (``{layer: (before, after)}``, as :func:`~maestro_lod.shrink_` does)."""
+        raise NotImplementedError
+
+    def epoch_extra(self) -> dict[str, Any]:
+        """Numbers of the epoch just stepped, for its record (JSON values)."""
+        return {}
+
+    def summary_extra(self, run: SizedRun) -> dict[str, Any]:
+        """Numbers of the whole run, for its summary (JSON values)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+
+
+class ConstantLambda(LambdaScheduler):
+    """A fixed weight: progressive shrinking at ``eps_ps`` every ``shrink_every`` factorised epochs."""
+
+    def __init__(self, lam: float, eps_ps: float, shrink_every: int = 1):
+        self.lam, self.eps_ps, self.shrink_every = float(lam), float(eps_ps), int(shrink_every)
+
+    def step(self, run: SizedRun, epoch: int) -> dict[str, tuple[int, int]]:
+        if epoch % self.shrink_every != 0:
+            return {}
+        return shrink_(run.model, self.eps_ps, run.optimizer)
+
+
+class TargetLambda(LambdaScheduler):
+    """The λ of a targeted run (see the module docstring): ``lam`` is the starting weight, moved by
+    :meth:`update` after every factorised epoch; :meth:`step` shrinks at ``eps_ps`` every
+    ``shrink_every`` epochs but never past the target, and closes a gap left after the last of the
+    ``factorised_epochs`` with ``cut`` (:data:`Cut`). ``history`` holds one entry per epoch it saw.
+    ``label`` is the target as it was asked for, for the summary."""
 
     def __init__(self, kind: str, target: float, lam: float, factorised_epochs: int, target_by: float = 0.6,
-                 gain: float = GAIN, step_limit: float = STEP_LIMIT, hold: float = HOLD_LAMBDA):
+                 gain: float = GAIN, step_limit: float = STEP_LIMIT, hold: float = HOLD_LAMBDA, *,
+                 eps_ps: float = 1e-3, shrink_every: int = 1, cut: Cut | None = None, label: str | None = None):
         self.kind, self.target, self.lam = kind, float(target), float(lam)
         self.factorised_epochs, self.target_by = int(factorised_epochs), float(target_by)
         self.gain, self.step_limit, self.hold = float(gain), float(step_limit), float(hold)
+        self.eps_ps, self.shrink_every, self.cut = float(eps_ps), int(shrink_every), cut
+        self.label = label if label is not None else f"{kind}={target:g}"
         self.start: float | None = None
         self.met = False
         self.history: list[dict[str, Any]] = []
+        self.numbers: dict[str, Any] = {}
+        """The numbers of the epoch last stepped (empty before the first)."""
 
     @property
     def target_epoch(self) -> int:
@@ -165,7 +227,7 @@ class BudgetController:
     def planned(self, epoch: int) -> float:
         """Planned cost after factorised epoch ``epoch`` (needs :attr:`start`)."""
         if self.start is None:
-            raise ConfigError("the controller has no start cost yet")
+            raise ConfigError("the scheduler has no start cost yet")
         share = min(1.0, epoch / self.target_epoch)
         return self.start * (self.target / self.start) ** share
 
@@ -186,6 +248,44 @@ class BudgetController:
                              "lambda_gl": used, "next_lambda_gl": self.lam, "met": self.met})
         return self.lam
 
+    def step(self, run: SizedRun, epoch: int) -> dict[str, tuple[int, int]]:
+        """Shrink (never past the target, not at all once it is met), close what remains of the gap
+        after the last epoch's steps, measure, and move λ (down to :attr:`hold` once the target is
+        met)."""
+        dense = dense_cost(run, self.kind)
+        measure = lambda: exported_cost(run.model, self.kind, dense, run.example_inputs)  # noqa: E731
+        if self.start is None:
+            self.start = measure()  # the cost at factorisation: where the planned trajectory begins
+        changes: dict[str, tuple[int, int]] = {}
+        closed = 0.0
+        if not self.met:
+            if epoch % self.shrink_every == 0:
+                ranks = shrink_proposal(run.model, self.eps_ps)
+                cost = pattern_cost(run.model, self.kind, dense, run.example_inputs)
+                if cost(ranks) < self.target:  # the shrink would overshoot: cut only to the target
+                    ranks = self.cut(self.kind, self.target)
+                changes.update(truncate_(run.model, ranks, run.optimizer))
+            before = measure() if epoch == self.factorised_epochs else 0.0
+            if before > self.target * (1 + 1e-9):  # the last epoch left a gap
+                for name, (rank, after) in truncate_(run.model, self.cut(self.kind, self.target), run.optimizer).items():
+                    changes[name] = (changes.get(name, (rank, after))[0], after)
+                closed = before - measure()
+        achieved = measure()
+        planned = self.planned(epoch)
+        used = self.lam
+        self.update(epoch, achieved)
+        self.numbers = {"lambda_gl": used, "exported_cost": achieved, "planned_cost": planned,
+                        "target_met": self.met, "gap_closed": closed}
+        return changes
+
+    def epoch_extra(self) -> dict[str, Any]:
+        return {"lambda_gl": self.lam, "target_cost": self.target, **self.numbers}
+
+    def summary_extra(self, run: SizedRun) -> dict[str, Any]:
+        achieved = exported_cost(run.model, self.kind, dense_cost(run, self.kind), run.example_inputs)
+        return {"target": self.label, "target_cost": self.target, "achieved_cost": achieved,
+                "final_lambda_gl": self.lam}
+
     def state_dict(self) -> dict[str, Any]:
         return {"lam": self.lam, "start": self.start, "met": self.met, "history": [dict(h) for h in self.history]}
 
@@ -204,3 +304,20 @@ def shrink_proposal(model: nn.Module, threshold: float) -> dict[str, int]:
         first = int(small[0]) if len(small) else layer.rank
         ranks[name] = max(first, min(layer.min_rank, layer.rank))
     return ranks
+
+
+def lambda_scheduler(options: MaestroConfig, factorised_epochs: int, cut: Cut, floor: Callable[[str], float],
+                     what: str) -> LambdaScheduler:
+    """The scheduler ``options`` ask for: :class:`ConstantLambda` at ``lambda_gl``, or with a
+    ``target`` a :class:`TargetLambda` starting there, planned over ``factorised_epochs`` and
+    cutting with ``cut``. A target below ``floor(kind)`` (the cost with every layer at its minimum
+    rank, :func:`reachable_minimum`) is refused, naming ``what`` cannot reach it."""
+    target: Target | None = parse_target(options.target)
+    if target is None:
+        return ConstantLambda(options.lambda_gl, options.eps_ps, options.shrink_every)
+    minimum = floor(target.kind)
+    if target.value < minimum * (1 - 1e-9):
+        raise ConfigError(f"target={options.target!r} is below what {what} can reach: every layer at its minimum "
+                          f"rank exports at {target.kind}={minimum:.4g} of the dense model")
+    return TargetLambda(target.kind, target.value, options.lambda_gl, factorised_epochs, options.target_by,
+                        eps_ps=options.eps_ps, shrink_every=options.shrink_every, cut=cut, label=options.target)

@@ -29,7 +29,7 @@ from ..export import export
 from ..inject import factorize
 from ..layers import low_rank_layers, rank_pattern
 from ..engine.counting import count_macs, count_params
-from ..sampling import RankSampler, build_sampler
+from ..sampling import RankSampler
 from ..engine.batchnorm import recalibrate_batchnorm
 from .checkpoint import check_trainer_state
 from .train_config import EXECUTION_KEYS, TrainConfig
@@ -126,11 +126,11 @@ def _add_batch_dim(value: Any) -> Any:
 class Trainer:
     """Trains ``model`` on ``train_data`` with the recipe in ``config``, evaluating on ``val_data``.
 
-    ``model`` is a dense model (factorised here when the method asks, e.g. after
-    ``config.warmup_epochs`` dense epochs) or one already factorised with
+    ``model`` is a dense model (factorised here when the method asks, e.g. after MAESTRO's
+    ``warmup_epochs`` dense epochs) or one already factorised with
     :func:`maestro_lod.factorize`. Datasets yield ``(inputs, targets)`` as described in
     :mod:`maestro_lod.data`; ``kind`` selects the metrics (perplexity for ``language-model`` /
-    ``seq2seq``). ``sampler`` replaces the sampler named by ``config.sampler`` with your own
+    ``seq2seq``). ``sampler`` replaces the sampler the method's options name with your own
     :class:`~maestro_lod.RankSampler` (its generator is checkpointed). Construction seeds every
     global generator with ``config.seed``; :meth:`state_dict` / :meth:`load_state_dict` capture
     everything needed to continue a run bit for bit.
@@ -169,7 +169,7 @@ class Trainer:
         self.data_generator = torch.Generator().manual_seed(config.seed)
         if sampler is None:
             generator = torch.Generator().manual_seed(derive_seed(config.seed, 1, SAMPLER_SEED_OFFSET))
-            sampler = build_sampler(config.sampler, generator, fraction=config.sample_fraction)
+            sampler = METHODS.lookup(config.method).build_sampler(config.method_options, generator)
         self.sampler = sampler
         self.train_data = train_data
         self.train_loader = self.distributed.train_loader(train_data, config.batch_size, self.data_generator,
@@ -411,8 +411,12 @@ class Trainer:
         :class:`~maestro_lod.CheckpointError` before anything changes."""
         if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
             raise CheckpointError(f"{source} does not fit this run: it holds no trainer state with a config")
+        try:  # read as a config: one written by an older version also holds other methods' options
+            saved = TrainConfig.from_dict(state["config"]).to_dict()
+        except (ValueError, TypeError) as error:
+            raise CheckpointError(f"{source} does not fit this run: its config is not valid ({error})") from None
         current = self.config.to_dict()
-        changed = sorted(k for k, v in state["config"].items() if k not in EXECUTION_KEYS and current.get(k) != v)
+        changed = sorted(k for k in state["config"] if k not in EXECUTION_KEYS and current.get(k) != saved.get(k))
         if changed:
             raise CheckpointError(f"{source} was written with a different config (differs in: {', '.join(changed)})")
         self._close_step()

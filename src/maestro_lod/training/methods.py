@@ -15,72 +15,86 @@ without it knowing about them. A method is registered under a name in :data:`MET
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
+import torch
+
+from ..config import FactorizeConfig
+from ..engine.evaluation import LANGUAGE_KINDS
+from ..engine.passes import forward
+from ..engine.reuse import PrefixReuse, prefix_reuse_supported, runs_deterministically
 from ..errors import ConfigError
 from ..layers import low_rank_layers
-from ..registry import Registry
 from ..regularization import GroupLassoGradient
-from ..shrinking import shrink_, truncate_
+from ..sampling import RankSampler, build_sampler
 from . import budget
-from ..engine.evaluation import LANGUAGE_KINDS
-from ..engine.reuse import PrefixReuse, prefix_reuse_supported, runs_deterministically
-from .steps import DenseStep, MaestroStep, PenalisedDenseStep, Step
-from ..engine.passes import forward
-
-if TYPE_CHECKING:
-    from ..config import FactorizeConfig
-    from .train_config import TrainConfig
-    from .loop import Trainer
+from .options import MaestroConfig, MethodConfig
+from .protocols import TrainerView
+from .registries import METHODS
+from .steps import DenseStep, MaestroStep, Step
+from .train_config import TrainConfig
 
 
 class TrainingMethod:
     """Base class: plain training of the model as it is (override what a method changes).
 
-    One instance serves one :class:`Trainer`. Methods that keep state across epochs return it from
+    A method declares the class of its options (:attr:`config_class`; ``TrainConfig.method_options``
+    is an instance of it) and gets its name from its registration in :data:`METHODS`. One instance
+    serves one :class:`~.loop.Trainer`. Methods that keep state across epochs return it from
     :meth:`state_dict` (tensors and JSON values) so that a resumed run continues exactly.
     """
 
-    name = ""
-    label = ""
+    name: ClassVar[str] = ""
+    """The registered name (set by ``METHODS.register``)."""
+    label: ClassVar[str] = ""
     """How reports name the method (``MAESTRO``, ``Pufferfish``, ...)."""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    """The class of the method's options."""
 
     @classmethod
-    def check_config(cls, config: "TrainConfig") -> None:
-        """Refuse option combinations this method cannot run (a :class:`ConfigError`)."""
+    def check_config(cls, config: TrainConfig) -> None:
+        """Refuse option combinations this method cannot run (a :class:`ConfigError`); its own
+        options were checked by :attr:`config_class` already."""
 
-    def setup(self, trainer: "Trainer") -> None:
+    @classmethod
+    def build_sampler(cls, options: MethodConfig, generator: torch.Generator) -> RankSampler:
+        """The rank sampler of the run, drawing from ``generator``. Methods without sampled passes
+        get the default one: nothing draws from it, and its generator is saved with every
+        checkpoint all the same, so checkpoints of every method hold the same state."""
+        return build_sampler("single", generator)
+
+    def setup(self, trainer: TrainerView) -> None:
         """Once, when the trainer is built (model on its device, before the optimiser exists)."""
 
-    def before_epoch(self, trainer: "Trainer", epoch: int) -> None:
+    def before_epoch(self, trainer: TrainerView, epoch: int) -> None:
         """Before the steps of ``epoch`` (1-based)."""
 
-    def build_step(self, trainer: "Trainer") -> Step:
+    def build_step(self, trainer: TrainerView) -> Step:
         """The forward/backward of one optimisation step for the model as it is now; rebuilt
         whenever the trainer's model or layers change."""
         return DenseStep(trainer.model, trainer.autocast)
 
-    def after_steps(self, trainer: "Trainer", epoch: int) -> None:
+    def after_steps(self, trainer: TrainerView, epoch: int) -> None:
         """After the steps of ``epoch``, before recalibration and evaluation."""
 
-    def recalibrates(self, trainer: "Trainer") -> bool:
+    def recalibrates(self, trainer: TrainerView) -> bool:
         """Whether BatchNorm statistics are re-estimated before evaluation (sampled sub-models or
         changed layers left them describing another model)."""
         return False
 
-    def phase(self, trainer: "Trainer") -> str:
+    def phase(self, trainer: TrainerView) -> str:
         """The label of the current epoch in the records."""
         return self.name
 
-    def epoch_extra(self, trainer: "Trainer") -> dict[str, Any]:
+    def epoch_extra(self, trainer: TrainerView) -> dict[str, Any]:
         """Method-specific numbers of the epoch just evaluated, added to its record (JSON values)."""
         return {}
 
-    def summary_extra(self, trainer: "Trainer") -> dict[str, Any]:
+    def summary_extra(self, trainer: TrainerView) -> dict[str, Any]:
         """Method-specific numbers of the whole run, added to its summary (JSON values)."""
         return {}
 
-    def factorize_config(self, trainer: "Trainer") -> "FactorizeConfig":
+    def factorize_config(self, trainer: TrainerView) -> FactorizeConfig:
         """How the model was factorised, for rebuilding it when a checkpoint of a factorised run
         is loaded (called after :meth:`load_state_dict`): the run's ``factorize`` table by default."""
         return trainer.config.factorize_config()
@@ -92,15 +106,10 @@ class TrainingMethod:
         """Restore :meth:`state_dict` output."""
 
 
-METHODS = Registry("training method")
-"""Training methods by name: classes of :class:`TrainingMethod` (``METHODS.register(name)`` as a decorator)."""
-
-
 @METHODS.register("dense")
 class DenseMethod(TrainingMethod):
     """The model trained as it is, on the hard labels: the reference that MAESTRO is compared with."""
 
-    name = "dense"
     label = "dense"
 
 
@@ -108,66 +117,71 @@ class DenseMethod(TrainingMethod):
 class MaestroMethod(TrainingMethod):
     """MAESTRO: factorise (after ``warmup_epochs`` dense epochs), then every step trains the full model
     on the labels and one sampled sub-model distilled from it, the group lasso orders the ranks,
-    and every ``shrink_every`` epochs the ranks whose tail importance fell to ``eps_ps`` are dropped."""
+    and at the end of every factorised epoch the λ scheduler (:mod:`.budget`) shrinks: every
+    ``shrink_every`` epochs the ranks whose tail importance fell to ``eps_ps`` are dropped, and with
+    a ``target`` the weight is steered so the exported model reaches it."""
 
-    name = "maestro"
     label = "MAESTRO"
+    config_class = MaestroConfig
+    steers: ClassVar[bool] = True
+    """Whether the method runs its scheduler after every factorised epoch, so a ``target`` can be
+    reached (the ablation that never shrinks does not)."""
+
+    scheduler: budget.LambdaScheduler
+    """The group-lasso weight and the end-of-epoch shrinking (set up with the trainer)."""
 
     @classmethod
-    def check_config(cls, config: "TrainConfig") -> None:
-        if config.warmup_epochs >= config.epochs:
-            raise ConfigError(f"warmup_epochs={config.warmup_epochs} leaves no factorised epoch of "
+    def check_config(cls, config: TrainConfig) -> None:
+        options = config.method_options
+        if options.warmup_epochs >= config.epochs:
+            raise ConfigError(f"warmup_epochs={options.warmup_epochs} leaves no factorised epoch of "
                               f"epochs={config.epochs}")
+        if options.target is not None and not cls.steers:
+            raise ConfigError(f"target={options.target!r} {MaestroConfig.exclusive['target']}, not {config.method!r}")
 
-    controller: budget.BudgetController | None = None
-    """The λ controller of a run with ``config.target`` (None otherwise); see :mod:`.budget`."""
+    @classmethod
+    def build_sampler(cls, options: MaestroConfig, generator: torch.Generator) -> RankSampler:
+        return build_sampler(options.sampler, generator, fraction=options.sample_fraction)
 
-    def setup(self, trainer: "Trainer") -> None:
+    def setup(self, trainer: TrainerView) -> None:
         config = trainer.config
-        target = budget.parse_target(config.target)
-        if target is not None:
-            kind, fraction = target
-            floor = budget.reachable_minimum(trainer, kind)
-            if fraction < floor * (1 - 1e-9):
-                raise ConfigError(f"target={config.target!r} is below what {config.model} can reach: every layer "
-                                  f"at its minimum rank exports at {kind}={floor:.4g} of the dense model")
-            self.controller = budget.BudgetController(kind, fraction, config.lambda_gl,
-                                                      config.epochs - config.warmup_epochs, config.target_by)
+        options: MaestroConfig = config.method_options
+        self.scheduler = budget.lambda_scheduler(
+            options, config.epochs - options.warmup_epochs, lambda kind, target: budget.greedy_cut(trainer, kind, target),
+            lambda kind: budget.reachable_minimum(trainer, kind, config.factorize_config()), config.model)
         self._penalty: GroupLassoGradient | None = None
-        self._epoch_numbers: dict[str, Any] = {}
-        if not trainer.factorized and config.warmup_epochs == 0:
+        if not trainer.factorized and options.warmup_epochs == 0:
             trainer.factorize_model()
 
-    def before_epoch(self, trainer: "Trainer", epoch: int) -> None:
-        if not trainer.factorized and epoch > trainer.config.warmup_epochs:
+    def before_epoch(self, trainer: TrainerView, epoch: int) -> None:
+        if not trainer.factorized and epoch > trainer.config.method_options.warmup_epochs:
             trainer.factorize_model()
 
-    def build_step(self, trainer: "Trainer") -> Step:
+    def build_step(self, trainer: TrainerView) -> Step:
         if not trainer.factorized:
             return DenseStep(trainer.model, trainer.autocast)
-        config = trainer.config
+        options = trainer.config.method_options
         layers = list(low_rank_layers(trainer.model))
-        return MaestroStep(trainer.model, layers, trainer.sampler, trainer.autocast, full_pass=config.full_pass,
+        return MaestroStep(trainer.model, layers, trainer.sampler, trainer.autocast, full_pass=options.full_pass,
                            masked=trainer.kind in LANGUAGE_KINDS, reuse=self._prefix_reuse(trainer),
                            penalty=self._group_lasso(trainer, layers))
 
-    def _group_lasso(self, trainer: "Trainer", layers: list) -> GroupLassoGradient | None:
-        """The step's group-lasso gradient over ``layers`` (None for λ = 0), kept so that a
-        targeted run's controller can change its weight in place."""
-        config = trainer.config
+    def _group_lasso(self, trainer: TrainerView, layers: list) -> GroupLassoGradient | None:
+        """The step's group-lasso gradient over ``layers`` at the scheduler's weight (None for
+        ``lambda_gl`` = 0), kept so that the scheduler can change its weight in place."""
+        options = trainer.config.method_options
         self._penalty = None
-        if config.lambda_gl > 0:
-            weight = config.lambda_gl if self.controller is None else self.controller.lam
-            self._penalty = GroupLassoGradient([layer for _, layer in layers], weight, config.hierarchical)
+        if options.lambda_gl > 0:
+            self._penalty = GroupLassoGradient([layer for _, layer in layers], self.scheduler.lam, options.hierarchical)
         return self._penalty
 
-    def _prefix_reuse(self, trainer: "Trainer") -> PrefixReuse | None:
+    def _prefix_reuse(self, trainer: TrainerView) -> PrefixReuse | None:
         """Reuse the full pass's prefix only where it is exact: asked for (``on``), or (``auto``)
         the modules allow it and the model gives identical outputs twice on a training batch."""
-        config, model = trainer.config, trainer.model
-        if not config.full_pass or config.reuse_prefix == "off":
+        options, model = trainer.config.method_options, trainer.model
+        if not options.full_pass or options.reuse_prefix == "off":
             return None
-        if config.reuse_prefix == "auto":
+        if options.reuse_prefix == "auto":
             if prefix_reuse_supported(model) is not None:
                 return None
             inputs = trainer.probe_inputs()
@@ -176,103 +190,27 @@ class MaestroMethod(TrainingMethod):
                     return None
         return PrefixReuse(model)
 
-    def after_steps(self, trainer: "Trainer", epoch: int) -> None:
-        config = trainer.config
-        if self.controller is not None:
-            self._epoch_numbers = {}
-            if trainer.factorized:
-                self._steer(trainer, epoch)
-            return
-        if trainer.factorized and (epoch - config.warmup_epochs) % config.shrink_every == 0:
-            shrink_(trainer.model, config.eps_ps, trainer.optimizer)
-
-    def _steer(self, trainer: "Trainer", epoch: int) -> None:
-        """A targeted run's end of epoch: shrink (never past the target, not at all once it is met),
-        close what remains of the gap after the last epoch's steps, measure, and move λ (down to
-        the controller's holding weight once the target is met)."""
-        config, controller, model = trainer.config, self.controller, trainer.model
-        dense = trainer.dense_params if controller.kind == "params" else trainer.dense_macs
-        measure = lambda: budget.exported_cost(model, controller.kind, dense, trainer.example_inputs)  # noqa: E731
-        if controller.start is None:
-            controller.start = measure()  # the cost at factorisation: where the planned trajectory begins
-        factorised_epoch = epoch - config.warmup_epochs
-        closed = 0.0
-        if not controller.met:
-            if factorised_epoch % config.shrink_every == 0:
-                ranks = budget.shrink_proposal(model, config.eps_ps)
-                cost = budget.pattern_cost(model, controller.kind, dense, trainer.example_inputs)
-                if cost(ranks) < controller.target:  # the shrink would overshoot: cut only to the target
-                    ranks = budget.greedy_cut(trainer, controller.kind, controller.target)
-                truncate_(model, ranks, trainer.optimizer)
-            before = measure() if epoch == config.epochs else 0.0
-            if before > controller.target * (1 + 1e-9):  # the last epoch left a gap
-                truncate_(model, budget.greedy_cut(trainer, controller.kind, controller.target), trainer.optimizer)
-                closed = before - measure()
-        achieved = measure()
-        planned = controller.planned(factorised_epoch)
-        used = controller.lam
+    def after_steps(self, trainer: TrainerView, epoch: int) -> None:
+        if not trainer.factorized:
+            return  # a dense warm-up epoch
+        self.scheduler.step(trainer, epoch - trainer.config.method_options.warmup_epochs)
         if self._penalty is not None:
-            self._penalty.weight = controller.update(factorised_epoch, achieved)  # the optimiser is untouched
-        self._epoch_numbers = {"lambda_gl": used, "exported_cost": achieved, "planned_cost": planned,
-                               "target_met": controller.met, "gap_closed": closed}
+            self._penalty.weight = self.scheduler.lam  # the optimiser is untouched
 
-    def epoch_extra(self, trainer: "Trainer") -> dict[str, Any]:
-        if self.controller is None:
-            return {}
-        return {"lambda_gl": self.controller.lam, "target_cost": self.controller.target, **self._epoch_numbers}
+    def epoch_extra(self, trainer: TrainerView) -> dict[str, Any]:
+        return self.scheduler.epoch_extra()
 
-    def summary_extra(self, trainer: "Trainer") -> dict[str, Any]:
-        controller = self.controller
-        if controller is None:
-            return {}
-        dense = trainer.dense_params if controller.kind == "params" else trainer.dense_macs
-        model = trainer.model
-        achieved = budget.exported_cost(model, controller.kind, dense, trainer.example_inputs)
-        return {"target": trainer.config.target, "target_cost": controller.target, "achieved_cost": achieved,
-                "final_lambda_gl": controller.lam}
+    def summary_extra(self, trainer: TrainerView) -> dict[str, Any]:
+        return self.scheduler.summary_extra(trainer)
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.controller is None else {"controller": self.controller.state_dict()}
+        return {"controller": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.controller is not None and "controller" in state:
-            self.controller.load_state_dict(state["controller"])
+        self.scheduler.load_state_dict(state.get("controller", {}))
 
-    def recalibrates(self, trainer: "Trainer") -> bool:
+    def recalibrates(self, trainer: TrainerView) -> bool:
         return trainer.factorized
 
-    def phase(self, trainer: "Trainer") -> str:
+    def phase(self, trainer: TrainerView) -> str:
         return "maestro" if trainer.factorized else "dense-warmup"
-
-
-@METHODS.register("maestro-no-shrink")
-class MaestroWithoutShrinking(MaestroMethod):
-    """Ablation: MAESTRO's factorisation, sampled sub-models and group lasso, but progressive
-    shrinking never cuts a rank during training (the ranks stay where they started)."""
-
-    name = "maestro-no-shrink"
-    label = "MAESTRO, no shrinking"
-
-    def after_steps(self, trainer: "Trainer", epoch: int) -> None:
-        pass
-
-    def phase(self, trainer: "Trainer") -> str:
-        return self.name if trainer.factorized else "dense-warmup"
-
-
-@METHODS.register("maestro-full")
-class MaestroFullRanks(MaestroMethod):
-    """Ablation: every step trains all ranks (no sampled sub-model): the factorised model on the
-    labels plus the group lasso, with progressive shrinking as in MAESTRO."""
-
-    name = "maestro-full"
-    label = "MAESTRO, all ranks"
-
-    def build_step(self, trainer: "Trainer") -> Step:
-        if not trainer.factorized:
-            return DenseStep(trainer.model, trainer.autocast)
-        penalty = self._group_lasso(trainer, list(low_rank_layers(trainer.model)))
-        return PenalisedDenseStep(trainer.model, trainer.autocast, penalty)
-
-    def phase(self, trainer: "Trainer") -> str:
-        return self.name if trainer.factorized else "dense-warmup"

@@ -8,37 +8,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..registry import Registry
-
-if TYPE_CHECKING:
-    from .train_config import TrainConfig
-
-
-OPTIMIZERS = Registry("optimizer")
-"""Optimisers by name (the values of ``TrainConfig.optimizer``): ``factory(params, config)``."""
-
-SCHEDULES = Registry("LR schedule")
-"""LR schedules by name (the values of ``TrainConfig.schedule``): ``factory(config, total_steps,
-steps_per_epoch)`` returns the multiplier of ``config.lr`` at 0-based step ``s``, before warm-up."""
+from .registries import OPTIMIZERS, SCHEDULES
+from .train_config import TrainConfig
 
 
 @OPTIMIZERS.register("sgd")
-def _sgd(params: list[nn.Parameter], config: "TrainConfig") -> torch.optim.Optimizer:
+def _sgd(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
                            weight_decay=config.weight_decay)
 
 
 @OPTIMIZERS.register("adamw")
-def _adamw(params: list[nn.Parameter], config: "TrainConfig") -> torch.optim.Optimizer:
+def _adamw(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
 
 
-def build_optimizer(model: nn.Module, config: "TrainConfig") -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """The optimiser named by ``config.optimizer`` over ``model.parameters()`` in module order.
 
     The order matters: a resumed run rebuilds the optimiser on a freshly built model and loads the
@@ -48,19 +37,19 @@ def build_optimizer(model: nn.Module, config: "TrainConfig") -> torch.optim.Opti
 
 
 @SCHEDULES.register("constant")
-def _constant(config: "TrainConfig", total: int, steps_per_epoch: int) -> Callable[[int], float]:
+def _constant(config: TrainConfig, total: int, steps_per_epoch: int) -> Callable[[int], float]:
     return lambda step: 1.0
 
 
 @SCHEDULES.register("multistep")
-def _multistep(config: "TrainConfig", total: int, steps_per_epoch: int) -> Callable[[int], float]:
+def _multistep(config: TrainConfig, total: int, steps_per_epoch: int) -> Callable[[int], float]:
     """×``gamma`` at each milestone (fractions of the epochs, applied at epoch boundaries)."""
     milestones = [int(m * config.epochs) * steps_per_epoch for m in config.milestones]
     return lambda step: config.gamma ** sum(step >= m for m in milestones)
 
 
 @SCHEDULES.register("cosine")
-def _cosine(config: "TrainConfig", total: int, steps_per_epoch: int) -> Callable[[int], float]:
+def _cosine(config: TrainConfig, total: int, steps_per_epoch: int) -> Callable[[int], float]:
     """Cosine annealing to 0 over the steps after the warm-up."""
     warmup = config.warmup_steps
 
@@ -72,13 +61,13 @@ def _cosine(config: "TrainConfig", total: int, steps_per_epoch: int) -> Callable
 
 
 @SCHEDULES.register("noam")
-def _noam(config: "TrainConfig", total: int, steps_per_epoch: int) -> Callable[[int], float]:
+def _noam(config: TrainConfig, total: int, steps_per_epoch: int) -> Callable[[int], float]:
     """The Transformer schedule ``min(s/w, sqrt(w/s))``: it is its own warm-up (peak at step w)."""
     warmup = config.warmup_steps
     return lambda step: min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
 
 
-def lr_factor(config: "TrainConfig", steps_per_epoch: int) -> Callable[[int], float]:
+def lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """The multiplier of ``config.lr`` at optimisation step ``s`` (0-based): the schedule, times a
     linear warm-up over ``warmup_steps`` (except for ``noam``, which has its own)."""
     schedule = SCHEDULES.lookup(config.schedule)(config, config.epochs * steps_per_epoch, steps_per_epoch)
@@ -88,7 +77,7 @@ def lr_factor(config: "TrainConfig", steps_per_epoch: int) -> Callable[[int], fl
     return lambda step: min(1.0, (step + 1) / warmup) * schedule(step)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: "TrainConfig",
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step ``LambdaLR`` implementing ``config.schedule``."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps_per_epoch))

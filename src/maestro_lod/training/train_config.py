@@ -1,4 +1,10 @@
-"""Every option of a training run in one validated, JSON-serialisable dataclass (+ TOML loading)."""
+"""Every option of a training run in one validated, JSON-serialisable dataclass (+ TOML loading).
+
+:class:`TrainConfig` holds the options every run has and, as ``method_options``, those of its
+training method (a :class:`~.options.MethodConfig` such as :class:`~.options.MaestroConfig`). Config
+files and ``config.json`` keep one flat table: a method's options sit next to the general ones
+(``lambda_gl = 1e-3`` at top level), or in a ``[method_options]`` table; both layouts load.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..checks import dataclass_from_dict
 from ..config import FactorizeConfig
 from ..errors import ConfigError, ConfigTypeError
-from ..sampling import SAMPLERS
-from .budget import parse_target
-from .methods import METHODS
-from .optim import OPTIMIZERS, SCHEDULES
+from .options import EPOCH_LIMIT, MethodConfig, check_bool, check_choice, check_int, check_number, is_number
+from .registries import METHODS, OPTIMIZERS, SCHEDULES
 from .rng import SEED_LIMIT
 
 if sys.version_info >= (3, 11):
@@ -24,7 +27,6 @@ else:  # Python 3.10: the same parser, published as ``tomli``
 
 DEVICES = ("auto", "cpu", "cuda")
 REFERENCES = ("stored", "run", "none")
-REUSE_MODES = ("auto", "on", "off")
 EXECUTION_KEYS = ("device", "world_size")
 """Options a resumed run may change: where it executes, not what it computes on one device type
 (``auto`` and the device it resolves to are the same), and ``world_size``, the number of processes
@@ -36,44 +38,11 @@ threads), and ``num_workers`` moves random augmentations from the global generat
 ones."""
 
 
-INT_LIMIT = 2**31 - 1
-"""Largest accepted count (epochs, batch sizes, steps, batches): far beyond any real run, and small
-enough for every library these counts reach (floats, C ints)."""
-FLOAT_LIMIT = 1e6
-"""Largest accepted rate or weight (lr, weight_decay, gamma, grad_clip, lambda_gl, eps_ps): far beyond
-any useful value, and small enough that products of two stay finite in float32, where tensors hold them."""
-EPOCH_LIMIT = 1_000_000
 SEQ_LEN_LIMIT = 1_000_000
 THREAD_LIMIT = 1024
 WORKER_LIMIT = 256
 NESTING_LIMIT = 32
 """Deepest nesting of lists and tables accepted in a config value (real ones nest two or three deep)."""
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
-
-
-def _check_int(name: str, value: Any, low: int, high: int = INT_LIMIT) -> None:
-    if not _is_int(value) or not low <= value <= high:
-        shown = value if not _is_int(value) or abs(value) < 10**30 else f"an int of {len(str(value))} digits"
-        raise ConfigError(f"{name}={shown!r} must be an int >= {low} and <= {high}")
-
-
-def _check_number(name: str, value: Any, low: float, *, strict: bool = False, high: float = FLOAT_LIMIT) -> None:
-    if _is_int(value) and abs(value) > 10**30:
-        value = float("inf")  # shown as inf rather than hundreds of digits
-    if not _is_number(value) or value < low or (strict and value == low) or value > high:
-        raise ConfigError(f"{name}={value!r} must be a number {'>' if strict else '>='} {low} and <= {high:g}")
 
 
 def nesting_depth(value: Any) -> int:
@@ -122,6 +91,10 @@ class TrainConfig:
             ``"dense"`` (the same loop without factorisation: the reference to compare against), an
             ablation (``maestro-no-shrink``, ``maestro-full``) or a baseline (``pufferfish``,
             ``cuttlefish``, ``svd``); see :data:`maestro_lod.training.METHODS`.
+        method_options: the method's own options, an instance of its ``config_class``
+            (:class:`~.options.MaestroConfig` for MAESTRO and its ablations,
+            :class:`~maestro_lod.baselines.PufferfishConfig`, ...; none for ``dense``). None gives the
+            class's defaults; a dict is read as its fields. :meth:`from_dict` also takes them flat.
         epochs, batch_size, eval_batch_size, seed, device, threads, num_workers: the run's budget
             and execution; ``device="auto"`` picks CUDA when present; ``threads`` sets
             ``torch.set_num_threads`` (None leaves PyTorch's default). The default, 1 thread, is the
@@ -137,36 +110,9 @@ class TrainConfig:
             ``noam`` is the Transformer schedule ``lr·min(s/w, sqrt(w/s))`` (peak ``lr`` at step w);
             ``warmup_steps`` > 0 adds a linear warm-up to the other schedules.
         grad_clip: maximum global gradient norm (None = no clipping). amp: mixed precision (CUDA only).
-        sampler, sample_fraction: rank sampler of the sampled pass (``single``: one (layer, rank) pair
-            per step, the paper's default; ``independent``: every layer draws a rank; ``fixed``:
-            every layer at ``ceil(sample_fraction · rank)``).
-        full_pass: False = only the sampled pass, on hard labels (``--no-full-pass``).
-        reuse_prefix: let the sampled pass reuse the full pass's outputs of the layers before the
-            first layer whose rank was sampled (identical computation). ``auto`` turns it on when
-            the model has no dropout, which would make the two passes differ.
-        lambda_gl, hierarchical: weight of the group lasso, hierarchical (nested tails) or plain.
-        eps_ps, shrink_every: progressive-shrinking threshold and period in epochs.
-        warmup_epochs: dense (unfactorised) epochs before factorising.
-        rank_ratio: Pufferfish's fixed rank, a fraction of each layer's full rank (¼ in the paper),
-            and the uniform rank fraction of ``svd`` when ``svd_energy`` is None.
-        dense_share: share of the epochs Pufferfish trains at full rank before factorising
-            (``round(dense_share · epochs)`` epochs; at least one factorised epoch must remain).
-        svd_energy: ``svd`` keeps per layer the fewest singular values holding this fraction of
-            ``Σσ²`` (None: the uniform ``rank_ratio``). svd_finetune_epochs: epochs trained after
-            ``svd`` truncates (the run's last ones; 0 truncates after the last epoch's steps).
-        stable_window, stable_ema, stable_min_epoch, stable_tolerance, stable_reference_epochs:
-            Cuttlefish's stabilisation rule (11 epochs of history, an EMA over 15, never before
-            epoch 15, mean |slope| ≤ 0.1 — 0.25 / 0.5 when two / one layers remain unstable). The
-            three epoch counts are for a run of ``stable_reference_epochs`` epochs (300, as in
-            the paper); a shorter run scales them by ``epochs / stable_reference_epochs``, rounded,
-            at least 2.
         factorize: :class:`maestro_lod.FactorizeConfig` fields (which layers, start ranks, ...).
         bn_recal_batches: training batches used to recalibrate BatchNorm statistics after each
             epoch (0 = never); only models with BatchNorm are affected.
-        target, target_by: ask for a size instead of a λ: ``"params=0.3"`` / ``"macs=0.3"`` is the
-            exported model's cost as a fraction of the dense model's; ``lambda_gl`` is then only
-            the starting weight, steered each epoch so the cost follows a plan that reaches the
-            target after ``target_by`` of the factorised epochs (see :mod:`.budget`; MAESTRO only).
         reference: the dense accuracy shown next to the result: ``stored`` (a figure measured with
             the same recipe, when one exists), ``run`` (train the dense model first), ``none``.
     """
@@ -179,6 +125,7 @@ class TrainConfig:
     augment: bool = True
     seq_len: int | None = None
     method: str = "maestro"
+    method_options: MethodConfig | dict[str, Any] | None = None
     epochs: int = 30
     batch_size: int = 64
     eval_batch_size: int = 500
@@ -199,26 +146,6 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float | None = None
     amp: bool = False
-    sampler: str = "single"
-    sample_fraction: float = 0.5
-    full_pass: bool = True
-    reuse_prefix: str = "auto"
-    lambda_gl: float = 1e-3
-    hierarchical: bool = True
-    eps_ps: float = 1e-3
-    shrink_every: int = 1
-    warmup_epochs: int = 0
-    rank_ratio: float = 0.25
-    dense_share: float = 0.25
-    svd_energy: float | None = None
-    svd_finetune_epochs: int = 0
-    stable_window: int = 11
-    stable_ema: int = 15
-    stable_min_epoch: int = 15
-    stable_tolerance: float = 0.1
-    stable_reference_epochs: int = 300
-    target: str | None = None
-    target_by: float = 0.6
     factorize: dict[str, Any] = field(default_factory=dict)
     bn_recal_batches: int = 20
     reference: str = "stored"
@@ -233,113 +160,154 @@ class TrainConfig:
         _check_json_value("model_options", self.model_options)
         if self.data_root is not None and not isinstance(self.data_root, str):
             raise ConfigTypeError(f"data_root must be a path string, got {self.data_root!r}")
-        for name in ("download", "augment", "nesterov", "amp", "full_pass", "hierarchical"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigTypeError(f"{name}={getattr(self, name)!r} must be true or false")
+        for name in ("download", "augment", "nesterov", "amp"):
+            check_bool(name, getattr(self, name))
         if self.seq_len is not None:
-            _check_int("seq_len", self.seq_len, 2, SEQ_LEN_LIMIT)
-        _check_choice("method", self.method, METHODS)
-        _check_int("epochs", self.epochs, 1, EPOCH_LIMIT)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("eval_batch_size", self.eval_batch_size, 1)
-        _check_int("seed", self.seed, 0, SEED_LIMIT - 1)
-        _check_choice("device", self.device, DEVICES)
+            check_int("seq_len", self.seq_len, 2, SEQ_LEN_LIMIT)
+        check_choice("method", self.method, METHODS)
+        check_int("epochs", self.epochs, 1, EPOCH_LIMIT)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("eval_batch_size", self.eval_batch_size, 1)
+        check_int("seed", self.seed, 0, SEED_LIMIT - 1)
+        check_choice("device", self.device, DEVICES)
         if self.threads is not None:
-            _check_int("threads", self.threads, 1, THREAD_LIMIT)
-        _check_int("num_workers", self.num_workers, 0, WORKER_LIMIT)
-        _check_int("world_size", self.world_size, 1)
+            check_int("threads", self.threads, 1, THREAD_LIMIT)
+        check_int("num_workers", self.num_workers, 0, WORKER_LIMIT)
+        check_int("world_size", self.world_size, 1)
         self._check_optimisation()
         self._check_method()
-        _check_int("bn_recal_batches", self.bn_recal_batches, 0)
-        _check_choice("reference", self.reference, REFERENCES)
+        check_int("bn_recal_batches", self.bn_recal_batches, 0)
+        check_choice("reference", self.reference, REFERENCES)
 
     def _check_optimisation(self) -> None:
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_number("lr", self.lr, 0.0, strict=True)
-        _check_number("momentum", self.momentum, 0.0, high=1.0)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_number("lr", self.lr, 0.0, strict=True)
+        check_number("momentum", self.momentum, 0.0, high=1.0)
         if self.momentum == 1:
             raise ConfigError(f"momentum={self.momentum!r} must be below 1")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ConfigError("nesterov=true needs optimizer='sgd' with momentum > 0")
-        _check_number("weight_decay", self.weight_decay, 0.0)
+        check_number("weight_decay", self.weight_decay, 0.0)
         if (not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2
-                or not all(_is_number(b) and 0 <= b < 1 for b in self.betas)):
+                or not all(is_number(b) and 0 <= b < 1 for b in self.betas)):
             raise ConfigError(f"betas={self.betas!r} must be two numbers in [0, 1)")
         self.betas = [float(b) for b in self.betas]
-        _check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("schedule", self.schedule, SCHEDULES)
         if (not isinstance(self.milestones, (list, tuple))
-                or not all(_is_number(m) and 0 < m < 1 for m in self.milestones)
+                or not all(is_number(m) and 0 < m < 1 for m in self.milestones)
                 or list(self.milestones) != sorted(self.milestones)):
             raise ConfigError(f"milestones={self.milestones!r} must be increasing fractions of the epochs in (0, 1)")
         self.milestones = [float(m) for m in self.milestones]
-        _check_number("gamma", self.gamma, 0.0, strict=True)
-        _check_int("warmup_steps", self.warmup_steps, 0)
+        check_number("gamma", self.gamma, 0.0, strict=True)
+        check_int("warmup_steps", self.warmup_steps, 0)
         if self.schedule == "noam" and self.warmup_steps == 0:
             raise ConfigError("schedule='noam' needs warmup_steps > 0")
         if self.grad_clip is not None:
-            _check_number("grad_clip", self.grad_clip, 0.0, strict=True)
+            check_number("grad_clip", self.grad_clip, 0.0, strict=True)
 
     def _check_method(self) -> None:
-        _check_choice("sampler", self.sampler, SAMPLERS)
-        _check_number("sample_fraction", self.sample_fraction, 0.0, strict=True, high=1.0)
-        _check_choice("reuse_prefix", self.reuse_prefix, REUSE_MODES)
-        _check_number("lambda_gl", self.lambda_gl, 0.0)
-        _check_number("eps_ps", self.eps_ps, 0.0)
-        _check_int("shrink_every", self.shrink_every, 1)
-        _check_int("warmup_epochs", self.warmup_epochs, 0)
-        self._check_baselines()
-        self._check_target()
-        METHODS[self.method].check_config(self)
+        """The method's options as its own config class (built from a dict or the defaults), then
+        the method's checks of them against the rest of the run (e.g. a warm-up shorter than it)."""
+        method = METHODS[self.method]
+        options = self.method_options
+        if options is None:
+            options = method.config_class()
+        elif isinstance(options, dict):
+            check_nesting(options, "method_options")
+            options = method.config_class.from_dict(options)
+        if type(options) is not method.config_class:
+            raise ConfigTypeError(f"method_options of method={self.method!r} must be a {method.config_class.__name__} "
+                                  f"or a table of its options, got {type(options).__name__}")
+        self.method_options = options
+        method.check_config(self)
         if not isinstance(self.factorize, dict):
             raise ConfigTypeError(f"factorize must be a table of FactorizeConfig fields, got {self.factorize!r}")
         check_nesting(self.factorize, "factorize")
         _check_json_value("factorize", self.factorize)
         if self.factorize.get("seed") is not None:
-            _check_int("factorize.seed", self.factorize["seed"], 0, SEED_LIMIT - 1)
+            check_int("factorize.seed", self.factorize["seed"], 0, SEED_LIMIT - 1)
         self.factorize_config()  # validates the table
-
-    def _check_target(self) -> None:
-        parse_target(self.target)
-        _check_number("target_by", self.target_by, 0.0, strict=True, high=1.0)
-        if self.target is not None and self.method != "maestro":
-            raise ConfigError(f"target={self.target!r} steers MAESTRO's group lasso; it needs method='maestro', "
-                              f"not {self.method!r}")
-        if self.target is not None and self.lambda_gl == 0:
-            raise ConfigError(f"target={self.target!r} steers the group-lasso weight, which starts at lambda_gl; "
-                              f"give lambda_gl > 0")
-
-    def _check_baselines(self) -> None:
-        _check_number("rank_ratio", self.rank_ratio, 0.0, strict=True, high=1.0)
-        _check_number("dense_share", self.dense_share, 0.0, high=1.0)
-        if self.svd_energy is not None:
-            _check_number("svd_energy", self.svd_energy, 0.0, strict=True, high=1.0)
-        _check_int("svd_finetune_epochs", self.svd_finetune_epochs, 0, EPOCH_LIMIT)
-        for name in ("stable_window", "stable_ema", "stable_reference_epochs"):
-            _check_int(name, getattr(self, name), 2, EPOCH_LIMIT)
-        _check_int("stable_min_epoch", self.stable_min_epoch, 1, EPOCH_LIMIT)
-        _check_number("stable_tolerance", self.stable_tolerance, 0.0, strict=True)
 
     def factorize_config(self) -> FactorizeConfig:
         """The :class:`maestro_lod.FactorizeConfig` described by ``factorize`` (seeded by ``seed``)."""
         return FactorizeConfig.from_dict({"seed": self.seed, **self.factorize})
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        return asdict(self)
+        """A JSON-ready dict of every field, the method's options flat among the general ones
+        (the layout of ``config.json``; :meth:`from_dict` reads it back)."""
+        data = asdict(self)
+        options = data.pop("method_options")
+        return {**data, **options}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        """Build from a dict, refusing unknown keys by name."""
-        return dataclass_from_dict(cls, data, "training option")
+        """Build from a dict, refusing unknown keys by name.
+
+        The method's options may be given flat (``{"method": "maestro", "lambda_gl": 1e-3}``, the
+        layout of config files and ``config.json``) or as ``method_options``. Flat options of
+        another method are checked and left out, as recipes (presets, a benchmark task) set
+        MAESTRO's options for every method they are run with, except those the other method's
+        config marks exclusive (a size ``target`` for a dense run is refused).
+        """
+        if not isinstance(data, dict):
+            raise ConfigTypeError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
+        general = {f.name for f in fields(cls)}
+        table = {key: value for key, value in data.items() if key in general}
+        flat = {key: value for key, value in data.items() if key not in general}
+        unknown = sorted(set(flat) - method_option_keys())
+        if unknown:
+            raise ConfigError(f"unknown training option(s): {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(config_keys()))}")
+        method = table.get("method", cls.method)
+        check_choice("method", method, METHODS)
+        own = METHODS[method].config_class
+        _check_other_methods_options(method, own, {k: v for k, v in flat.items() if k not in own.keys()})
+        given = {key: value for key, value in flat.items() if key in own.keys()}
+        if given:
+            if table.get("method_options") is not None:
+                raise ConfigError(f"options of method={method!r} given both flat ({', '.join(sorted(given))}) and "
+                                  f"in method_options; give each once")
+            table["method_options"] = given
+        return cls(**table)
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        """A validated copy with some fields changed."""
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
+        """A validated copy with some fields changed (general fields, ``method_options``, or
+        options of the method, flat)."""
+        data = self.to_dict()
+        if "method_options" in changes:
+            data = {key: value for key, value in data.items() if key not in self.method_options.keys()}
+        return TrainConfig.from_dict({**data, **changes})
+
+
+def _method_configs() -> list[type[MethodConfig]]:
+    """The options classes of the registered methods, each once."""
+    return list(dict.fromkeys(method.config_class for method in METHODS.values()))
+
+
+def method_option_keys() -> set[str]:
+    """Names of the options of every registered method."""
+    return {key for config_class in _method_configs() for key in config_class.keys()}
+
+
+def _check_other_methods_options(method: str, own: type[MethodConfig], options: dict[str, Any]) -> None:
+    """Check flat ``options`` that belong to other methods than ``method`` (whose class is ``own``)
+    with their classes; refuse those a class marks exclusive when they are not at their default."""
+    for config_class in _method_configs():
+        if config_class is own:
+            continue
+        theirs = {key: value for key, value in options.items() if key in config_class.keys()}
+        if not theirs:
+            continue
+        defaults = config_class()
+        for key, why in config_class.exclusive.items():
+            if key in theirs and theirs[key] != getattr(defaults, key):
+                raise ConfigError(f"{key}={theirs[key]!r} {why}, not {method!r}")
+        config_class.from_dict(theirs)
 
 
 def config_keys() -> set[str]:
-    """Names of every :class:`TrainConfig` field."""
-    return {f.name for f in fields(TrainConfig)}
+    """Every key a config table may hold: :class:`TrainConfig` fields and the methods' options."""
+    return {f.name for f in fields(TrainConfig)} | method_option_keys()
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
