@@ -11,31 +11,24 @@ of the dense model's.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from maestro_lod.runs.loading import build_trainer, load_task
+from maestro_lod.runs.loading import load_run
 from maestro_lod.deploy import calibration_batches, greedy_front
-from maestro_lod.errors import UsageError
-from maestro_lod.training import TrainConfig
+from maestro_lod.errors import MaestroError
 from maestro_lod.training.budget import CUT_STEP
-from maestro_lod.training.checkpoint import load_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a finished maestro-lod train run directory of a factorised model")
     args = parser.parse_args(argv)
-    run = Path(args.run_dir)
-    if not (run / "config.json").is_file() or not (run / "checkpoint.safetensors").is_file():
-        raise UsageError(f"{run} holds no config.json and checkpoint.safetensors of a training run")
-    config = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-    trainer = build_trainer(config, load_task(config), [])
-    trainer.load_state_dict(load_checkpoint(run / "checkpoint.safetensors"))
+    run = load_run(Path(args.run_dir), device=None)
+    config, trainer = run.config, run.trainer
     torch.set_num_threads(1)
     for size in (512, 2048):
         batches = calibration_batches(trainer.train_data, size, seed=config.seed)
@@ -50,6 +43,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except UsageError as error:
+    except MaestroError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

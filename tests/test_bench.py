@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from maestro_lod import cli
-from maestro_lod.commands.bench import (SUITES, VARIANTS, applicable, cell_config, config_toml, grid_points,
-                                        parse_sweep, point_label)
+from maestro_lod.bench import (SUITES, VARIANTS, applicable, cell_config, config_toml, grid_points, parse_sweep,
+                               point_label)
 from maestro_lod.errors import UsageError
 from maestro_lod.training import TrainConfig
 from maestro_lod.training.train_config import read_toml

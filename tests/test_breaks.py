@@ -72,8 +72,8 @@ def test_after_an_epoch_the_evaluated_batchnorm_statistics_are_those_of_the_curr
     train = TensorDataset(torch.randn(48, 1, 8, 8) * 2 + 0.5, torch.randint(0, 10, (48,)))
     val = TensorDataset(torch.randn(24, 1, 8, 8) * 2 + 0.5, torch.randint(0, 10, (24,)))
     # one batch per epoch: the recalibration set is the whole training set, in any order
-    config = TrainConfig(epochs=1, batch_size=48, eval_batch_size=24, bn_recal_batches=4, device="cpu",
-                         lr=0.01, eps_ps=0.25, lambda_gl=1e-4, reference="none")
+    config = TrainConfig.from_dict({"epochs": 1, "batch_size": 48, "eval_batch_size": 24, "bn_recal_batches": 4,
+                                    "device": "cpu", "lr": 0.01, "eps_ps": 0.25, "lambda_gl": 1e-4, "reference": "none"})
     model = ml.factorize(SmallConvNet())
     before = ml.rank_pattern(model)
     trainer = Trainer(model, train, val, config)

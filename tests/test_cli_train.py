@@ -184,7 +184,8 @@ def test_dense_reference_run_fills_the_table(tmp_path, capsys):
 def test_default_run_uses_the_stored_dense_reference(monkeypatch, capsys):
     """The no-argument command is the 30-epoch benchmark recipe (too slow for a unit test): check that it
     resolves to LeNet-5 / mnist5k with MAESTRO and that the stored dense figure applies to it."""
-    from maestro_lod.commands import report, train as command
+    from maestro_lod.commands import train as command
+    from maestro_lod.runs import report
 
     args = cli.build_parser().parse_args(["train"])
     config = command.build_config(args)

@@ -63,9 +63,8 @@ def test_front_is_monotone_and_costs_exact(trained_run, digits):
 
 
 def _trained_model(run, data):
-    from maestro_lod.commands.compress import _read_run, load_trained
-    config, _ = _read_run(run)
-    return load_trained(config, data, run)
+    from maestro_lod.runs.loading import load_run
+    return load_run(run).model.eval()
 
 
 def test_exported_point_reproduces_recorded_accuracy(trained_run, digits):

@@ -2,7 +2,6 @@
 the defaults and a config file / the flags."""
 
 import argparse
-from dataclasses import fields
 
 import pytest
 
@@ -39,17 +38,18 @@ def test_every_preset_builds_a_valid_config_with_its_values(name):
     options = preset(name)
     assert set(options) <= config_keys()
     config = TrainConfig.from_dict(options)
+    flat = config.to_dict()  # the method's options in the flat layout of config.json
     for key, value in options.items():
-        assert getattr(config, key) == value, key
+        assert flat[key] == value, key
     for key, value in DOCUMENTED[name].items():
-        assert getattr(config, key) == value, key
+        assert flat[key] == value, key
     MODELS.lookup(config.model)
     DATASETS.lookup(config.data)
     # what the preset leaves out keeps the defaults
-    default = TrainConfig()
-    for field in fields(TrainConfig):
-        if field.name not in options:
-            assert getattr(config, field.name) == getattr(default, field.name), field.name
+    default = TrainConfig(method=config.method).to_dict()
+    for key in default:
+        if key not in options:
+            assert flat[key] == default[key], key
 
 
 def test_the_defaults_are_the_lenet5_mnist5k_recipe():
@@ -62,7 +62,8 @@ def test_cifar_presets_change_the_defaults_where_the_paper_does():
     assert (config.weight_decay, default.weight_decay) == (1e-4, 0.0)
     assert (config.schedule, default.schedule) == ("multistep", "constant")
     assert config.threads is None and default.threads == 1
-    assert config.lambda_gl == 5e-4 and config.eps_ps == 1e-5 and config.bn_recal_batches == 50
+    options = config.method_options
+    assert options.lambda_gl == 5e-4 and options.eps_ps == 1e-5 and config.bn_recal_batches == 50
 
 
 def test_unknown_preset_names_it_and_lists_the_known_ones():

@@ -32,7 +32,7 @@ def _mlp() -> nn.Module:
 
 def _config(**changes) -> TrainConfig:
     options = dict(epochs=1, batch_size=64, lr=LR, momentum=0.0, lambda_gl=0.0, eps_ps=0.0, augment=False)
-    return TrainConfig(**{**options, **changes})
+    return TrainConfig.from_dict({**options, **changes})
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -8,42 +8,26 @@ on the validation data, and writes (under the run, or ``--out``) ``front.json``,
 :mod:`maestro_lod.deploy.family`; not with ``--no-family``) and one folder per ``--target`` with
 the artifacts of the point chosen for it. All options are checked
 and every target resolved before the first file is written; existing files are replaced only with
-``--force``.
+``--force``. The pipeline is :func:`maestro_lod.runs.compress.compress_run` (on a run directory)
+and :func:`maestro_lod.deploy.compress.compress_model` (on a model and its batches).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
-from typing import Any
 
-import torch
 from tqdm import tqdm
 
-from ..data import load_data
-from ..deploy.artifacts import FILES, FORMATS, build_artifacts, check_formats, write_files
-from ..engine.costs import COSTS, deployable, layer_floor, measure_latency, repeat_batch, time_model, visited_ranks
-from ..deploy.family import FAMILY_FILE, save_family
+from ..deploy.artifacts import FORMATS, check_formats
+from ..deploy.family import FAMILY_FILE
+from ..engine.costs import COSTS
 from ..engine.front import Front, FrontPoint
 from ..engine.targets import COMPRESS, Target, parse_target
-from ..engine.search import CALIBRATION_SIZE, calibration_batches, evaluate_front, greedy_front, materialize
-from ..errors import CheckpointError, ConfigError, UsageError
-from ..files import write_json_atomic
-from ..layers import low_rank_layers
-from ..models import build_model
+from ..engine.search import CALIBRATION_SIZE
+from ..errors import ConfigError, UsageError
+from ..runs.compress import compress_run
 from ..tables import format_table
-from ..training.checkpoint import load_checkpoint
-from ..training.train_config import TrainConfig
-from ..training.loop import Trainer
-from ..runs.directory import CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE
-
-FRONT_FILE = "front.json"
-PLOT_FILE = "front.png"
-POINT_FILE = "point.json"
-CHECK_SAMPLES = 64
-"""Validation samples each artifact's outputs are compared on (and 3 more, as a second batch size)."""
 
 
 def _target(text: str) -> Target:
@@ -84,11 +68,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def target_folder(key: str, value: float) -> str:
-    """Folder name of a target: ``macs-0.5``, ``max_drop-0.01``."""
-    return f"{key}-{value:g}"
-
-
 def _check_options(args: argparse.Namespace) -> None:
     if not 0 < args.step <= 1:
         raise UsageError(f"--step {args.step} must be a fraction in (0, 1]")
@@ -96,44 +75,6 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--calibration-size {args.calibration_size} must be a positive int")
     if args.latency_batch < 1:
         raise UsageError(f"--latency-batch {args.latency_batch} must be a positive int")
-
-
-def _read_run(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
-    if not run_dir.is_dir():
-        raise UsageError(f"{str(run_dir)!r} is not a run directory")
-    for name in (CONFIG_FILE, CHECKPOINT_FILE):
-        if not (run_dir / name).is_file():
-            raise UsageError(f"{str(run_dir)!r} has no {name}: compress reads a run written by maestro-lod train")
-    try:
-        config = TrainConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {str(run_dir / CONFIG_FILE)!r}: {exc}") from None
-    summary = {}
-    if (run_dir / SUMMARY_FILE).is_file():
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    return config.replace(device="cpu"), summary
-
-
-def _outputs(out: Path, targets: list[tuple[str, float]], force: bool, family: bool = True) -> list[Path]:
-    paths = [out / FRONT_FILE, out / PLOT_FILE] + [out / FAMILY_FILE] * family + [out / target_folder(k, v) for k, v in targets]
-    existing = [p for p in paths if p.exists()]
-    if existing and not force:
-        raise UsageError(f"{', '.join(str(p) for p in existing)} already exist; pass --force to replace them")
-    return paths
-
-
-def load_trained(config: TrainConfig, data, run_dir: Path) -> torch.nn.Module:
-    """The run's model with its trained (shrunk) weights, rebuilt through the registries."""
-    trainer = Trainer(build_model(config.model, data, **config.model_options), data.train, data.val, config,
-                      kind=data.kind)
-    try:
-        trainer.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_FILE))
-    except (RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"{str(run_dir / CHECKPOINT_FILE)!r} does not fit model {config.model!r}: "
-                              f"{str(exc).strip().splitlines()[0]}") from None
-    if not any(True for _ in low_rank_layers(trainer.model)):
-        raise UsageError(f"the model of {str(run_dir)!r} has no low-rank layers (a dense run): nothing to compress")
-    return trainer.model.eval()
 
 
 class _Bar:
@@ -187,60 +128,18 @@ def result_table(front: Front, chosen: list[tuple[str, FrontPoint]], dense_accur
 def run(args: argparse.Namespace) -> int:
     """Handler of ``maestro-lod compress``."""
     _check_options(args)
-    run_dir = Path(args.run_dir)
-    out = Path(args.out) if args.out else run_dir
-    config, summary = _read_run(run_dir)
-    _outputs(out, args.target, args.force, not args.no_family)
-    data = load_data(config.data, root=config.data_root, download=config.download, seed=config.seed,
-                     augment=config.augment, seq_len=config.seq_len)
-    model = load_trained(config, data, run_dir)
-    calibration = calibration_batches(data.train, args.calibration_size, seed=config.seed)
-    example = calibration[0][0]
-    example = tuple(x[:1] for x in example) if isinstance(example, (tuple, list)) else example[:1]
-    layers = dict(low_rank_layers(model))
-    visits = {name: visited_ranks(layer.rank, layer_floor(layer, layer.rank), args.step)
-              for name, layer in layers.items()}
-    print(f"measuring the latency table ({sum(map(len, visits.values()))} layer ranks, batch {args.latency_batch})",
-          flush=True)
-    latency = measure_latency(model, example, visits, args.latency_batch)
-    front = greedy_front(model, calibration, args.cost, args.step, latency=latency, kind=data.kind,
-                         progress=_Bar("greedy rounds", args.quiet))
-    val = calibration_batches(data.val, len(data.val), config.eval_batch_size, seed=0)
-    evaluate_front(front, model, val, calibration, progress=_Bar("evaluating points", args.quiet))
-    chosen = [(target_folder(k, v), front.select(**{k: v})) for k, v in args.target]  # unreachable: fails here
-    dense_accuracy = (summary.get("dense_reference") or {}).get("accuracy")
-    front.metadata = {"run": str(run_dir), "model": config.model, "data": config.data,
-                      "dense_accuracy": dense_accuracy, "torch": torch.__version__}
-    checks = [calibration_batches(data.val, CHECK_SAMPLES, CHECK_SAMPLES, seed=1)[0][0],
-              calibration_batches(data.val, 3, 3, seed=2)[0][0]]
-    timing = repeat_batch(example, args.latency_batch)
-    out.mkdir(parents=True, exist_ok=True)
-    for folder, point in chosen:
-        materialized = materialize(model, point, calibration)
-        files, report = build_artifacts(materialized, args.formats, checks,
-                                        lambda: build_model(config.model, data, **config.model_options))
-        for fmt, why in report["skipped"].items():
-            print(f"{folder}: {fmt} not written: {why}", flush=True)
-        names = write_files(out / folder, files)
-        measured = time_model(deployable(materialized, example), timing, latency.repeats, latency.warmup)
-        point.exported = {"folder": folder, "files": names, "latency": measured, **report}
-        write_json_atomic(out / folder / POINT_FILE, {"target": folder, "point": point.to_dict(),
-                                                       "files": {f: FILES[f] for f in files}})
-    if not args.no_family:
-        size = save_family(model, front, out / FAMILY_FILE, calibration)
-        separate = {fmt: sum((out / folder / FILES[fmt]).stat().st_size for folder, _ in chosen
-                             if (out / folder / FILES[fmt]).is_file()) for fmt in args.formats}
-        front.metadata["family"] = {"file": FAMILY_FILE, "bytes": size, "points": len(front.points),
-                                    "separate": separate}
-    front.save(out / FRONT_FILE)
-    front.plot(out / PLOT_FILE, dense_accuracy)
+    result = compress_run(args.run_dir, args.out, targets=args.target, cost=args.cost, step=args.step,
+                          calibration_size=args.calibration_size, formats=args.formats,
+                          latency_batch=args.latency_batch, family=not args.no_family, force=args.force,
+                          say=print, progress=lambda description: _Bar(description, args.quiet))
+    front, chosen = result.front, result.chosen
+    dense_accuracy = front.metadata["dense_accuracy"]
     print()
     print(result_table(front, chosen, dense_accuracy))
-    print(f"\nfront: {out / FRONT_FILE} ({len(front.points)} points), plot: {out / PLOT_FILE}")
-    if not args.no_family:
+    print(f"\nfront: {result.front_file} ({len(front.points)} points), plot: {result.plot_file}")
+    if result.family_file is not None:
         family = front.metadata["family"]
         against = ", ".join(f"{fmt} {_kib(n)}" for fmt, n in family["separate"].items() if n)
-        print(f"family: {out / FAMILY_FILE} (all {len(front.points)} points, {_kib(family['bytes'])})"
+        print(f"family: {result.family_file} (all {len(front.points)} points, {_kib(family['bytes'])})"
               + (f"; the {len(chosen)} targets' separate exports: {against}" if against else ""))
     return 0
-

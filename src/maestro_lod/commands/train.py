@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import INITS
 from ..data import DATASETS
-from ..errors import TrainingDiverged, UsageError
+from ..errors import UsageError
 from ..models import MODELS
 from ..sampling import SAMPLERS
 from ..training.distributed import Distributed, DistributedError, env_rank, launched_by_torchrun
@@ -25,10 +25,10 @@ from ..training.train_config import DEVICES, EXECUTION_KEYS, METHODS, REFERENCES
 from ..training.optim import OPTIMIZERS, SCHEDULES
 from ..runs.presets import PRESETS, preset
 from ..training.loop import resolve_device
-from ..runs.progress import Progress
 from ..runs.directory import CONFIG_FILE, RunDirectory, RunLock
-from .report import dense_reference, result_table
-from ..runs.loading import Claim, build_trainer, claim_output, claim_resume, load_task, restore
+from ..runs.loading import Claim, claim_output, claim_resume
+from ..runs.report import result_table
+from ..runs.training import train_claimed
 
 INTERRUPTED = 130
 """Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
@@ -209,57 +209,13 @@ def _interrupted(claim: Claim, files: RunDirectory) -> str:
     return "interrupted before training started; nothing was written"
 
 
-def _record_launch(claim: Claim, distributed: Distributed, resumed: bool, say) -> None:
-    """Put this launch's number of processes into the run's config. A resumed run may continue on
-    another number (said, since the global batch changes with it); a new run whose options ask for
-    another number than torchrun started is refused, as ``world_size`` only records the launch."""
-    config, processes = claim.config, distributed.world_size
-    if config.world_size == processes:
-        return
-    if resumed:
-        say(f"continuing a run of {config.world_size} process(es) on {processes}: the global batch is now "
-            f"{config.batch_size * processes} (it was {config.batch_size * config.world_size})", flush=True)
-    elif config.world_size != 1:
-        raise UsageError(f"world_size={config.world_size} in the options, but {processes} process(es) were "
-                         f"started; world_size records the launch, so leave it out or start "
-                         f"{config.world_size} processes with torchrun")
-    claim.config = config.replace(world_size=processes)
-
-
-def _train(args: argparse.Namespace, claim: Claim, files: RunDirectory, distributed: Distributed) -> int:
-    """Load the data, build the run (with its dense reference) and train it into the claimed directory."""
-    say = print if distributed.is_main else (lambda *a, **k: None)
-    _record_launch(claim, distributed, "resume" in args, say)
-    config, out = claim.config, claim.directory
-    data = load_task(config)
-    reference = dense_reference(config, data, args.quiet)
-    files.summary_extra["dense_reference"] = reference
-    trainer = build_trainer(config, data, [files, Progress(bars=not args.quiet)], distributed)
-    if claim.checkpoint is not None:
-        restore(trainer, claim.checkpoint)
-        files.saved_epoch = trainer.epoch
-    if distributed.is_main:
-        claim.prepare_files()
-    say(f"training {config.model} on {config.data} ({config.method}, {config.epochs} epochs) into {out}", flush=True)
-    try:
-        result = trainer.fit()
-    except TrainingDiverged as exc:
-        kept = (f"the last good checkpoint (epoch {files.saved_epoch}) is kept in {out}" if files.saved_epoch
-                else f"no epoch finished, so {out} holds no checkpoint")
-        raise UsageError(f"{exc}; {kept}") from None
-    say()
-    say(result_table(result.summary, reference))
-    say(f"\nrun files: {out}")
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
     """Handler of ``maestro-lod train``: options → config → a claimed run directory → training → report."""
     main = env_rank() == 0  # under torchrun only rank 0 claims the directory (and writes into it)
     if "resume" in args:
         claim = _resume(args, lock=main)
     elif main:
-        claim = claim_output(args, build_config(args))
+        claim = claim_output(build_config(args), Path(args.out) if "out" in args else None, args.force)
     else:
         claim = Claim(RunLock(Path(args.out) if "out" in args else Path(".")), build_config(args))
     files = RunDirectory(claim.directory)
@@ -269,7 +225,12 @@ def run(args: argparse.Namespace) -> int:
             if launched_by_torchrun():
                 distributed = Distributed.from_env(resolve_device(claim.config.device).type,
                                                    getattr(args, "dist_timeout", None))
-            return _train(args, claim, files, distributed)
+            say = print if distributed.is_main else (lambda *a, **k: None)
+            trained = train_claimed(claim, files, distributed, resumed="resume" in args, quiet=args.quiet, say=say)
+            say()
+            say(result_table(trained.summary, trained.reference))
+            say(f"\nrun files: {trained.directory}")
+            return 0
         except KeyboardInterrupt:
             print(f"maestro-lod: {_interrupted(claim, files)}", file=sys.stderr)
             return INTERRUPTED

@@ -1,14 +1,18 @@
-"""Starting and continuing runs of ``maestro-lod train`` without ever losing one.
+"""Starting, continuing and loading runs of ``maestro-lod train`` without ever losing one.
 
 A run first claims its directory (:class:`~maestro_lod.runs.directory.RunLock`), so two commands
 never train into the same place; then everything that can fail is checked (the model's size on
 PyTorch's ``meta`` device, the model, the device, a checkpoint's contents) before a file of an
 earlier run is deleted, right before training starts.
+
+A trained run directory is read back by one path, whoever reads it (``train --resume``,
+``compress``, ``bench``): :func:`read_run_config` (``config.json``), :func:`load_task` (the
+data), :func:`build_trainer` with the ``checkpoint`` (safetensors, no pickle) to restore;
+:func:`load_run` does all three for a finished or interrupted run.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +21,15 @@ from typing import Any
 import torch
 
 from ..data import TaskData, load_data
-from ..errors import ConfigError, RunDirectoryError, UsageError
+from ..errors import CheckpointError, ConfigError, RunDirectoryError, UsageError
 from ..models import build_model
 from ..training.checkpoint import load_checkpoint
 from ..training.train_config import EXECUTION_KEYS, TrainConfig
 from ..training.distributed import Distributed
 from ..training.loop import Callback, Trainer
 from ..training.rng import seed_everything
-from .directory import CHECKPOINT_FILE, CONFIG_FILE, RUN_FILES, RunLock, claim_directory, claim_new_directory, clean_temporaries, foreign_message, read_json_file, run_status
+from .directory import (CHECKPOINT_FILE, CONFIG_FILE, RUN_FILES, SUMMARY_FILE, RunLock, claim_directory,
+                        claim_new_directory, clean_temporaries, foreign_message, read_json_file, run_status)
 
 RUNS_ROOT = Path("runs")
 PARAMETER_LIMIT = 2_000_000_000
@@ -54,18 +59,73 @@ def check_model_size(config: TrainConfig, data: TaskData) -> None:
                           f"{PARAMETER_LIMIT:,}; choose smaller model options")
 
 
-def build_trainer(config: TrainConfig, data: TaskData, callbacks: list[Callback],
-                  distributed: Distributed | None = None) -> Trainer:
-    """The model of ``config`` (size-checked first), seeded by ``config.seed``, in a :class:`Trainer`."""
+def build_trainer(config: TrainConfig, data: TaskData, callbacks: list[Callback] = (),
+                  distributed: Distributed | None = None, checkpoint: Path | None = None) -> Trainer:
+    """The model of ``config`` (size-checked first), seeded by ``config.seed``, in a :class:`Trainer`;
+    with ``checkpoint``, the trainer continues from it (:func:`restore`)."""
     check_model_size(config, data)
     seed_everything(config.seed)
     model = build_model(config.model, data, **config.model_options)
-    return Trainer(model, data.train, data.val, config, kind=data.kind, callbacks=callbacks, distributed=distributed)
+    trainer = Trainer(model, data.train, data.val, config, kind=data.kind, callbacks=list(callbacks),
+                      distributed=distributed)
+    if checkpoint is not None:
+        restore(trainer, checkpoint)
+    return trainer
 
 
 def restore(trainer: Trainer, checkpoint: Path) -> None:
-    """Load ``checkpoint`` into ``trainer`` after checking that it fits the run."""
-    trainer.load_state_dict(load_checkpoint(checkpoint), source=f"checkpoint {str(checkpoint)!r}")
+    """Load ``checkpoint`` into ``trainer`` after checking that it fits the run; one that does not
+    fit raises a one-line :class:`CheckpointError`."""
+    source = f"checkpoint {str(checkpoint)!r}"
+    try:
+        trainer.load_state_dict(load_checkpoint(checkpoint), source=source)
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{source} does not fit model {trainer.config.model!r}: "
+                              f"{str(exc).strip().splitlines()[0]}") from None
+
+
+def read_run_config(directory: Path, changes: dict[str, Any] | None = None) -> TrainConfig:
+    """The config a run directory was trained with (its ``config.json``), with ``changes`` to its
+    execution options (:data:`~maestro_lod.training.train_config.EXECUTION_KEYS`; others are ignored)."""
+    saved = read_json_file(directory / CONFIG_FILE, "run config")
+    saved.update({k: v for k, v in (changes or {}).items() if k in EXECUTION_KEYS})
+    return TrainConfig.from_dict(saved)
+
+
+@dataclass
+class LoadedRun:
+    """A run directory read back: its config, summary (empty for an unfinished run), data and a
+    :class:`Trainer` holding the checkpoint's model, optimiser and history."""
+
+    directory: Path
+    config: TrainConfig
+    summary: dict[str, Any]
+    data: TaskData
+    trainer: Trainer
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The trained (shrunk, factorised unless dense) model."""
+        return self.trainer.model
+
+
+def load_run(directory: str | Path, device: str | None = "cpu") -> LoadedRun:
+    """Read the run in ``directory`` (written by ``maestro-lod train``): its config, rebuilt data and
+    model, and its checkpoint. ``device`` replaces the run's device (None keeps it). A directory
+    without ``config.json`` and ``checkpoint.safetensors``, or a checkpoint that does not fit the
+    config, raises a one-line :class:`~maestro_lod.errors.MaestroError`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"{str(directory)!r} is not a run directory")
+    for name in (CONFIG_FILE, CHECKPOINT_FILE):
+        if not (directory / name).is_file():
+            raise UsageError(f"{str(directory)!r} has no {name}: not a run written by maestro-lod train")
+    config = read_run_config(directory)
+    if device is not None:
+        config = config.replace(device=device)
+    summary = read_json_file(directory / SUMMARY_FILE, "run summary") if (directory / SUMMARY_FILE).is_file() else {}
+    data = load_task(config)
+    return LoadedRun(directory, config, summary, data, build_trainer(config, data, checkpoint=directory / CHECKPOINT_FILE))
 
 
 @dataclass
@@ -92,21 +152,21 @@ def _default_directory(config: TrainConfig) -> Path:
     return RUNS_ROOT / f"{config.model}-{config.data}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def claim_output(args: argparse.Namespace, config: TrainConfig) -> Claim:
-    """Claim ``--out`` (or a new ``runs/<model>-<data>-<time>``) for a new run. A directory holding a
-    run is refused unless ``--force`` (its files are deleted only when training starts); files with
-    run-file names that this package did not write are refused even then."""
-    if "out" not in args:
+def claim_output(config: TrainConfig, out: Path | None = None, force: bool = False) -> Claim:
+    """Claim ``out`` (``--out``; None: a new ``runs/<model>-<data>-<time>``) for a new run. A directory
+    holding a run is refused unless ``force`` (its files are deleted only when training starts);
+    files with run-file names that this package did not write are refused even then."""
+    if out is None:
         return Claim(claim_new_directory(_default_directory(config)), config)
-    out = Path(args.out)
+    out = Path(out)
     lock = claim_directory(out)
     try:
         status = run_status(out)
         if status == "foreign":
             raise RunDirectoryError(foreign_message("--out", out))
-        if status == "finished" and not args.force:
+        if status == "finished" and not force:
             raise UsageError(f"--out {str(out)!r} holds a finished run; choose another directory or pass --force")
-        if status in ("started", "unfinished") and not args.force:
+        if status in ("started", "unfinished") and not force:
             raise UsageError(f"--out {str(out)!r} holds an unfinished run; continue it with --resume {out} "
                              f"or pass --force")
     except BaseException:
@@ -129,9 +189,7 @@ def claim_resume(directory: Path, changes: dict[str, Any], lock: bool = True) ->
             raise RunDirectoryError(foreign_message("--resume", directory))
         if status == "finished":
             raise UsageError(f"--resume {str(directory)!r}: that run has already finished")
-        saved = read_json_file(directory / CONFIG_FILE, "run config")
-        saved.update({k: v for k, v in changes.items() if k in EXECUTION_KEYS})
-        config = TrainConfig.from_dict(saved)
+        config = read_run_config(directory, changes)
     except BaseException:
         lock.release()
         raise

@@ -1,5 +1,5 @@
-"""The closing report of ``maestro-lod train``: the dense accuracy to compare with (a stored figure
-or a dense run of the same recipe) and the table of the result against the dense model."""
+"""The closing report of a training run: the dense accuracy to compare with (a stored figure or a
+dense run of the same recipe) and the table of the result against the dense model."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from ..errors import TrainingDiverged, UsageError
 from ..tables import format_table
 from ..training.train_config import TrainConfig
 from ..training.methods import METHODS, DenseMethod
-from ..runs.progress import Progress
-from ..runs.reference import stored_reference
-from ..runs.loading import build_trainer
+from .loading import build_trainer
+from .progress import Progress
+from .reference import stored_reference
 
 
 def dense_reference(config: TrainConfig, data: TaskData | None, quiet: bool) -> dict[str, Any] | None:
