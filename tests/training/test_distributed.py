@@ -40,7 +40,7 @@ def _port() -> int:
 def _env(rank: int, world: int, port: int, timeout: float = 30) -> dict[str, str]:
     return {**os.environ, "WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
             "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "MAESTRO_LOD_DIST_TIMEOUT": str(timeout), "PYTHONPATH": str(HERE.parent / "src")}
+            "MAESTRO_LOD_DIST_TIMEOUT": str(timeout), "PYTHONPATH": str(HERE.parents[1] / "src")}
 
 
 def launch(tmp_path: Path, spec: dict, world: int = 2, limit: float = 90) -> tuple[list[int], list[str], list[dict]]:
@@ -175,7 +175,7 @@ def _same_state(a: dict, b: dict, where: str = "") -> None:
 
 
 def test_a_killed_torchrun_run_resumes_exactly_on_two_processes_and_continues_on_one(tmp_path, capsys):
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1] / "src")}
     full = tmp_path / "full"  # uninterrupted, under the real torchrun
     done = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(_port()), "-m", "maestro_lod",
                            *CLI_RUN, "--out", str(full)], env=env, capture_output=True, text=True, timeout=120)

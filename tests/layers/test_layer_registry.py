@@ -11,7 +11,7 @@ from torch import nn
 import maestro_lod as ml
 from maestro_lod.layers import low_rank_layers
 
-GUIDE = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 
 
 def _guide_example() -> str:

@@ -18,7 +18,7 @@ from maestro_lod.models import MODELS
 from maestro_lod.sampling import SAMPLERS
 from maestro_lod.training import METHODS, TrainConfig, Trainer
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 
 
 def _example(section: str) -> str:

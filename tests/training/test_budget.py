@@ -20,7 +20,7 @@ from maestro_lod.training.budget import (CUT_CALIBRATION, CUT_STEP, GAIN, HOLD_L
                                          greedy_cut)
 from maestro_lod.engine.targets import parse_target
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _config(**changes) -> TrainConfig:
@@ -166,7 +166,7 @@ def test_cost_plot_shows_the_target_trajectory(tmp_path):
 
 def test_a_checkpoint_written_before_the_scheduler_existed_resumes_to_the_same_numbers(digits):
     # written after epoch 2 of 3 by the code whose λ controller was part of MAESTRO's method, with
-    # the numbers of that code's uninterrupted run (tests/data)
+    # the numbers of that code's uninterrupted run (tests/fixtures)
     expected = json.loads((DATA / "targeted-expected.json").read_text())
     config = TrainConfig.from_dict(expected["config"])
     torch.manual_seed(config.seed)

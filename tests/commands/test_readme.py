@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_library_example_trains_shrinks_and_exports():

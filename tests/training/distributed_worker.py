@@ -9,7 +9,7 @@ import sys
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for conftest
 from conftest import SmallConvNet  # noqa: E402
 
 from maestro_lod.data import load_data  # noqa: E402

@@ -80,7 +80,7 @@ def test_schedules_per_step():
 
 
 # --------------------------------------------------------------------------- method options, layouts
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def test_a_config_json_of_the_flat_layout_loads_and_round_trips():
