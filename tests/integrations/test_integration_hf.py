@@ -129,7 +129,8 @@ def test_one_step_equals_the_repo_maestro_step(windows, tmp_path):
     reference = ml.factorize(copy.deepcopy(model))
     args = arguments(tmp_path, max_steps=1, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
                      max_grad_norm=0.0, per_device_train_batch_size=len(data))
-    trainer = MaestroTrainer(model, args, train_dataset=data, lambda_gl=1e-2, shrink_every=None, sampler_seed=5)
+    trainer = MaestroTrainer(model, args, train_dataset=data, lambda_gl=1e-2, shrink_every=None, sampler_seed=5,
+                             sampler="single")
     trainer.train()
 
     class Logits(torch.nn.Module):  # the repo's step reads logits and targets: shift them here

@@ -100,7 +100,7 @@ def test_one_step_equals_the_repo_maestro_step(mnist):
     torch.manual_seed(1)
     module = LeNet(data, lr=0.1, momentum=0.0)
     reference = copy.deepcopy(module.net)
-    callback = MaestroCallback(lambda_gl=1e-2, eps_ps=0.0, shrink_every=0, seed=7, bn_recal_batches=0)
+    callback = MaestroCallback(lambda_gl=1e-2, eps_ps=0.0, shrink_every=0, seed=7, bn_recal_batches=0, sampler="single")
     trainer(callback, max_steps=1).fit(module, loader(train))
 
     model = ml.factorize(reference)

@@ -60,7 +60,7 @@ def test_cifar_presets_change_the_defaults_where_the_paper_does():
     config, default = TrainConfig.from_dict(preset("resnet18-cifar10")), TrainConfig()
     assert (config.lr, default.lr) == (0.1, 0.01)
     assert (config.weight_decay, default.weight_decay) == (1e-4, 0.0)
-    assert (config.schedule, default.schedule) == ("multistep", "constant")
+    assert (config.schedule, config.milestones, default.milestones) == ("multistep", [0.5, 0.75], [0.9])
     assert config.threads is None and default.threads == 1
     options = config.method_options
     assert options.lambda_gl == 5e-4 and options.eps_ps == 1e-5 and config.bn_recal_batches == 50

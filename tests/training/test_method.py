@@ -28,7 +28,8 @@ def _mlp() -> nn.Module:
 
 
 def _one_step_config(**changes) -> TrainConfig:
-    options = dict(epochs=1, batch_size=64, lr=LR, momentum=0.0, lambda_gl=0.0, eps_ps=0.0, augment=False)
+    options = dict(epochs=1, batch_size=64, lr=LR, momentum=0.0, lambda_gl=0.0, eps_ps=0.0, augment=False,
+                   schedule="constant", sampler="single")
     return TrainConfig.from_dict({**options, **changes})
 
 

@@ -69,13 +69,15 @@ def test_constant_schedule():
     assert _factors(TrainConfig(schedule="constant"), 7, [0, 1, 50, 10_000]) == [1.0, 1.0, 1.0, 1.0]
 
 
-def test_multistep_drops_by_gamma_at_epoch_boundaries_of_the_milestones():
+def test_multistep_drops_by_gamma_at_the_milestone_fractions_of_the_steps():
     config = TrainConfig(schedule="multistep", epochs=10, milestones=[0.5, 0.75], gamma=0.1)
-    # milestones at epochs int(5.0) = 5 and int(7.5) = 7 → steps 15 and 21 with 3 steps per epoch
-    factors = _factors(config, 3, [0, 14, 15, 20, 21, 29])
+    # 30 steps (3 per epoch): milestones at steps int(15.0) = 15 and int(22.5) = 22
+    factors = _factors(config, 3, [0, 14, 15, 21, 22, 29])
     assert factors == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01], rel=1e-12)
     config = TrainConfig(schedule="multistep", epochs=3, milestones=[0.5], gamma=0.5)
-    assert _factors(config, 4, [3, 4, 11]) == [1.0, 0.5, 0.5]  # int(1.5) = epoch 1 → step 4
+    assert _factors(config, 4, [5, 6, 11]) == [1.0, 0.5, 0.5]  # 12 steps: step 6
+    config = TrainConfig(schedule="multistep", epochs=1, milestones=[0.9], gamma=0.1)
+    assert _factors(config, 10, [0, 8, 9]) == pytest.approx([1.0, 1.0, 0.1], rel=1e-12)  # one epoch anneals too
 
 
 def test_cosine_anneals_to_zero_over_all_steps():
@@ -97,7 +99,7 @@ def test_warmup_applies_to_constant_and_multistep_schedules():
     config = TrainConfig(schedule="constant", warmup_steps=4)
     assert _factors(config, 10, [0, 1, 2, 3, 4, 99]) == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     config = TrainConfig(schedule="multistep", epochs=4, milestones=[0.25], gamma=0.1, warmup_steps=4)
-    # milestone at epoch 1 = step 2, inside the warm-up: both multiply
+    # 8 steps: milestone at step 2, inside the warm-up: both multiply
     assert _factors(config, 2, [0, 1, 2, 3, 5]) == pytest.approx([0.25, 0.5, 0.075, 0.1, 0.1], rel=1e-12)
 
 

@@ -85,10 +85,10 @@ class LoopRun:
 
 
 def sampler_name(sampler: str | RankSampler) -> str:
-    """The name :class:`MaestroConfig` checks for ``sampler``: a name as given, ``"single"`` (the
-    default) for a sampler object, which is used as it is."""
+    """The name :class:`MaestroConfig` checks for ``sampler``: a name as given, the default name for
+    a sampler object, which is used as it is."""
     if isinstance(sampler, RankSampler):
-        return "single"
+        return MaestroConfig.sampler
     if not isinstance(sampler, str):
         raise ConfigTypeError(f"sampler must be a sampler name or a RankSampler, got {type(sampler).__name__}")
     return sampler

@@ -56,7 +56,7 @@ class MaestroCallback(pl.Callback):
         lambda_gl, hierarchical: group-lasso weight (1e-3) and form (hierarchical).
         eps_ps: shrinking threshold on the rank importance (1e-3).
         shrink_every: shrink after every this many training epochs (1; 0 = never).
-        sampler: a registered sampler name (``"single"``) or a :class:`RankSampler`;
+        sampler: a registered sampler name (``"independent"``) or a :class:`RankSampler`;
             ``sample_fraction`` for ``"fixed"``; ``seed`` seeds a named sampler.
         warmup_epochs: epochs of plain training of the full-rank factorised model first.
         target, target_by: a size to reach instead of a fixed λ (``"params=0.3"``, ``"macs=0.3"``:
@@ -72,7 +72,7 @@ class MaestroCallback(pl.Callback):
     """
 
     def __init__(self, lambda_gl: float = 1e-3, eps_ps: float = 1e-3, *, hierarchical: bool = True,
-                 shrink_every: int = 1, sampler: str | RankSampler = "single", sample_fraction: float = 0.5,
+                 shrink_every: int = 1, sampler: str | RankSampler = "independent", sample_fraction: float = 0.5,
                  seed: int = 0, warmup_epochs: int = 0, target: str | None = None, target_by: float = 0.6,
                  config: MaestroConfig | None = None, factorize: FactorizeConfig | dict | None = None,
                  bn_recal_batches: int = 20, inputs: Callable[[Any], Any] = _first):

@@ -80,7 +80,7 @@ class MaestroTrainer(Trainer):
     * ``lambda_gl`` (1e-3), ``hierarchical`` (True): group-lasso weight and form;
     * ``eps_ps`` (1e-3): shrinking threshold on the rank importance;
     * ``shrink_every`` (``"epoch"``): ``"epoch"``, a number of optimiser steps, or None (never);
-    * ``sampler`` (``"single"``): a registered sampler name or a :class:`RankSampler`;
+    * ``sampler`` (``"independent"``): a registered sampler name or a :class:`RankSampler`;
       ``sample_fraction`` (0.5, for ``"fixed"``), ``sampler_seed`` (the run's ``args.seed``);
     * ``target``, ``target_by`` (None, 0.6): a size to reach instead of a fixed λ (``"params=0.3"``,
       ``"macs=0.3"``), planned to be reached after ``target_by`` of the run's shrinks;
@@ -96,7 +96,7 @@ class MaestroTrainer(Trainer):
     """
 
     def __init__(self, model: nn.Module | None = None, *args, lambda_gl: float = 1e-3, hierarchical: bool = True,
-                 eps_ps: float = 1e-3, shrink_every: str | int | None = "epoch", sampler: str | RankSampler = "single",
+                 eps_ps: float = 1e-3, shrink_every: str | int | None = "epoch", sampler: str | RankSampler = "independent",
                  sample_fraction: float = 0.5, sampler_seed: int | None = None, target: str | None = None,
                  target_by: float = 0.6, config: MaestroConfig | None = None, warmup_steps: int = 0,
                  warmup_epochs: float = 0, factorize: FactorizeConfig | dict | None = None,

@@ -2,7 +2,10 @@
 
 ``lenet5-mnist5k`` is the offline benchmark recipe: LeNet-5 on the 4,000/1,000 ``mnist5k`` split,
 batch 64, SGD lr 0.01 with momentum 0.9, 30 epochs, λ_gl = ε_ps = 1e-3 (the setting for which the
-MAESTRO research code reports 96.7% and ranks 6/16/35/27/10). The CIFAR presets copy the paper's optimisation
+MAESTRO research code reports 96.7% and ranks 6/16/35/27/10), with two changes measured to improve
+the front of the trained model (``benchmarks/recipe.py``, 3 seeds): the learning rate drops ×0.1
+for the last 10 % of the epochs (for every method alike), and MAESTRO's sampled pass draws a rank
+in every layer (``sampler = "independent"``) instead of one layer's (the paper's ``single``). The CIFAR presets copy the paper's optimisation
 settings (SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, 300 epochs, ×0.1 at 50% and 75%);
 they need a GPU and ``pip install "maestro-lod[vision]"``. Their ``lambda_gl`` is a starting point:
 the paper tunes it per model ("start large, halve until the footprint and accuracy targets are
@@ -20,7 +23,8 @@ _CIFAR = {"data": "cifar10", "epochs": 300, "batch_size": 128, "optimizer": "sgd
           "lambda_gl": 5e-4, "eps_ps": 1e-5, "bn_recal_batches": 50, "threads": None}
 
 _LENET5 = {"model": "lenet5", "data": "mnist5k", "epochs": 30, "batch_size": 64, "optimizer": "sgd", "lr": 0.01,
-           "momentum": 0.9, "schedule": "constant", "lambda_gl": 1e-3, "eps_ps": 1e-3}
+           "momentum": 0.9, "schedule": "multistep", "milestones": [0.9], "gamma": 0.1, "sampler": "independent",
+           "lambda_gl": 1e-3, "eps_ps": 1e-3}
 
 PRESETS = Registry("preset", {
     "lenet5-mnist5k": _LENET5,

@@ -43,8 +43,9 @@ def _constant(config: TrainConfig, total: int, steps_per_epoch: int) -> Callable
 
 @SCHEDULES.register("multistep")
 def _multistep(config: TrainConfig, total: int, steps_per_epoch: int) -> Callable[[int], float]:
-    """×``gamma`` at each milestone (fractions of the epochs, applied at epoch boundaries)."""
-    milestones = [int(m * config.epochs) * steps_per_epoch for m in config.milestones]
+    """×``gamma`` at each milestone, a fraction of the run's optimisation steps (``0.9``: the last
+    10 % of the steps, also in a run of one epoch; a milestone at a whole epoch falls on its first step)."""
+    milestones = [int(m * total) for m in config.milestones]
     return lambda step: config.gamma ** sum(step >= m for m in milestones)
 
 

@@ -96,9 +96,10 @@ class MaestroConfig(MethodConfig):
     """The options of MAESTRO (``maestro`` and its ablations ``maestro-no-shrink``, ``maestro-full``).
 
     Attributes:
-        sampler, sample_fraction: rank sampler of the sampled pass (``single``: one (layer, rank)
-            pair per step, the paper's default; ``independent``: every layer draws a rank;
-            ``fixed``: every layer at ``ceil(sample_fraction · rank)``).
+        sampler, sample_fraction: rank sampler of the sampled pass (``independent``, the default:
+            every layer draws a rank, so sub-models truncated in several layers at once are
+            trained; ``single``: one (layer, rank) pair per step, the paper's sampler; ``fixed``:
+            every layer at ``ceil(sample_fraction · rank)``).
         full_pass: False = only the sampled pass, on hard labels (``--no-full-pass``).
         reuse_prefix: let the sampled pass reuse the full pass's outputs of the layers before the
             first layer whose rank was sampled (identical computation). ``auto`` turns it on when
@@ -114,7 +115,7 @@ class MaestroConfig(MethodConfig):
 
     exclusive: ClassVar[dict[str, str]] = {"target": "steers MAESTRO's group lasso; it needs method='maestro'"}
 
-    sampler: str = "single"
+    sampler: str = "independent"
     sample_fraction: float = 0.5
     full_pass: bool = True
     reuse_prefix: str = "auto"

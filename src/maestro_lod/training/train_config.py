@@ -106,7 +106,8 @@ class TrainConfig:
             run). ``batch_size`` is per process: the global batch is ``batch_size × world_size``.
         optimizer, lr, momentum, nesterov, weight_decay, betas: SGD or AdamW.
         schedule, milestones, gamma, warmup_steps: LR per optimisation step. ``multistep`` multiplies
-            by ``gamma`` at each milestone (fractions of the total epochs); ``cosine`` anneals to 0;
+            by ``gamma`` at each milestone (fractions of the total epochs; the default drops ×0.1
+            for the last 10 % of the epochs, a low-learning-rate phase that settles every method); ``cosine`` anneals to 0;
             ``noam`` is the Transformer schedule ``lr·min(s/w, sqrt(w/s))`` (peak ``lr`` at step w);
             ``warmup_steps`` > 0 adds a linear warm-up to the other schedules.
         grad_clip: maximum global gradient norm (None = no clipping). amp: mixed precision (CUDA only).
@@ -140,8 +141,8 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: str = "constant"
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    schedule: str = "multistep"
+    milestones: list[float] = field(default_factory=lambda: [0.9])
     gamma: float = 0.1
     warmup_steps: int = 0
     grad_clip: float | None = None
