@@ -214,7 +214,7 @@ def test_progress_reports_rounds_cost_and_loss():
     assert [s.round for s in detailed] == list(range(1, len(detailed))) + [len(detailed) - 1]
 
 
-@pytest.mark.parametrize("weighting", ["probe", "relative", "none"])
+@pytest.mark.parametrize("weighting", ["measured", "probe", "relative", "none"])
 def test_allocated_front_is_honest_and_meets_its_budgets(digits, weighting):
     torch.manual_seed(0)
     model = ml.factorize(SmallConvNet()).eval()

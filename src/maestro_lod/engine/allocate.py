@@ -42,10 +42,11 @@ from ..layers import LowRankConv, LowRankLayer
 from ..whitening import SecondMoment, _conv_patches
 from .passes import forward
 
-WEIGHTINGS = ("probe", "relative", "none")
+WEIGHTINGS = ("probe", "measured", "relative", "none")
 """How the layers' errors are put on one scale: the calibration-loss increase of one truncation per
-layer over its error there (``probe``), the error relative to the layer's whole output energy
-(``relative``), or the raw squared output errors (``none``)."""
+layer over its error there (``probe``), the loss increase measured at a few ranks per layer and
+interpolated in the error between them (``measured``), the error relative to the layer's whole
+output energy (``relative``), or the raw squared output errors (``none``)."""
 KNAPSACK_CELLS = 4096
 """Cells of the cost grid of :func:`knapsack` (the cost range above the cheapest choice)."""
 

@@ -20,6 +20,14 @@ extra forward pass over it per round, plus one to measure the point's loss), so 
 is that of the model with its own statistics; candidates within a round share the statistics of
 the round's starting point. :func:`materialize` recomputes them the same way for any point other
 than the trained one, so an exported model and its recorded accuracy agree.
+
+Faster fronts. Each exhaustive round scores one removal per layer on the whole calibration set,
+so its cost grows with layers × rounds × calibration size. ``search="lazy"`` keeps every layer's
+last score and re-scores only the most promising candidates (exact where a removal's score does
+not fall as other layers are cut, the usual case); ``targets`` end a search as soon as every
+requested budget is met; ``search="allocate"`` (:func:`allocated_front`) replaces the search by
+a knapsack over each layer's error at every rank (:mod:`~maestro_lod.engine.allocate`), with a
+few calibration passes in all and every point's loss measured.
 """
 
 from __future__ import annotations
@@ -306,7 +314,7 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
                  latency: LatencyTable | None = None, latency_batch_size: int = 32, kind: str = "classification",
                  progress: Callable[..., None] | None = None, search: str = "exhaustive",
                  targets: Mapping[str, float] | None = None, top: int = LAZY_TOP, refresh: int = LAZY_REFRESH,
-                 weighting: str = "probe", points: int = ALLOCATION_POINTS) -> Front:
+                 weighting: str = "measured", points: int = ALLOCATION_POINTS) -> Front:
     """The accuracy–cost front of ``model`` (factorised and trained; left unchanged) in one greedy pass.
 
     Args:
@@ -324,7 +332,8 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
             layer's last score and re-scores only the ``top`` most promising candidates (and the
             layer just cut), more while a stale score still looks better than every fresh one, and
             all of them every ``refresh`` rounds; ``"allocate"`` chooses ranks without a search
-            (:func:`allocated_front`, using ``weighting`` and ``points``).
+            (:func:`allocated_front`, with its ``weighting`` and ``points``; ``step`` there sets
+            only the probe of ``weighting="probe"``).
         targets: budgets such as ``{"params": 0.5}`` (fractions of the dense model's cost): the
             search stops once every one is met, and a target below what the smallest ranks cost
             raises a ConfigError before any calibration pass. ``max_drop`` is accepted and stops nothing.
@@ -454,17 +463,49 @@ def _probe_rank(setup: _Setup, name: str, step: float) -> int:
     return max(r for r in setup.visits[name] if r <= wanted)
 
 
+def _probe_ranks(setup: _Setup, name: str) -> list[int]:
+    """The ranks a layer's loss curve is measured at: halving from its start down to its floor."""
+    start, floor = setup.start[name], setup.visits[name][-1]
+    wanted = visited_ranks(start, floor, 0.5)[1:]
+    return sorted({max(r for r in setup.visits[name] if r <= w) for w in wanted}, reverse=True)
+
+
+def _interpolation(points: list[tuple[float, float]]) -> Callable[[float], float]:
+    """Piecewise-linear, non-decreasing ``f`` through ``points`` (x, y) sorted by x (a running
+    maximum of y), constant beyond the last point."""
+    xs, ys, top = [], [], -math.inf
+    for x, y in points:
+        top = max(top, y)
+        if xs and x <= xs[-1]:
+            ys[-1] = top
+            continue
+        xs.append(x)
+        ys.append(top)
+
+    def f(x: float) -> float:
+        if x <= xs[0]:
+            return ys[0]
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if x <= x1:
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        return ys[-1]
+
+    return f
+
+
 def allocated_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "macs", *,
                     latency: LatencyTable | None = None, latency_batch_size: int = 32, kind: str = "classification",
                     progress: Callable[..., None] | None = None, targets: Mapping[str, float] | None = None,
-                    weighting: str = "probe", points: int = ALLOCATION_POINTS, budgets: Sequence[float] = (),
+                    weighting: str = "measured", points: int = ALLOCATION_POINTS, budgets: Sequence[float] = (),
                     errors: str = "truncation", whiten: bool = True, step: float = 0.25) -> Front:
     """The accuracy–cost front of ``model`` from rank allocation instead of a search
     (:mod:`~maestro_lod.engine.allocate`): each layer's squared output error at every rank from its
     factors (``errors="truncation"``: of its own leading ranks; ``"spectrum"``: the singular values
     of its product), on the calibration inputs' second moments (``whiten``) or on the weights,
     weighted by ``weighting`` (``"probe"``: the calibration-loss increase of truncating that layer
-    alone by one ``step`` slice, per unit of its error there; ``"relative"``; ``"none"``); then, for
+    alone by one ``step`` slice, per unit of its error there; ``"measured"``: the loss increase of
+    truncating that layer alone measured at ranks halving down to its floor, interpolated in the
+    error between them, as each layer's own curve; ``"relative"``; ``"none"``); then, for
     each budget, the ranks of least summed weighted error within it (exact dynamic programming over
     a cost grid, :func:`~maestro_lod.engine.allocate.knapsack`), every rank down to each layer's
     floor allowed (only the latency table's ranks for latency).
@@ -505,21 +546,35 @@ def allocated_front(model: nn.Module, calibration: Sequence[Batch], cost: str = 
     report(2, setup.start, loss)
     measure = truncation_errors if errors == "truncation" else spectrum_errors
     full = {name: measure(layers[name], moments.get(name)) for name in cut}
+    reuse = PrefixReuse(work) if weighting in ("probe", "measured") and _deterministic(work, batches[0][0]) else None
+    curves: dict[str, Callable[[float], float]] = {}
     if weighting == "probe":
         probes = {name: _probe_rank(setup, name, step) for name in cut}
-        reuse = PrefixReuse(work) if _deterministic(work, batches[0][0]) else None
         losses = _candidate_losses(work, batches, [(layers[n], setup.start[n], probes[n]) for n in cut], reuse)
         report.scored += len(cut)
         rises = {name: candidate - loss for name, candidate in zip(cut, losses)}
         positive = sorted(v for v in rises.values() if v > 0)
         least = 1e-2 * positive[len(positive) // 2] if positive else 1e-12
         weights = {name: max(rises[name], least) / max(float(full[name][probes[name]]), 1e-300) for name in cut}
+    elif weighting == "measured":
+        probes = {name: _probe_ranks(setup, name) for name in cut}
+        tries = [(n, r) for n in cut for r in probes[n]]
+        losses = _candidate_losses(work, batches, [(layers[n], setup.start[n], r) for n, r in tries], reuse)
+        report.scored += len(tries)
+        for name in cut:
+            measured = sorted((float(full[name][r]), candidate - loss) for (n, r), candidate in zip(tries, losses)
+                              if n == name)
+            curves[name] = _interpolation([(0.0, 0.0)] + measured)
+        weights = dict.fromkeys(cut, 1.0)
     elif weighting == "relative":
         weights = {name: 1.0 / max(float(full[name][0]), 1e-300) for name in cut}
     else:
         weights = dict.fromkeys(cut, 1.0)
+    if reuse is not None:
+        reuse.close()
     report(3, setup.start, loss)
-    error_table = [[weights[n] * float(full[n][r]) for r in setup.visits[n]] for n in cut]
+    error_table = [[curves[n](float(full[n][r])) if n in curves else weights[n] * float(full[n][r])
+                    for r in setup.visits[n]] for n in cut]
     chosen: list[dict[str, int]] = []
     for key, value in asked:
         table = [[setup.costs[key].layers[n].at(r) for r in setup.visits[n]] for n in cut]
