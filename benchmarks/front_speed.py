@@ -28,7 +28,7 @@ date) to ``benchmarks/results/front_speed.json``.
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
 import platform
 import time
@@ -162,10 +162,14 @@ def main() -> None:
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()},
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "setups": {}}
+    if args.out.is_file():  # setups measured earlier (other --setups) stay, each with its own date
+        results["setups"] = json.loads(args.out.read_text()).get("setups", {})
     for name in args.setups.split(","):
         setup = gpt2(args.gpt2_calibration) if name == "gpt2" else trained(
             name, args.charlm_epochs if name == "charlm" else args.epochs, args.threads, args.calibration)
-        entry = results["setups"][name] = {"train_s": setup["train_s"], "methods": {}}
+        entry = results["setups"][name] = {"train_s": setup["train_s"], "methods": {},
+                                           "date": results["date"], "calibration_batches": len(setup["calibration"]),
+                                           "calibration_samples": sum(len(t) for _, t in setup["calibration"])}
         cache: dict = {}
         fronts = {}
         for method, run in methods(name == "gpt2").items():

@@ -358,9 +358,9 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
     report = _Reporter(progress, setup, budgets, cost, sum(len(ranks) - 1 for ranks in visits.values()))
 
     loss = calibration_loss(work, batches)
-    points_ = [setup.point(0, current, loss)]
+    found = [setup.point(0, current, loss)]
     reuse = PrefixReuse(work) if _deterministic(work, batches[0][0]) else None
-    stale: dict[str, float] = {}  # lazy: each layer's last score for its current candidate
+    stale: dict[str, tuple] = {}  # lazy: each layer's last score (ranking key) for its current candidate
     round_index = 0
     met = _met(budgets, setup, current)
     while any(current[name] != ranks[-1] for name, ranks in visits.items()) and not (budgets and met == set(budgets)):
@@ -408,12 +408,12 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
         if setup.has_batchnorm:
             recalibrate(work, batches)
             loss = calibration_loss(work, batches)
-        points_.append(setup.point(round_index, current, loss))
+        found.append(setup.point(round_index, current, loss))
         met |= _met(budgets, setup, current)
         report(round_index, current, loss)
     report.finish(round_index, current, loss)
     return Front(cost, float(step), sum(len(targets) for _, targets in batches), round(setup.dense["macs"]),
-                 round(setup.dense["params"]), points_, {name: layer.max_rank for name, layer in layers.items()},
+                 round(setup.dense["params"]), found, {name: layer.max_rank for name, layer in layers.items()},
                  setup.latency, kind, {} if search == "exhaustive" else {"search": search})
 
 
