@@ -20,12 +20,24 @@ extra forward pass over it per round, plus one to measure the point's loss), so 
 is that of the model with its own statistics; candidates within a round share the statistics of
 the round's starting point. :func:`materialize` recomputes them the same way for any point other
 than the trained one, so an exported model and its recorded accuracy agree.
+
+Faster fronts. Each exhaustive round scores one removal per layer on the whole calibration set,
+so its cost grows with layers × rounds × calibration size. ``search="lazy"`` keeps every layer's
+last score and re-scores only the most promising candidates (exact where a removal's score does
+not fall as other layers are cut, the usual case); ``targets`` end a search as soon as every
+requested budget is met; ``search="allocate"`` (:func:`allocated_front`) replaces the search by
+a knapsack over each layer's error at every rank (:mod:`~maestro_lod.engine.allocate`), with a
+few calibration passes in all and every point's loss measured.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+import inspect
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,15 +48,16 @@ from torch.utils.data import Dataset, default_collate
 from ..data import IGNORE_INDEX
 from ..errors import ConfigError, ConfigTypeError
 from ..export import export
-from ..layers import low_rank_layers, rank_pattern
+from ..layers import LowRankLayer, low_rank_layers, rank_pattern
 from .counting import count_macs, count_params
 from ..shrinking import truncate_
 from .batchnorm import BATCHNORM_TYPES, batchnorm_layers, recalibrate_batchnorm
 from .evaluation import evaluate
 from .reuse import PrefixReuse
 from .passes import forward
-from .costs import LatencyTable, check_cost, deployable, layer_floor, measure_latency, read_layers, structural_costs, visited_ranks
-from .front import Front, FrontPoint
+from .allocate import WEIGHTINGS, knapsack, layer_moments, spectrum_errors, truncation_errors
+from .costs import CostModel, LatencyTable, check_cost, deployable, layer_floor, measure_latency, read_layers, structural_costs, visited_ranks
+from .front import Front, FrontPoint, check_target
 
 CALIBRATION_SIZE = 2048
 """Samples drawn from the training data to rank candidate removals (as in the MAESTRO paper)."""
@@ -161,25 +174,78 @@ def _first_sample(batches: list[Batch]) -> Any:
     return tuple(x[:1] for x in inputs) if isinstance(inputs, (tuple, list)) else inputs[:1]
 
 
-def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "macs", step: float = 0.25, *,
-                 latency: LatencyTable | None = None, latency_batch_size: int = 32, kind: str = "classification",
-                 progress: Progress | None = None) -> Front:
-    """The accuracy–cost front of ``model`` (factorised and trained; left unchanged) in one greedy pass.
+SEARCHES = ("exhaustive", "lazy", "allocate")
+"""How :func:`greedy_front` finds its points: every candidate scored every round, candidates
+re-scored lazily, or ranks allocated from each layer's truncation error (no search)."""
+LAZY_TOP = 3
+"""Candidates a lazy round re-scores at least (besides the layer just cut)."""
+LAZY_REFRESH = 8
+"""A lazy search re-scores every candidate once in this many rounds."""
+ALLOCATION_POINTS = 24
+"""Points an allocated front has besides the trained one (and the targets), evenly spread in cost."""
 
-    Args:
-        calibration: fixed batches to score candidates on (:func:`calibration_batches`).
-        cost: what a removal saves: ``"macs"``, ``"params"`` or ``"latency"`` (of the deployed form).
-        step: fraction of a layer's current rank removed per try (at least one rank).
-        latency: a measured :class:`LatencyTable` for these ranks; measured here (batch
-            ``latency_batch_size``) when ``cost="latency"`` and none is given. With a table every
-            point also gets a latency estimate.
-        kind: the task kind (``"classification"``, ``"language-model"``, ``"seq2seq"``), recorded.
-        progress: called as ``progress(round, rounds)`` after every round.
+
+@dataclass
+class SearchStatus:
+    """What a search has done so far, for a progress display.
+
+    ``rounds`` is an estimate while the search runs (the rounds left to the hardest target, or to
+    the end of the front); ``cost`` is the current point's cost as a fraction of the dense model's
+    (in the search's cost), ``loss`` its calibration loss; ``remaining`` the estimated seconds left
+    (None before the first round); ``scored`` the candidates evaluated so far.
     """
-    check_cost(cost)
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
-        raise ConfigError(f"step={step!r} must be a fraction in (0, 1]")
-    batches = _check_batches(calibration, "calibration")
+
+    round: int
+    rounds: int
+    cost: float
+    loss: float
+    elapsed: float
+    remaining: float | None
+    scored: int
+
+
+def _takes_status(progress: Callable[..., None]) -> bool:
+    """Whether ``progress`` accepts a third positional argument (the :class:`SearchStatus`)."""
+    try:
+        inspect.signature(progress).bind(0, 0, None)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@dataclass
+class _Setup:
+    """The working copy of a model and everything the searches read from it once."""
+
+    work: nn.Module
+    layers: dict[str, LowRankLayer]
+    start: dict[str, int]
+    example: Any
+    visits: dict[str, list[int]]
+    costs: dict[str, CostModel]
+    latency: LatencyTable | None
+    dense: dict[str, float]
+    has_batchnorm: bool
+
+    def fraction(self, kind: str, ranks: dict[str, int]) -> float:
+        return self.costs[kind](ranks) / self.dense[kind]
+
+    def cheapest(self, kind: str) -> float:
+        """The least cost fraction any allowed ranks reach (the cost is a sum over the layers)."""
+        model = self.costs[kind]
+        least = model.base + sum(min(cost.at(r) for r in self.visits[name]) for name, cost in model.layers.items())
+        return least / self.dense[kind]
+
+    def point(self, index: int, ranks: dict[str, int], loss: float) -> FrontPoint:
+        return FrontPoint(index, dict(ranks), round(self.costs["macs"](ranks)), round(self.costs["params"](ranks)), loss,
+                          None if self.latency is None else self.costs["latency"](ranks))
+
+
+def _prepare(model: nn.Module, batches: list[Batch], cost: str, step: float, latency: LatencyTable | None,
+             latency_batch_size: int, every_rank: bool = False) -> _Setup:
+    """The working copy of ``model``, the ranks each layer can take (every visited rank of
+    ``step``, or with ``every_rank`` each rank down to the floor, restricted to a latency table's
+    ranks), the cost models, and the dense model's costs. Runs the model on one sample only."""
     work = copy.deepcopy(model).eval()
     layers = dict(low_rank_layers(work))
     if not layers:
@@ -190,8 +256,17 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
     example = _first_sample(batches)
     readers = read_layers(work, example)
     dense_layers = readers[0]  # multiplied by from outside: dense in every artifact, never cut
-    visits = {name: [current[name]] if name in dense_layers else
-              visited_ranks(current[name], layer_floor(layers[name], current[name]), step) for name in layers}
+    visits = {}
+    for name in layers:
+        floor = layer_floor(layers[name], current[name])
+        if name in dense_layers:
+            visits[name] = [current[name]]
+        elif every_rank:
+            allowed = None if latency is None or name not in latency.layers else set(latency.layers[name])
+            visits[name] = [r for r in range(current[name], floor - 1, -1)
+                            if allowed is None or r in allowed or r == current[name]]
+        else:
+            visits[name] = visited_ranks(current[name], floor, step)
     costs = structural_costs(work, example, visits, readers)
     if latency is None and cost == "latency":
         latency = measure_latency(work, example, visits, latency_batch_size)
@@ -201,20 +276,94 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
         if missing:
             raise ConfigError(f"the latency table lacks ranks the search visits for {', '.join(missing)}")
         costs["latency"] = latency.cost_model()
-    objective = costs[cost]
-    has_batchnorm = bool(batchnorm_layers(work))
-    dense = export(work, merge="always")
+    deployed_dense = export(work, merge="always")
+    dense = {"macs": float(count_macs(deployed_dense, example)), "params": float(count_params(deployed_dense))}
+    if latency is not None:
+        dense["latency"] = float(latency.dense)
+    return _Setup(work, layers, current, example, visits, costs, latency, dense, bool(batchnorm_layers(work)))
 
-    def point(index: int, loss: float) -> FrontPoint:
-        return FrontPoint(index, dict(current), round(costs["macs"](current)), round(costs["params"](current)), loss,
-                          None if latency is None else costs["latency"](current))
+
+def _check_targets(targets: Mapping[str, float] | None, setup: _Setup) -> dict[str, float]:
+    """The budget targets (kind → fraction of the dense cost) the search stops at, each checked
+    against the cheapest ranks it can reach (every layer at its floor); ``max_drop`` is accepted
+    but cannot stop a search (it is answered on the evaluated front)."""
+    if targets is None:
+        return {}
+    if not isinstance(targets, Mapping):
+        raise ConfigTypeError(f"targets must be a mapping such as {{'params': 0.5}}, got {type(targets).__name__}")
+    budgets = {}
+    for key, value in targets.items():
+        value = check_target(key, value)
+        if key == "max_drop":
+            continue
+        if key not in setup.costs:
+            raise ConfigError(f"target {key}={value:g} needs a latency table (pass latency=...)")
+        reachable = setup.cheapest(key)
+        if value < reachable - 1e-12:
+            raise ConfigError(f"target {key}={value:g} is unreachable: with every layer at its minimum rank the "
+                              f"model's {key} are {reachable:.4g} of the dense model's")
+        budgets[key] = value
+    return budgets
+
+
+def _met(budgets: dict[str, float], setup: _Setup, ranks: dict[str, int]) -> set[str]:
+    return {key for key, value in budgets.items() if setup.fraction(key, ranks) <= value + 1e-12}
+
+
+def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "macs", step: float = 0.25, *,
+                 latency: LatencyTable | None = None, latency_batch_size: int = 32, kind: str = "classification",
+                 progress: Callable[..., None] | None = None, search: str = "exhaustive",
+                 targets: Mapping[str, float] | None = None, top: int = LAZY_TOP, refresh: int = LAZY_REFRESH,
+                 weighting: str = "measured", points: int = ALLOCATION_POINTS) -> Front:
+    """The accuracy–cost front of ``model`` (factorised and trained; left unchanged) in one greedy pass.
+
+    Args:
+        calibration: fixed batches to score candidates on (:func:`calibration_batches`).
+        cost: what a removal saves: ``"macs"``, ``"params"`` or ``"latency"`` (of the deployed form).
+        step: fraction of a layer's current rank removed per try (at least one rank).
+        latency: a measured :class:`LatencyTable` for these ranks; measured here (batch
+            ``latency_batch_size``) when ``cost="latency"`` and none is given. With a table every
+            point also gets a latency estimate.
+        kind: the task kind (``"classification"``, ``"language-model"``, ``"seq2seq"``), recorded.
+        progress: called as ``progress(round, rounds)`` after every round, or as
+            ``progress(round, rounds, status)`` with a :class:`SearchStatus` when it takes three
+            arguments; ``rounds`` is an estimate that can change between calls.
+        search: ``"exhaustive"`` scores a removal in every layer each round; ``"lazy"`` keeps each
+            layer's last score and re-scores only the ``top`` most promising candidates (and the
+            layer just cut), more while a stale score still looks better than every fresh one, and
+            all of them every ``refresh`` rounds; ``"allocate"`` chooses ranks without a search
+            (:func:`allocated_front`, with its ``weighting`` and ``points``; ``step`` there sets
+            only the probe of ``weighting="probe"``).
+        targets: budgets such as ``{"params": 0.5}`` (fractions of the dense model's cost): the
+            search stops once every one is met, and a target below what the smallest ranks cost
+            raises a ConfigError before any calibration pass. ``max_drop`` is accepted and stops nothing.
+    """
+    check_cost(cost)
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
+        raise ConfigError(f"step={step!r} must be a fraction in (0, 1]")
+    if search not in SEARCHES:
+        raise ConfigError(f"search={search!r} is not one of {', '.join(SEARCHES)}")
+    for what, value in (("top", top), ("refresh", refresh)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{what}={value!r} must be a positive int")
+    batches = _check_batches(calibration, "calibration")
+    if search == "allocate":
+        return allocated_front(model, batches, cost, latency=latency, latency_batch_size=latency_batch_size,
+                               kind=kind, progress=progress, targets=targets, weighting=weighting, points=points,
+                               step=step)
+    setup = _prepare(model, batches, cost, step, latency, latency_batch_size)
+    budgets = _check_targets(targets, setup)
+    work, layers, visits, objective = setup.work, setup.layers, setup.visits, setup.costs[cost]
+    current = dict(setup.start)
+    report = _Reporter(progress, setup, budgets, cost, sum(len(ranks) - 1 for ranks in visits.values()))
 
     loss = calibration_loss(work, batches)
-    points = [point(0, loss)]
+    found = [setup.point(0, current, loss)]
     reuse = PrefixReuse(work) if _deterministic(work, batches[0][0]) else None
-    rounds = sum(len(ranks) - 1 for ranks in visits.values())  # at most: extended slices skip ranks
+    stale: dict[str, tuple] = {}  # lazy: each layer's last score (ranking key) for its current candidate
     round_index = 0
-    while any(current[name] != ranks[-1] for name, ranks in visits.items()):
+    met = _met(budgets, setup, current)
+    while any(current[name] != ranks[-1] for name, ranks in visits.items()) and not (budgets and met == set(budgets)):
         round_index += 1
         current_cost = objective(current)
         candidates = []
@@ -226,26 +375,235 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
                 candidates.append((name, *(cheaper or savings)[0]))
         if any(saved > 0 for _, _, saved in candidates):  # a removal saving nothing cannot win: skip scoring it
             candidates = [c for c in candidates if c[2] > 0]
-        losses = _candidate_losses(work, batches, [(layers[n], current[n], r) for n, r, _ in candidates], reuse)
-        best = None
-        for order, ((name, new, saved), candidate_loss) in enumerate(zip(candidates, losses)):
-            increase = candidate_loss - loss
-            key = (0, increase / saved, order) if saved > 0 else (1, increase, order)
-            if best is None or key < best[0]:
-                best = (key, name, new, candidate_loss)
-        _, name, new, loss = best
+        order = {name: i for i, (name, _, _) in enumerate(candidates)}
+
+        def key(name: str, saved: float, increase: float) -> tuple:
+            return (0, increase / saved, order[name]) if saved > 0 else (1, increase, order[name])
+
+        measured: dict[str, float] = {}
+
+        def score(chosen: list[tuple[str, int, float]]) -> dict[str, tuple]:
+            losses = _candidate_losses(work, batches, [(layers[n], current[n], r) for n, r, _ in chosen], reuse)
+            report.scored += len(chosen)
+            measured.update((n, candidate_loss) for (n, _, _), candidate_loss in zip(chosen, losses))
+            return {n: key(n, saved, candidate_loss - loss) for (n, _, saved), candidate_loss in zip(chosen, losses)}
+
+        full = search == "exhaustive" or (round_index - 1) % refresh == 0 or candidates[0][2] <= 0
+        if full:
+            fresh = score(candidates)
+        else:
+            waiting = sorted((c for c in candidates if c[0] in stale), key=lambda c: stale[c[0]])
+            first = [c for c in candidates if c[0] not in stale] + waiting[:top]
+            fresh, waiting = score(first), waiting[top:]
+            while waiting and stale[waiting[0][0]] < min(fresh.values()):  # a stale score still looks better
+                fresh.update(score(waiting[:top]))
+                waiting = waiting[top:]
+        stale.update(fresh)
+        name = min(fresh, key=fresh.get)
+        new = next(r for n, r, _ in candidates if n == name)
+        loss = measured[name]
         current[name] = new
         layers[name].active_rank = new
-        if has_batchnorm:
+        stale.pop(name, None)  # its next candidate is another slice
+        if setup.has_batchnorm:
             recalibrate(work, batches)
             loss = calibration_loss(work, batches)
-        points.append(point(round_index, loss))
-        if progress is not None:
-            progress(round_index, rounds)
-    if progress is not None:
-        progress(rounds, rounds)
-    return Front(cost, float(step), sum(len(targets) for _, targets in batches), count_macs(dense, example),
-                 count_params(dense), points, {name: layer.max_rank for name, layer in layers.items()}, latency, kind)
+        found.append(setup.point(round_index, current, loss))
+        met |= _met(budgets, setup, current)
+        report(round_index, current, loss)
+    report.finish(round_index, current, loss)
+    return Front(cost, float(step), sum(len(targets) for _, targets in batches), round(setup.dense["macs"]),
+                 round(setup.dense["params"]), found, {name: layer.max_rank for name, layer in layers.items()},
+                 setup.latency, kind, {} if search == "exhaustive" else {"search": search})
+
+
+class _Reporter:
+    """Calls ``progress`` after every round with the rounds done and an estimate of the total (to
+    the hardest target, from the cost saved per round so far, or to the end of the front)."""
+
+    def __init__(self, progress: Callable[..., None] | None, setup: _Setup, budgets: dict[str, float], cost: str,
+                 rounds: int):
+        self.progress, self.setup, self.budgets, self.cost, self.rounds = progress, setup, budgets, cost, rounds
+        self.with_status = progress is not None and _takes_status(progress)
+        self.started = time.perf_counter()
+        self.scored = 0
+        self.start = {key: setup.costs[key](setup.start) for key in budgets}
+
+    def total(self, done: int, ranks: dict[str, int]) -> int:
+        if not self.budgets:
+            return self.rounds
+        needed = 0
+        for key, value in self.budgets.items():
+            now, target = self.setup.costs[key](ranks), value * self.setup.dense[key]
+            saved = self.start[key] - now
+            if now > target + 1e-12:
+                needed = max(needed, math.ceil(done * (now - target) / saved) if done and saved > 0 else self.rounds)
+        return max(done, min(self.rounds, done + needed))
+
+    def __call__(self, done: int, ranks: dict[str, int], loss: float, total: int | None = None) -> None:
+        if self.progress is None:
+            return
+        total = self.total(done, ranks) if total is None else total
+        if not self.with_status:
+            self.progress(done, total)
+            return
+        elapsed = time.perf_counter() - self.started
+        remaining = elapsed / done * (total - done) if done else None
+        self.progress(done, total, SearchStatus(done, total, self.setup.fraction(self.cost, ranks), loss, elapsed,
+                                                remaining, self.scored))
+
+    def finish(self, done: int, ranks: dict[str, int], loss: float) -> None:
+        self(done, ranks, loss, done)
+
+
+def _probe_rank(setup: _Setup, name: str, step: float) -> int:
+    """The rank a layer is probed at: one greedy slice (``step``) below its start, at an allowed rank."""
+    start, floor = setup.start[name], setup.visits[name][-1]
+    wanted = max(floor, start - max(1, int(step * start)))
+    return max(r for r in setup.visits[name] if r <= wanted)
+
+
+def _probe_ranks(setup: _Setup, name: str) -> list[int]:
+    """The ranks a layer's loss curve is measured at: halving from its start down to its floor."""
+    start, floor = setup.start[name], setup.visits[name][-1]
+    wanted = visited_ranks(start, floor, 0.5)[1:]
+    return sorted({max(r for r in setup.visits[name] if r <= w) for w in wanted}, reverse=True)
+
+
+def _interpolation(points: list[tuple[float, float]]) -> Callable[[float], float]:
+    """Piecewise-linear, non-decreasing ``f`` through ``points`` (x, y) sorted by x (a running
+    maximum of y), constant beyond the last point."""
+    xs, ys, top = [], [], -math.inf
+    for x, y in points:
+        top = max(top, y)
+        if xs and x <= xs[-1]:
+            ys[-1] = top
+            continue
+        xs.append(x)
+        ys.append(top)
+
+    def f(x: float) -> float:
+        if x <= xs[0]:
+            return ys[0]
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if x <= x1:
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        return ys[-1]
+
+    return f
+
+
+def allocated_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "macs", *,
+                    latency: LatencyTable | None = None, latency_batch_size: int = 32, kind: str = "classification",
+                    progress: Callable[..., None] | None = None, targets: Mapping[str, float] | None = None,
+                    weighting: str = "measured", points: int = ALLOCATION_POINTS, budgets: Sequence[float] = (),
+                    errors: str = "truncation", whiten: bool = True, step: float = 0.25) -> Front:
+    """The accuracy–cost front of ``model`` from rank allocation instead of a search
+    (:mod:`~maestro_lod.engine.allocate`): each layer's squared output error at every rank from its
+    factors (``errors="truncation"``: of its own leading ranks; ``"spectrum"``: the singular values
+    of its product), on the calibration inputs' second moments (``whiten``) or on the weights,
+    weighted by ``weighting`` (``"probe"``: the calibration-loss increase of truncating that layer
+    alone by one ``step`` slice, per unit of its error there; ``"measured"``: the loss increase of
+    truncating that layer alone measured at ranks halving down to its floor, interpolated in the
+    error between them, as each layer's own curve; ``"relative"``; ``"none"``); then, for
+    each budget, the ranks of least summed weighted error within it (exact dynamic programming over
+    a cost grid, :func:`~maestro_lod.engine.allocate.knapsack`), every rank down to each layer's
+    floor allowed (only the latency table's ranks for latency).
+
+    The budgets are the ``targets`` (fractions of the dense model's cost, each in its own kind;
+    unreachable ones refused before any calibration pass) or, without targets, ``points`` fractions
+    evenly spread between the trained model's cost and the cheapest reachable one, plus the
+    fractions in ``budgets`` (of ``cost``) that are reachable. Every point's
+    calibration loss is measured on the model at its ranks (BatchNorm statistics recomputed), so
+    the front is as honest as a searched one; point 0 is the trained model. Passes over the
+    calibration set: one for the trained loss, one for the second moments, one for the probes
+    (with prefix reuse, like one greedy round), and one per point.
+    """
+    check_cost(cost)
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    if errors not in ("truncation", "spectrum"):
+        raise ConfigError(f"errors={errors!r} is not one of truncation, spectrum")
+    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+        raise ConfigError(f"points={points!r} must be a positive int")
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
+        raise ConfigError(f"step={step!r} must be a fraction in (0, 1]")
+    batches = _check_batches(calibration, "calibration")
+    setup = _prepare(model, batches, cost, step, latency, latency_batch_size, every_rank=True)
+    goals = _check_targets(targets, setup)
+    work, layers = setup.work, setup.layers
+    cut = [name for name in layers if len(setup.visits[name]) > 1]
+    if goals:
+        asked = list(goals.items())
+    else:
+        high, low = setup.fraction(cost, setup.start), setup.cheapest(cost)
+        asked = [(cost, low + (high - low) * k / points) for k in range(points)]
+        asked += [(cost, float(b)) for b in budgets if low - 1e-12 <= b < high]
+    report = _Reporter(progress, setup, {}, cost, 3 + len(asked))
+    loss = calibration_loss(work, batches)
+    report(1, setup.start, loss)
+    moments = layer_moments(work, {name: layers[name] for name in cut}, batches) if whiten else {}
+    report(2, setup.start, loss)
+    measure = truncation_errors if errors == "truncation" else spectrum_errors
+    full = {name: measure(layers[name], moments.get(name)) for name in cut}
+    reuse = PrefixReuse(work) if weighting in ("probe", "measured") and _deterministic(work, batches[0][0]) else None
+    curves: dict[str, Callable[[float], float]] = {}
+    if weighting == "probe":
+        probes = {name: _probe_rank(setup, name, step) for name in cut}
+        losses = _candidate_losses(work, batches, [(layers[n], setup.start[n], probes[n]) for n in cut], reuse)
+        report.scored += len(cut)
+        rises = {name: candidate - loss for name, candidate in zip(cut, losses)}
+        positive = sorted(v for v in rises.values() if v > 0)
+        least = 1e-2 * positive[len(positive) // 2] if positive else 1e-12
+        weights = {name: max(rises[name], least) / max(float(full[name][probes[name]]), 1e-300) for name in cut}
+    elif weighting == "measured":
+        probes = {name: _probe_ranks(setup, name) for name in cut}
+        tries = [(n, r) for n in cut for r in probes[n]]
+        losses = _candidate_losses(work, batches, [(layers[n], setup.start[n], r) for n, r in tries], reuse)
+        report.scored += len(tries)
+        for name in cut:
+            measured = sorted((float(full[name][r]), candidate - loss) for (n, r), candidate in zip(tries, losses)
+                              if n == name)
+            curves[name] = _interpolation([(0.0, 0.0)] + measured)
+        weights = dict.fromkeys(cut, 1.0)
+    elif weighting == "relative":
+        weights = {name: 1.0 / max(float(full[name][0]), 1e-300) for name in cut}
+    else:
+        weights = dict.fromkeys(cut, 1.0)
+    if reuse is not None:
+        reuse.close()
+    report(3, setup.start, loss)
+    error_table = [[curves[n](float(full[n][r])) if n in curves else weights[n] * float(full[n][r])
+                    for r in setup.visits[n]] for n in cut]
+    chosen: list[dict[str, int]] = []
+    for key, value in asked:
+        table = [[setup.costs[key].layers[n].at(r) for r in setup.visits[n]] for n in cut]
+        fixed = setup.costs[key](setup.start) - sum(row[0] for row in table)
+        budget = value * setup.dense[key] - fixed
+        choice = knapsack(table, error_table, [budget * (1 - 1e-12)])[0]
+        if choice is None:  # rounding of a target met only at the floor
+            choice = [min(range(len(row)), key=row.__getitem__) for row in table]
+        chosen.append({**setup.start, **{n: setup.visits[n][k] for n, k in zip(cut, choice)}})
+    if goals and len(chosen) > 1:  # several targets: one point meeting them all
+        chosen.append({n: min(pattern[n] for pattern in chosen) for n in setup.start})
+    unique = []
+    for pattern in sorted(chosen, key=lambda p: -setup.costs[cost](p)):
+        if pattern not in unique and pattern != setup.start:
+            unique.append(pattern)
+    front_points = [setup.point(0, setup.start, loss)]
+    for index, pattern in enumerate(unique, start=1):
+        for name, layer in layers.items():
+            layer.active_rank = pattern[name]
+        if setup.has_batchnorm:
+            recalibrate(work, batches)
+        front_points.append(setup.point(index, pattern, calibration_loss(work, batches)))
+        report(3 + index, pattern, front_points[-1].calibration_loss, 3 + len(unique))
+    report.finish(3 + len(unique), unique[-1] if unique else setup.start, front_points[-1].calibration_loss)
+    metadata = {"search": "allocate", "weighting": weighting, "errors": errors, "whiten": whiten,
+                "weights": {name: weights[name] for name in cut}}
+    return Front(cost, float(step), sum(len(t) for _, t in batches), round(setup.dense["macs"]),
+                 round(setup.dense["params"]), front_points, {name: layer.max_rank for name, layer in layers.items()},
+                 setup.latency, kind, metadata)
 
 
 def materialize(model: nn.Module, point: FrontPoint | dict[str, int], calibration: Sequence[Batch] | None = None) -> nn.Module:
