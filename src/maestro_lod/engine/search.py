@@ -57,7 +57,8 @@ from .reuse import PrefixReuse
 from .passes import forward
 from .allocate import WEIGHTINGS, knapsack, layer_moments, spectrum_errors, truncation_errors
 from .costs import CostModel, LatencyTable, check_cost, deployable, layer_floor, measure_latency, read_layers, structural_costs, visited_ranks
-from .front import Front, FrontPoint, check_target
+from .front import Front, FrontPoint
+from .targets import check_target
 
 CALIBRATION_SIZE = 2048
 """Samples drawn from the training data to rank candidate removals (as in the MAESTRO paper)."""
@@ -293,7 +294,7 @@ def _check_targets(targets: Mapping[str, float] | None, setup: _Setup) -> dict[s
         raise ConfigTypeError(f"targets must be a mapping such as {{'params': 0.5}}, got {type(targets).__name__}")
     budgets = {}
     for key, value in targets.items():
-        value = check_target(key, value)
+        value = check_target(key, value).value
         if key == "max_drop":
             continue
         if key not in setup.costs:
