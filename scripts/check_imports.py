@@ -7,6 +7,8 @@ The rules keep the layers of ``maestro_lod`` independent:
   (what both need lives in ``engine``);
 * no library module imports ``commands`` or ``cli`` (commands parse arguments and print; the
   pipelines they run are library functions);
+* no module imports a module of a higher layer (:data:`LAYERS`, lowest first: the table at the top
+  of docs/extending.md);
 * every import of the package's own modules sits at the top of its module, not inside a function
   or an ``if TYPE_CHECKING`` block, where it would hide a circle.
 
@@ -23,6 +25,19 @@ from pathlib import Path
 PACKAGE = "maestro_lod"
 SEPARATED = ("training", "deploy")
 FRONT = ("commands", "cli", "__main__")
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("maths", ("functional", "layers", "config", "checks", "errors", "registry", "tables", "files")),
+    ("model surgery", ("inject", "whitening", "export", "canonical")),
+    ("method primitives", ("sampling", "regularization", "shrinking")),
+    ("data, models, theory", ("data", "models", "theory")),
+    ("engine", ("engine",)),
+    ("the package's own __init__", ("",)),
+    ("training, deployment", ("training", "baselines", "integrations", "deploy")),
+    ("runs", ("runs",)),
+    ("benchmark", ("bench",)),
+    ("front", FRONT),
+)
+"""The layers, lowest first, by the top-level module or package each holds (``""``: ``maestro_lod``)."""
 
 
 def module_name(path: Path, src: Path) -> str:
@@ -136,8 +151,23 @@ def in_layer(module: str, layer: str) -> bool:
     return module == prefix or module.startswith(prefix + ".")
 
 
+def layer_of(module: str) -> int:
+    """Index in :data:`LAYERS` of ``module``'s layer (a module outside the table: an error to fix there)."""
+    top = module[len(PACKAGE):].lstrip(".").split(".")[0]
+    for index, (_, names) in enumerate(LAYERS):
+        if top in names:
+            return index
+    raise KeyError(f"{module} is in no layer of LAYERS: add its top-level name there")
+
+
 def violations(src: Path) -> list[str]:
     edges, found = graph(src)
+    for module in sorted(edges):
+        try:
+            found += [f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]}), "
+                      f"a higher layer" for target in sorted(edges[module]) if layer_of(target) > layer_of(module)]
+        except KeyError as error:
+            found.append(str(error.args[0]))
     found += [f"circle of imports: {', '.join(cycle)}" for cycle in find_cycles(edges)]
     for module in sorted(edges):
         for layer in SEPARATED:

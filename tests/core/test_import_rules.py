@@ -33,6 +33,8 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
      "library module maestro_lod.lib imports maestro_lod.cli"),
     ({"maestro_lod/lib.py": "def f():\n    from . import other\n", "maestro_lod/other.py": ""},
      "maestro_lod/lib.py:2: imports maestro_lod.other inside a function or block"),
+    ({"maestro_lod/engine.py": "from .runs import x\n", "maestro_lod/runs.py": ""},
+     "maestro_lod.engine (engine) imports maestro_lod.runs (runs), a higher layer"),
 ])
 def test_the_checker_reports_each_kind_of_break(tmp_path, files, expected):
     assert expected in check_imports.violations(_package(tmp_path, files))
