@@ -25,12 +25,14 @@ than the trained one, so an exported model and its recorded accuracy agree.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import Dataset, default_collate
 
 from ..data import IGNORE_INDEX
@@ -51,8 +53,11 @@ CALIBRATION_SIZE = 2048
 CALIBRATION_BATCH = 2048
 """Calibration samples per forward pass (one pass over the default set: the fewest passes per candidate)."""
 
-Batch = tuple[Any, torch.Tensor]
+Batch = tuple[Any, Any]
 Progress = Callable[[int, int], None]
+Loss = Callable[[Any, Any], torch.Tensor]
+"""``loss(output, targets)``: a model's mean loss on one batch, from its output (any form: logits,
+a tuple, a Hugging Face ``ModelOutput``) and the batch's second element, as a scalar tensor."""
 
 
 def calibration_batches(dataset: Dataset, size: int = CALIBRATION_SIZE, batch_size: int = CALIBRATION_BATCH,
@@ -72,18 +77,39 @@ def calibration_batches(dataset: Dataset, size: int = CALIBRATION_SIZE, batch_si
                 for start in range(0, len(order), batch_size)]
 
 
+def batch_size(inputs: Any) -> int:
+    """Samples in a batch of model inputs (a tensor, or a tuple of them: the first one's length)."""
+    first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+    return len(first) if isinstance(first, torch.Tensor) and first.dim() else 1
+
+
+def _batch_loss(output: Any, inputs: Any, targets: Any, loss: Loss | None) -> tuple[torch.Tensor, int]:
+    """(summed loss in float64, positions it sums over) of one batch: cross-entropy of the logits
+    per target position (``IGNORE_INDEX`` skipped), or ``loss(output, targets)`` (a mean) weighted
+    by the batch's samples."""
+    if loss is None:
+        return _loss_sum(output, targets), int((targets != IGNORE_INDEX).sum())
+    value = loss(output, targets)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise ConfigTypeError(f"loss(output, batch) must return a scalar tensor, got "
+                              f"{type(value).__name__}{'' if not isinstance(value, torch.Tensor) else ' of shape ' + str(tuple(value.shape))}")
+    count = batch_size(inputs)
+    return value.detach().reshape(()).double().cpu() * count, count
+
+
 @torch.no_grad()
-def calibration_loss(model: nn.Module, batches: Sequence[Batch]) -> float:
-    """Mean cross-entropy per target position (``IGNORE_INDEX`` skipped) in eval mode, in float64."""
+def calibration_loss(model: nn.Module, batches: Sequence[Batch], loss: Loss | None = None) -> float:
+    """Mean cross-entropy per target position (``IGNORE_INDEX`` skipped) in eval mode, in float64;
+    with ``loss``, the mean of ``loss(output, targets)`` over the batches, weighted by their samples."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     try:
         for inputs, targets in batches:
-            logits = forward(model, inputs)
-            total += _loss_sum(logits, targets)
-            count += int((targets != IGNORE_INDEX).sum())
+            batch_total, batch_count = _batch_loss(forward(model, inputs), inputs, targets, loss)
+            total += batch_total
+            count += batch_count
     finally:
         model.train(was_training)
     if count == 0:
@@ -113,13 +139,14 @@ def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def _deterministic(model: nn.Module, inputs: Any) -> bool:
     """Whether two eval-mode forwards of ``model`` on ``inputs`` agree bit for bit (the condition
     for scoring candidates from a recorded prefix)."""
-    first, second = forward(model, inputs), forward(model, inputs)
-    return torch.equal(first, second)
+    first, second = tree_leaves(forward(model, inputs)), tree_leaves(forward(model, inputs))
+    return len(first) == len(second) and all(
+        torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(first, second))
 
 
 @torch.no_grad()
 def _candidate_losses(model: nn.Module, batches: list[Batch], candidates: list[tuple[nn.Module, int, int]],
-                      reuse: PrefixReuse | None) -> list[float]:
+                      reuse: PrefixReuse | None, loss: Loss | None = None) -> list[float]:
     """Calibration loss of the model with each ``(layer, current rank, candidate rank)`` applied
     alone. With ``reuse``, each batch runs once at the current ranks while the outputs of its
     modules are recorded, and each candidate recomputes only from its layer onward (the modules
@@ -142,8 +169,9 @@ def _candidate_losses(model: nn.Module, batches: list[Batch], candidates: list[t
                         logits = forward(model, inputs)
             finally:
                 layer.active_rank = rank
-            totals[i] += _loss_sum(logits, targets)
-        count += int((targets != IGNORE_INDEX).sum())
+            batch_total, batch_count = _batch_loss(logits, inputs, targets, loss)
+            totals[i] += batch_total
+        count += batch_count
     if reuse is not None:
         reuse.close()
     return [float(total) / count for total in totals]
@@ -163,7 +191,7 @@ def _first_sample(batches: list[Batch]) -> Any:
 
 def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "macs", step: float = 0.25, *,
                  latency: LatencyTable | None = None, latency_batch_size: int = 32, kind: str = "classification",
-                 progress: Progress | None = None) -> Front:
+                 progress: Progress | None = None, loss: Loss | None = None) -> Front:
     """The accuracy–cost front of ``model`` (factorised and trained; left unchanged) in one greedy pass.
 
     Args:
@@ -175,6 +203,8 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
             point also gets a latency estimate.
         kind: the task kind (``"classification"``, ``"language-model"``, ``"seq2seq"``), recorded.
         progress: called as ``progress(round, rounds)`` after every round.
+        loss: ``loss(output, targets)`` scoring each batch instead of the cross-entropy of the
+            logits (:data:`Loss`; for models whose output is not logits over the targets).
     """
     check_cost(cost)
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
@@ -209,7 +239,11 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
         return FrontPoint(index, dict(current), round(costs["macs"](current)), round(costs["params"](current)), loss,
                           None if latency is None else costs["latency"](current))
 
-    loss = calibration_loss(work, batches)
+    loss_fn = loss
+    loss = calibration_loss(work, batches, loss_fn)
+    if not math.isfinite(loss):
+        raise ConfigError(f"the calibration loss of the model is {loss}: its outputs on the calibration batches "
+                          f"are not finite (NaN or infinite inputs, weights or activations)")
     points = [point(0, loss)]
     reuse = PrefixReuse(work) if _deterministic(work, batches[0][0]) else None
     rounds = sum(len(ranks) - 1 for ranks in visits.values())  # at most: extended slices skip ranks
@@ -226,7 +260,8 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
                 candidates.append((name, *(cheaper or savings)[0]))
         if any(saved > 0 for _, _, saved in candidates):  # a removal saving nothing cannot win: skip scoring it
             candidates = [c for c in candidates if c[2] > 0]
-        losses = _candidate_losses(work, batches, [(layers[n], current[n], r) for n, r, _ in candidates], reuse)
+        losses = _candidate_losses(work, batches, [(layers[n], current[n], r) for n, r, _ in candidates], reuse,
+                                   loss_fn)
         best = None
         for order, ((name, new, saved), candidate_loss) in enumerate(zip(candidates, losses)):
             increase = candidate_loss - loss
@@ -238,13 +273,13 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
         layers[name].active_rank = new
         if has_batchnorm:
             recalibrate(work, batches)
-            loss = calibration_loss(work, batches)
+            loss = calibration_loss(work, batches, loss_fn)
         points.append(point(round_index, loss))
         if progress is not None:
             progress(round_index, rounds)
     if progress is not None:
         progress(rounds, rounds)
-    return Front(cost, float(step), sum(len(targets) for _, targets in batches), count_macs(dense, example),
+    return Front(cost, float(step), sum(batch_size(inputs) for inputs, _ in batches), count_macs(dense, example),
                  count_params(dense), points, {name: layer.max_rank for name, layer in layers.items()}, latency, kind)
 
 
@@ -274,14 +309,20 @@ def _run(model: nn.Module) -> Callable[[Batch], tuple[torch.Tensor, torch.Tensor
 
 
 def evaluate_front(front: Front, model: nn.Module, val_batches: Sequence[Batch], calibration: Sequence[Batch] | None = None,
-                   progress: Progress | None = None) -> Front:
+                   progress: Progress | None = None, loss: Loss | None = None) -> Front:
     """Fill every point's validation ``accuracy`` / ``val_loss`` (and ``perplexity`` for language
     tasks) by evaluating the deployed form of :func:`materialize` at that point on ``val_batches``:
-    the same model the artifacts are made from, so an exported point reproduces its figure."""
+    the same model the artifacts are made from, so an exported point reproduces its figure. With
+    ``loss`` (see :func:`greedy_front`), ``val_loss`` is its mean and there is no accuracy."""
     val = _check_batches(val_batches, "val_batches")
     example = _first_sample(val)
     for done, point in enumerate(front.points, start=1):
         deployed = deployable(materialize(model, point, calibration), example)
+        if loss is not None:
+            point.val_loss = calibration_loss(deployed, val, loss)
+            if progress is not None:
+                progress(done, len(front.points))
+            continue
         metrics = evaluate(deployed, val, _run(deployed), front.kind)
         point.accuracy, point.val_loss, point.perplexity = metrics["accuracy"], metrics["loss"], metrics.get("perplexity")
         if progress is not None:
