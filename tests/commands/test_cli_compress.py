@@ -182,6 +182,7 @@ def _snapshot(directory):
     (["--torchvision", "nosucharch"], "is not a torchvision classifier"),
     (["--model-factory", "mymodels:build", "--torchvision", "resnet18"], "not both"),
     (["RUNDIR", "--model-factory", "mymodels:build"], "not both"),
+    (["RUNDIR", "--seed", "3", "--no-out"], "--seed apply to --model-factory/--torchvision"),
     ([], "give a RUN_DIR"),
     (["--model-factory", "mymodels:build", "--no-out"], "needs --out"),
 ])

@@ -132,6 +132,8 @@ def test_compress_with_out_writes_what_the_command_writes(trained_mlp, tmp_path)
     chosen = front.select(params=0.5)
     assert json.loads((tmp_path / "out" / "params-0.5" / "point.json").read_text())["point"]["ranks"] == chosen.ranks
     assert front.metadata["init"] == "whitened"
+    with pytest.raises(ml.ConfigError, match="already exist"):  # refused before any work
+        ml.compress(model, batches, batches, targets=[("params", 0.5)], out=tmp_path / "out")
 
 
 def _bad(model, batches):

@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     own.add_argument("--weights", metavar="FILE", help="its state dict, a .safetensors file (loaded strictly)")
     own.add_argument("--data", metavar="NAME", help="registered dataset for calibration and validation")
     own.add_argument("--data-root", metavar="DIR", help="directory of the dataset's files (image-folder: train/ and val/)")
-    own.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default 0)")
+    own.add_argument("--seed", type=int, help="seed of the calibration sample (default 0; a run uses its own)")
     parser.add_argument("--cost", choices=COSTS, default="macs", help="what a removal saves (default macs)")
     parser.add_argument("--step", type=float, default=0.25,
                         help="fraction of a layer's current rank removed per try, at least one rank (default 0.25)")
@@ -109,7 +109,7 @@ def _check_options(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} needs {', '.join(missing)}")
     else:
         given = [name for name, value in (("--weights", args.weights), ("--data", args.data),
-                                          ("--data-root", args.data_root)) if value is not None]
+                                          ("--data-root", args.data_root), ("--seed", args.seed)) if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} apply to --model-factory/--torchvision; a run brings its own")
     if not 0 < args.step <= 1:
@@ -178,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         result = compress_run(args.run_dir, args.out, **common)
     else:
         result = compress_files(args.out, weights=args.weights, data=args.data, model_factory=args.model_factory,
-                                torchvision=args.torchvision, data_root=args.data_root, seed=args.seed, **common)
+                                torchvision=args.torchvision, data_root=args.data_root,
+                                seed=0 if args.seed is None else args.seed, **common)
     front, chosen = result.front, result.chosen
     dense_accuracy = front.metadata["dense_accuracy"]
     print()

@@ -32,12 +32,13 @@ from ..config import FactorizeConfig
 from ..data import TaskData
 from ..engine.front import Front, FrontPoint
 from ..engine.search import Batch, Loss, evaluate_front, greedy_front, materialize
+from ..engine.targets import check_target
 from ..errors import ConfigError, ConfigTypeError, UsageError
 from ..files import write_json_atomic
 from ..inject import factorize
 from ..layers import low_rank_layers
 from .artifacts import FILES, FORMATS, build_artifacts, check_formats, write_files
-from .compress import POINT_FILE, check_input_batches, compress_model, feed_record, point_record
+from .compress import POINT_FILE, check_input_batches, check_outputs, compress_model, feed_record, point_record
 from .family import save_family
 
 INITS = ("svd", "whitened")
@@ -205,6 +206,8 @@ def compress(model: nn.Module, calibration: Iterable, validation: Iterable | Non
     _choice("order", order, ORDERS)
     if targets and out is None:
         raise ConfigError("targets are exported into out=<directory>: pass out, or choose points with front.select")
+    if out is not None:
+        check_outputs(Path(out), [check_target(k, v) for k, v in targets], force, family)
     batches = as_batches(calibration, "calibration", loss)
     val = None if validation is None else as_batches(validation, "validation", loss)
     check_input_batches(model, batches, "calibration", loss)
