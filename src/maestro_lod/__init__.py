@@ -7,6 +7,7 @@ shrink ranks as training goes, and export any point of the accuracy–cost curve
 
 from .canonical import canonicalize_
 from .config import FactorizeConfig
+from .deploy.api import CompressedFront, compress
 from .errors import CheckpointError, ConfigError, ConfigTypeError, MaestroError, TrainingDiverged
 from .export import export
 from .inject import (BuildSpec, Component, LayerHandler, LeftDense, Plan, PlanEntry, PlanTotals, factorize, plan,
@@ -27,4 +28,5 @@ __all__ = [
     "LowRankLayer", "LowRankLinear", "LowRankConv", "LowRankMultiheadAttention",
     "RankSampler", "SingleLayerSampler", "IndependentSampler", "FixedFractionSampler", "sampled_ranks",
     "group_lasso", "importances", "shrink_", "truncate_", "canonicalize_", "export", "count_params", "count_macs", "layer_summary",
+    "compress", "CompressedFront",
 ]

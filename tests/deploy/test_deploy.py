@@ -63,8 +63,10 @@ def test_front_is_monotone_and_costs_exact(trained_run, digits):
 
 
 def _trained_model(run, data):
+    """The model the front of ``run`` was searched on: the trained one, its factors re-factorised
+    by SVD (compress's default ``--order svd``)."""
     from maestro_lod.runs.loading import load_run
-    return load_run(run).model.eval()
+    return ml.canonicalize_(load_run(run).model.eval())
 
 
 def test_exported_point_reproduces_recorded_accuracy(trained_run, digits):

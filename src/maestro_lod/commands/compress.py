@@ -1,6 +1,13 @@
 """``maestro-lod compress RUN_DIR``: the accuracy–cost front of a trained run, and deployable
 models for chosen budgets.
 
+Any run compresses: a dense run (``--method dense``) is factorised at full rank first (``--init``
+whitened or svd, on the calibration set); the trained factors of any other run are re-factorised
+at their ranks (``--order svd|whitened``; ``trained`` keeps them), which changes no output but puts
+the ranks in the best order for removal. A model of one's own compresses from local files:
+``--model-factory module:function`` (or ``file.py:function``, called without arguments) or
+``--torchvision ARCH``, with ``--weights FILE.safetensors``, ``--data NAME`` and ``--out DIR``.
+
 Reads the run's ``config.json`` and ``checkpoint.safetensors``, measures the latency table, runs
 the greedy search on a fixed calibration set drawn from the training data, evaluates every point
 on the validation data, and writes (under the run, or ``--out``) ``front.json``, ``front.png``,
@@ -26,7 +33,8 @@ from ..engine.front import Front, FrontPoint
 from ..engine.targets import COMPRESS, Target, parse_target
 from ..engine.search import CALIBRATION_SIZE
 from ..errors import ConfigError, UsageError
-from ..runs.compress import compress_run
+from ..deploy.api import INITS, ORDERS
+from ..runs.compress import compress_files, compress_run
 from ..tables import format_table
 
 
@@ -48,8 +56,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``compress`` sub-command."""
     parser = subparsers.add_parser("compress", help="accuracy-cost front of a trained run and models for budgets",
                                    description=__doc__)
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="directory of a run written by maestro-lod train")
-    parser.add_argument("--out", metavar="DIR", help="write here instead of RUN_DIR")
+    parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
+                        help="directory of a run written by maestro-lod train (or use --model-factory/--torchvision)")
+    parser.add_argument("--out", metavar="DIR", help="write here instead of RUN_DIR (required without RUN_DIR)")
+    parser.add_argument("--init", choices=INITS, default="whitened",
+                        help="how a dense model is factorised at full rank before the search: whitened SVD on the "
+                             "calibration set, or plain SVD (default whitened)")
+    parser.add_argument("--order", choices=ORDERS, default="svd",
+                        help="how a factorised model's trained factors are ordered before the search: re-factorised "
+                             "by SVD or whitened SVD at their ranks (same outputs), or as trained (default svd)")
+    own = parser.add_argument_group("a model of one's own (instead of RUN_DIR; local files only)")
+    own.add_argument("--model-factory", metavar="MODULE:FUNCTION",
+                        help="function building the dense model, called without arguments (module:function or "
+                             "path/to/file.py:function)")
+    own.add_argument("--torchvision", metavar="ARCH",
+                        help="a torchvision classifier (resnet18, mobilenet_v2, ...) with the dataset's classes")
+    own.add_argument("--weights", metavar="FILE", help="its state dict, a .safetensors file (loaded strictly)")
+    own.add_argument("--data", metavar="NAME", help="registered dataset for calibration and validation")
+    own.add_argument("--data-root", metavar="DIR", help="directory of the dataset's files (image-folder: train/ and val/)")
+    own.add_argument("--seed", type=int, help="seed of the calibration sample (default 0; a run uses its own)")
     parser.add_argument("--cost", choices=COSTS, default="macs", help="what a removal saves (default macs)")
     parser.add_argument("--step", type=float, default=0.25,
                         help="fraction of a layer's current rank removed per try, at least one rank (default 0.25)")
@@ -69,6 +94,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_options(args: argparse.Namespace) -> None:
+    own = args.model_factory or args.torchvision
+    flag = "--model-factory" if args.model_factory else "--torchvision"
+    if args.model_factory and args.torchvision:
+        raise UsageError("give either --model-factory or --torchvision, not both")
+    if args.run_dir is not None and own:
+        raise UsageError(f"give either RUN_DIR or {flag}, not both")
+    if args.run_dir is None and not own:
+        raise UsageError("give a RUN_DIR, or a model with --model-factory MODULE:FUNCTION or --torchvision ARCH")
+    if own:
+        missing = [name for name, value in (("--weights", args.weights), ("--data", args.data), ("--out", args.out))
+                   if value is None]
+        if missing:
+            raise UsageError(f"{flag} needs {', '.join(missing)}")
+    else:
+        given = [name for name, value in (("--weights", args.weights), ("--data", args.data),
+                                          ("--data-root", args.data_root), ("--seed", args.seed)) if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} apply to --model-factory/--torchvision; a run brings its own")
     if not 0 < args.step <= 1:
         raise UsageError(f"--step {args.step} must be a fraction in (0, 1]")
     if args.calibration_size < 1:
@@ -128,10 +171,15 @@ def result_table(front: Front, chosen: list[tuple[str, FrontPoint]], dense_accur
 def run(args: argparse.Namespace) -> int:
     """Handler of ``maestro-lod compress``."""
     _check_options(args)
-    result = compress_run(args.run_dir, args.out, targets=args.target, cost=args.cost, step=args.step,
-                          calibration_size=args.calibration_size, formats=args.formats,
-                          latency_batch=args.latency_batch, family=not args.no_family, force=args.force,
-                          say=print, progress=lambda description: _Bar(description, args.quiet))
+    common = dict(targets=args.target, cost=args.cost, step=args.step, calibration_size=args.calibration_size,
+                  formats=args.formats, latency_batch=args.latency_batch, family=not args.no_family, force=args.force,
+                  init=args.init, order=args.order, say=print, progress=lambda description: _Bar(description, args.quiet))
+    if args.run_dir is not None:
+        result = compress_run(args.run_dir, args.out, **common)
+    else:
+        result = compress_files(args.out, weights=args.weights, data=args.data, model_factory=args.model_factory,
+                                torchvision=args.torchvision, data_root=args.data_root,
+                                seed=0 if args.seed is None else args.seed, **common)
     front, chosen = result.front, result.chosen
     dense_accuracy = front.metadata["dense_accuracy"]
     print()

@@ -4,11 +4,11 @@ offline ``mnist5k``, ``digits``, ``pydoc-text``, ``reverse``, file-based ``paral
 torchvision-backed ``mnist``, ``cifar10``, ``image-folder`` (optional ``vision`` extra)."""
 
 from . import embedded, seq2seq, text, vision  # noqa: F401  (register the built-in datasets)
-from .registry import (DATASETS, IGNORE_INDEX, KINDS, LoadOptions, TaskData, available_datasets, load_data,
-                       register_dataset)
+from .registry import (DATASETS, IGNORE_INDEX, KINDS, LoadOptions, Normalization, TaskData, available_datasets,
+                       load_data, register_dataset)
 from .vocab import BOS_INDEX, EOS_INDEX, PAD_INDEX, SPECIAL_TOKENS, UNK_INDEX, Vocabulary
 
 __all__ = [
-    "TaskData", "LoadOptions", "load_data", "DATASETS", "register_dataset", "available_datasets", "IGNORE_INDEX",
+    "TaskData", "LoadOptions", "Normalization", "load_data", "DATASETS", "register_dataset", "available_datasets", "IGNORE_INDEX",
     "KINDS", "Vocabulary", "PAD_INDEX", "BOS_INDEX", "EOS_INDEX", "UNK_INDEX", "SPECIAL_TOKENS",
 ]

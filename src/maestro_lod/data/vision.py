@@ -14,7 +14,7 @@ from types import ModuleType
 
 from ..errors import ConfigError, MissingFileError
 from .embedded import MNIST_MEAN, MNIST_STD
-from .registry import LoadOptions, TaskData, register_dataset, require_root
+from .registry import DIGIT_LABELS, LoadOptions, Normalization, TaskData, register_dataset, require_root
 
 DEFAULT_ROOT = Path.home() / ".cache" / "maestro-lod" / "data"
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -59,6 +59,7 @@ def load_mnist(options: LoadOptions) -> TaskData:
         name="mnist", kind="classification", train=train, val=val, num_classes=10, input_shape=(1, 28, 28),
         vocab_size=None, seq_len=None,
         description=f"MNIST via torchvision ({str(root)!r}): {len(train):,} train / {len(val):,} val 28x28 digits",
+        normalization=Normalization((MNIST_MEAN,), (MNIST_STD,), 1 / 255), labels=DIGIT_LABELS,
     )
 
 
@@ -78,6 +79,7 @@ def load_cifar10(options: LoadOptions) -> TaskData:
         vocab_size=None, seq_len=None,
         description=f"CIFAR-10 via torchvision ({str(root)!r}): {len(train):,} train / {len(val):,} val 32x32 "
                     f"images, augmentation {'on' if options.augment else 'off'}",
+        normalization=Normalization(CIFAR10_MEAN, CIFAR10_STD, 1 / 255), labels=tuple(train.classes),
     )
 
 
@@ -105,4 +107,5 @@ def load_image_folder(options: LoadOptions) -> TaskData:
         input_shape=(3, height, width), vocab_size=None, seq_len=None,
         description=f"image folders under {str(root)!r}: {len(train):,} train / {len(val):,} val images, "
                     f"{len(train.classes)} classes, resized to {height}x{width}",
+        normalization=Normalization(IMAGENET_MEAN, IMAGENET_STD, 1 / 255, size), labels=tuple(train.classes),
     )

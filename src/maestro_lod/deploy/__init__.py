@@ -10,12 +10,16 @@ chosen by budget, and deployable artifacts for them.
   ``torch.export`` program, ONNX and a plain torch.nn state dict, each checked against PyTorch.
 * :func:`save_family` writes one file holding the trained factors and the front's rank patterns;
   :func:`load_family` materialises any of its points from it by slicing the leading ranks.
+* :func:`compress` (``maestro_lod.compress``) takes any model, dense or factorised, and its
+  batches, and returns a :class:`CompressedFront`: the front with the model, so that any point
+  can be materialised (``front.model(i)``) or exported (``front.export(i, dir=...)``).
 * :func:`compress_model` runs all of it on a model and its calibration and validation batches
   and writes the front, the family file and the artifacts of the points chosen for targets (a
   :class:`CompressResult`); :func:`maestro_lod.runs.compress.compress_run` does the same on a run
   directory of ``maestro-lod train``.
 """
 
+from .api import CompressedFront, compress
 from .compress import CompressResult, compress_model
 from ..engine.costs import COSTS, LatencyTable, deployable, measure_latency, visited_ranks
 from .family import FAMILY_FILE, load_family, load_family_front, save_family
@@ -25,4 +29,4 @@ from ..engine.search import CALIBRATION_SIZE, calibration_batches, calibration_l
 __all__ = ["COSTS", "TARGET_KEYS", "CALIBRATION_SIZE", "Front", "FrontPoint", "LatencyTable", "greedy_front",
            "evaluate_front", "materialize", "calibration_batches", "calibration_loss", "deployable",
            "measure_latency", "visited_ranks", "FAMILY_FILE", "save_family", "load_family", "load_family_front",
-           "compress_model", "CompressResult"]
+           "compress_model", "CompressResult", "compress", "CompressedFront"]

@@ -36,12 +36,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import CheckpointError, ConfigError, MaestroError, MissingFileError
 from ..export import export
 from ..files import write_bytes_atomic
 from ..layers import LowRankConv, LowRankLinear, outermost_factorized, rank_pattern
+from ..layers.handlers import _is_hf_conv1d
 from ..engine.counting import count_macs, count_params
 from ..engine.passes import forward
 from ..engine.costs import deployable
@@ -81,8 +83,20 @@ def _as_tuple(inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
-def compare(what: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> float:
-    """The largest ``|actual − expected|``; raises :class:`ArtifactMismatch` beyond the tolerance."""
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output, in order: the output itself, or the tensor leaves of a
+    tuple, dict or Hugging Face ``ModelOutput`` (as ``torch.export`` and ONNX flatten them)."""
+    return [leaf for leaf in tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def compare(what: str, actual: Any, expected: Any, atol: float, rtol: float) -> float:
+    """The largest ``|actual − expected|`` over every output tensor (one, or the leaves of a
+    tuple, dict or ``ModelOutput``); raises :class:`ArtifactMismatch` beyond the tolerance."""
+    if not isinstance(actual, torch.Tensor) or not isinstance(expected, torch.Tensor):
+        actual, expected = output_tensors(actual), output_tensors(expected)
+        if len(actual) != len(expected) or not expected:
+            raise ArtifactMismatch(f"{what}: {len(actual)} output tensor(s), PyTorch gives {len(expected)}")
+        return max(compare(what, a, e, atol, rtol) for a, e in zip(actual, expected))
     actual, expected = actual.detach().double(), expected.detach().double()
     if actual.shape != expected.shape:
         raise ArtifactMismatch(f"{what}: output shape {tuple(actual.shape)} differs from PyTorch's {tuple(expected.shape)}")
@@ -120,14 +134,16 @@ def onnx_bytes(program: torch.export.ExportedProgram) -> bytes:
     return onnx_program.model_proto.SerializeToString()
 
 
-def run_onnx(model: bytes, inputs: Any) -> torch.Tensor:
-    """The first output of ``model`` run by ONNX Runtime on the CPU."""
+def run_onnx(model: bytes, inputs: Any) -> torch.Tensor | list[torch.Tensor]:
+    """The output of ``model`` run by ONNX Runtime on the CPU: a tensor, or a list of them for a
+    model with several outputs."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     feeds = {name: tensor.detach().cpu().numpy() for name, tensor in zip(names, _as_tuple(inputs))}
-    return torch.from_numpy(session.run(None, feeds)[0])
+    outputs = [torch.from_numpy(array) for array in session.run(None, feeds)]
+    return outputs[0] if len(outputs) == 1 else outputs
 
 
 def program_macs(module: nn.Module, inputs: Any) -> int:
@@ -136,6 +152,10 @@ def program_macs(module: nn.Module, inputs: Any) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         forward(module, inputs)
     return counter.get_total_flops() // 2
+
+
+def _batch(inputs: Any) -> int:
+    return len(inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
 
 
 def _first(inputs: Any) -> Any:
@@ -171,19 +191,32 @@ def read_tagged_safetensors(path: str | Path, key: str, what: str) -> tuple[dict
     return json.loads(metadata[key]), tensors
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def load_plain(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a ``model.safetensors`` written by :func:`write_artifacts` into ``model``, the dense
     architecture it was trained from (e.g. ``build_model(name, data)``), in place: each layer
-    stored as a factor pair is replaced by an ``nn.Sequential`` of two plain layers of that rank,
+    stored as a factor pair is replaced by an ``nn.Sequential`` of two plain layers of that rank
+    (and a Hugging Face ``Conv1D``, which the export turns into ``nn.Linear``, by that ``nn.Linear``),
     then the state dict loads strictly. Only torch.nn modules result; nothing is unpickled."""
     info, state = read_tagged_safetensors(path, PLAIN_METADATA_KEY, "plain model")
     pairs = info["pairs"]
-    for name, rank in pairs.items():
+    linear_like = [name for name in info["ranks"] if name not in pairs and _is_hf_conv1d(_submodule(model, name))]
+    for name in [*pairs, *linear_like]:
         dense = model.get_submodule(name)
-        kind = LowRankLinear if isinstance(dense, nn.Linear) else LowRankConv
-        pair = kind.from_dense(dense, rank, init="random").to_standard(merge=False)
+        if _is_hf_conv1d(dense):  # exported as nn.Linear (its weight transposed)
+            layer = LowRankLinear.from_weight(dense.weight.detach().t(), dense.bias, pairs.get(name, min(dense.weight.shape)),
+                                              init="random")
+        else:
+            kind = LowRankLinear if isinstance(dense, nn.Linear) else LowRankConv
+            layer = kind.from_dense(dense, pairs.get(name), init="random")
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, pair)
+        setattr(model.get_submodule(parent) if parent else model, child, layer.to_standard(merge=name not in pairs))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -211,8 +244,8 @@ def build_artifacts(model: nn.Module, formats: Sequence[str], check_inputs: Sequ
 
     def check(fmt: str, outputs: list[torch.Tensor]) -> None:
         atol, rtol = TOLERANCES[fmt]
-        report["differences"][fmt] = [compare(f"{FILES[fmt]} on a batch of {len(out)}", out, ref, atol, rtol)
-                                      for out, ref in zip(outputs, references)]
+        report["differences"][fmt] = [compare(f"{FILES[fmt]} on a batch of {_batch(inputs)}", out, ref, atol, rtol)
+                                      for out, ref, inputs in zip(outputs, references, check_inputs)]
 
     program = None
     if "pt2" in formats or "onnx" in formats:

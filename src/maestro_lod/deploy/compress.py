@@ -22,12 +22,14 @@ from torch.utils.data import Dataset
 
 from ..engine.costs import deployable, layer_floor, measure_latency, repeat_batch, time_model, visited_ranks
 from ..engine.front import Front, FrontPoint
-from ..engine.search import Batch, calibration_batches, evaluate_front, greedy_front, materialize
+from ..data import TaskData
+from ..engine.passes import forward
+from ..engine.search import Batch, Loss, calibration_batches, evaluate_front, greedy_front, materialize
 from ..engine.targets import check_target
-from ..errors import ConfigError, UsageError
+from ..errors import ConfigError, ConfigTypeError, MaestroError, UsageError
 from ..files import write_json_atomic
 from ..layers import low_rank_layers
-from .artifacts import FILES, FORMATS, build_artifacts, check_formats, write_files
+from .artifacts import FILES, FORMATS, build_artifacts, check_formats, output_tensors, write_files
 from .family import FAMILY_FILE, save_family
 
 FRONT_FILE = "front.json"
@@ -77,18 +79,81 @@ def check_inputs(dataset: Dataset) -> list[Any]:
             calibration_batches(dataset, 3, 3, seed=2)[0][0]]
 
 
+def _spec(tensor: torch.Tensor) -> dict[str, Any]:
+    return {"shape": ["batch", *tensor.shape[1:]], "dtype": str(tensor.dtype).removeprefix("torch.")}
+
+
+def feed_record(model: nn.Module, example: Any, data: TaskData | None = None) -> dict[str, Any]:
+    """How to feed the deployed model and read its output, for ``point.json``: the shape and dtype
+    of every input (``"batch"``: the dynamic batch dimension) and output tensor, from ``example``
+    (one sample) and the model's output on it; with ``data``, the normalisation its inputs were
+    made with, the class labels (in output order) or the vocabulary (token ids are positions)."""
+    inputs = example if isinstance(example, (tuple, list)) else (example,)
+    with torch.no_grad():
+        outputs = output_tensors(forward(model.eval(), example))
+    record: dict[str, Any] = {"inputs": [_spec(x) for x in inputs], "outputs": [_spec(y) for y in outputs]}
+    if data is not None:
+        record["data"] = data.name
+        if data.normalization is not None:
+            record["normalization"] = data.normalization.to_dict()
+        if data.labels is not None:
+            record["labels"] = list(data.labels)
+        if data.vocab is not None:
+            record["vocabulary"] = {"level": data.vocab.level, "tokens": list(data.vocab.tokens)}
+    return record
+
+
+def point_record(folder: str, point: FrontPoint, formats: Sequence[str], feed: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``point.json`` of a target folder: the target, the point, the files and how to feed them."""
+    return {"target": folder, "point": point.to_dict(), "files": {f: FILES[f] for f in formats}, **(feed or {})}
+
+
+def check_input_batches(model: nn.Module, batches: Sequence[Batch], what: str, loss: Loss | None = None) -> None:
+    """Refuse, with a one-line :class:`ConfigError` naming the batch, inputs that are not finite
+    tensors, inputs the model cannot run (a wrong shape) and a first batch whose outputs (or loss)
+    are not finite. Runs the model once, in eval mode without gradients (modes restored)."""
+    for i, (inputs, _) in enumerate(batches):
+        for x in (inputs if isinstance(inputs, (tuple, list)) else (inputs,)):
+            if not isinstance(x, torch.Tensor):
+                raise ConfigTypeError(f"{what} batch {i}: model inputs must be tensors (or a tuple of them), "
+                                      f"got {type(x).__name__}")
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise ConfigError(f"{what} batch {i}: the inputs hold NaN or infinite values")
+    inputs, targets = batches[0]
+    shapes = ", ".join(str(tuple(x.shape)) for x in (inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        with torch.no_grad():
+            output = forward(model.eval(), inputs)
+            value = None if loss is None else loss(output, targets)
+    except MaestroError:
+        raise
+    except Exception as exc:  # the model's own error on inputs it cannot take
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{what} batch 0: the model fails on inputs of shape {shapes}: {message}") from None
+    finally:
+        for module, training in modes:
+            module.training = training
+    if not all(bool(torch.isfinite(y).all()) for y in output_tensors(output) if y.is_floating_point()):
+        raise ConfigError(f"{what} batch 0: the model's outputs on inputs of shape {shapes} hold NaN or infinite "
+                          f"values (non-finite weights or activations)")
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not bool(torch.isfinite(value).all()):
+        raise ConfigError(f"{what} batch 0: loss(output, batch) is {float(value)}")
+
+
 def no_progress(description: str) -> Callable[[int, int], None]:
     """The :data:`ProgressFactory` that reports nothing."""
     return lambda done, total: None
 
 
-def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: Sequence[Batch], out: str | Path, *,
+def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: Sequence[Batch] | None, out: str | Path, *,
                    checks: Sequence[Any], targets: Sequence[tuple[str, float]] = (), cost: str = "macs",
                    step: float = 0.25, formats: Sequence[str] = FORMATS, latency_batch: int = 32,
                    family: bool = True, force: bool = False, architecture: Callable[[], nn.Module] | None = None,
                    kind: str = "classification", dense_accuracy: float | None = None,
                    metadata: dict[str, Any] | None = None, say: Callable[..., None] = lambda *a, **k: None,
-                   progress: ProgressFactory = no_progress) -> CompressResult:
+                   progress: ProgressFactory = no_progress, loss: Loss | None = None,
+                   data: TaskData | None = None) -> CompressResult:
     """The accuracy–cost front of a trained low-rank ``model`` and deployable models for ``targets``.
 
     ``calibration``: fixed batches of training data that score each removal (and recalibrate
@@ -102,7 +167,11 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
     loads into, to check that one too. ``kind``: the task's kind (``classification`` or a
     language task). ``dense_accuracy`` is drawn in the plot and kept, with ``metadata``, in
     ``front.json``. ``say`` prints progress lines; ``progress(description)`` gives a
-    ``callback(done, total)`` for the search and the evaluation.
+    ``callback(done, total)`` for the search and the evaluation. ``loss(output, targets)``
+    scores a batch instead of the cross-entropy of the logits (see
+    :func:`~maestro_lod.engine.search.greedy_front`); ``validation=None`` leaves the points
+    unevaluated (chosen by calibration loss). Each ``point.json`` records how to feed the model
+    (:func:`feed_record`; with ``data``, its normalisation and labels or vocabulary).
 
     Every option, output path and target is checked before the first file is written; files that
     exist are replaced only with ``force``. Raises a one-line
@@ -125,8 +194,10 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
     visits = {name: visited_ranks(layer.rank, layer_floor(layer, layer.rank), step) for name, layer in layers.items()}
     say(f"measuring the latency table ({sum(map(len, visits.values()))} layer ranks, batch {latency_batch})", flush=True)
     latency = measure_latency(model, example, visits, latency_batch)
-    front = greedy_front(model, calibration, cost, step, latency=latency, kind=kind, progress=progress("greedy rounds"))
-    evaluate_front(front, model, validation, calibration, progress=progress("evaluating points"))
+    front = greedy_front(model, calibration, cost, step, latency=latency, kind=kind, progress=progress("greedy rounds"),
+                         loss=loss)
+    if validation is not None:
+        evaluate_front(front, model, validation, calibration, progress=progress("evaluating points"), loss=loss)
     chosen = [(target_folder(k, v), front.select(**{k: v})) for k, v in targets]  # unreachable: fails here
     front.metadata = {**(metadata or {}), "dense_accuracy": dense_accuracy, "torch": torch.__version__}
     timing = repeat_batch(example, latency_batch)
@@ -140,8 +211,8 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
         names = write_files(out / folder, files)
         measured = time_model(deployable(materialized, example), timing, latency.repeats, latency.warmup)
         point.exported = {"folder": folder, "files": names, "latency": measured, **report}
-        write_json_atomic(out / folder / POINT_FILE, {"target": folder, "point": point.to_dict(),
-                                                       "files": {f: FILES[f] for f in files}})
+        write_json_atomic(out / folder / POINT_FILE,
+                          point_record(folder, point, list(files), feed_record(materialized, example, data)))
         result.artifacts[folder] = [out / folder / name for name in names] + [out / folder / POINT_FILE]
     if family:
         result.family_file = out / FAMILY_FILE

@@ -101,8 +101,8 @@ class Front:
         """The point meeting every target: budgets ``macs``/``params``/``latency`` (fraction of the
         dense model's cost, in (0, 1]) and ``max_drop`` (accuracy drop from the trained model).
 
-        With a budget, the most accurate feasible point (lowest calibration loss when the front is
-        not evaluated); with only ``max_drop``, the cheapest feasible one in the front's cost. A
+        With a budget, the most accurate feasible point (the lowest validation loss for a front
+        evaluated without accuracies, the lowest calibration loss for one not evaluated); with only ``max_drop``, the cheapest feasible one in the front's cost. A
         budget no point meets raises a ConfigError naming the closest point.
         """
         if not targets:
@@ -119,6 +119,8 @@ class Front:
         if any(k in BUDGETS for k in targets):
             if all(p.accuracy is not None for p in feasible):
                 return max(feasible, key=lambda p: (p.accuracy, -p.calibration_loss, -p.index))
+            if all(p.val_loss is not None for p in feasible):
+                return min(feasible, key=lambda p: (p.val_loss, p.calibration_loss, p.index))
             return min(feasible, key=lambda p: (p.calibration_loss, p.index))
         return min(feasible, key=lambda p: (self._cost_value(p), p.index))
 
@@ -174,6 +176,8 @@ class Front:
         evaluated = all(p.accuracy is not None for p in self.points)
         score = (lambda p: 100 * p.accuracy) if evaluated else (lambda p: p.calibration_loss)
         label = "validation accuracy (%)" if evaluated else "calibration loss"
+        if not evaluated and all(p.val_loss is not None for p in self.points):
+            score, label = (lambda p: p.val_loss), "validation loss"
         axes_specs = [("MACs (fraction of dense)", lambda p: p.macs / self.dense_macs, 1.0)]
         if self.latency_table is not None:
             axes_specs.append((f"latency, batch {self.latency_table.batch_size} (ms)",

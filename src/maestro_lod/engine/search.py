@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import Dataset, default_collate
 
 from ..data import IGNORE_INDEX
@@ -65,8 +66,11 @@ CALIBRATION_SIZE = 2048
 CALIBRATION_BATCH = 2048
 """Calibration samples per forward pass (one pass over the default set: the fewest passes per candidate)."""
 
-Batch = tuple[Any, torch.Tensor]
+Batch = tuple[Any, Any]
 Progress = Callable[[int, int], None]
+Loss = Callable[[Any, Any], torch.Tensor]
+"""``loss(output, targets)``: a model's mean loss on one batch, from its output (any form: logits,
+a tuple, a Hugging Face ``ModelOutput``) and the batch's second element, as a scalar tensor."""
 
 
 def calibration_batches(dataset: Dataset, size: int = CALIBRATION_SIZE, batch_size: int = CALIBRATION_BATCH,
@@ -86,18 +90,39 @@ def calibration_batches(dataset: Dataset, size: int = CALIBRATION_SIZE, batch_si
                 for start in range(0, len(order), batch_size)]
 
 
+def batch_size(inputs: Any) -> int:
+    """Samples in a batch of model inputs (a tensor, or a tuple of them: the first one's length)."""
+    first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+    return len(first) if isinstance(first, torch.Tensor) and first.dim() else 1
+
+
+def _batch_loss(output: Any, inputs: Any, targets: Any, loss: Loss | None) -> tuple[torch.Tensor, int]:
+    """(summed loss in float64, positions it sums over) of one batch: cross-entropy of the logits
+    per target position (``IGNORE_INDEX`` skipped), or ``loss(output, targets)`` (a mean) weighted
+    by the batch's samples."""
+    if loss is None:
+        return _loss_sum(output, targets), int((targets != IGNORE_INDEX).sum())
+    value = loss(output, targets)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise ConfigTypeError(f"loss(output, batch) must return a scalar tensor, got "
+                              f"{type(value).__name__}{'' if not isinstance(value, torch.Tensor) else ' of shape ' + str(tuple(value.shape))}")
+    count = batch_size(inputs)
+    return value.detach().reshape(()).double().cpu() * count, count
+
+
 @torch.no_grad()
-def calibration_loss(model: nn.Module, batches: Sequence[Batch]) -> float:
-    """Mean cross-entropy per target position (``IGNORE_INDEX`` skipped) in eval mode, in float64."""
+def calibration_loss(model: nn.Module, batches: Sequence[Batch], loss: Loss | None = None) -> float:
+    """Mean cross-entropy per target position (``IGNORE_INDEX`` skipped) in eval mode, in float64;
+    with ``loss``, the mean of ``loss(output, targets)`` over the batches, weighted by their samples."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     try:
         for inputs, targets in batches:
-            logits = forward(model, inputs)
-            total += _loss_sum(logits, targets)
-            count += int((targets != IGNORE_INDEX).sum())
+            batch_total, batch_count = _batch_loss(forward(model, inputs), inputs, targets, loss)
+            total += batch_total
+            count += batch_count
     finally:
         model.train(was_training)
     if count == 0:
@@ -127,13 +152,14 @@ def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def _deterministic(model: nn.Module, inputs: Any) -> bool:
     """Whether two eval-mode forwards of ``model`` on ``inputs`` agree bit for bit (the condition
     for scoring candidates from a recorded prefix)."""
-    first, second = forward(model, inputs), forward(model, inputs)
-    return torch.equal(first, second)
+    first, second = tree_leaves(forward(model, inputs)), tree_leaves(forward(model, inputs))
+    return len(first) == len(second) and all(
+        torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(first, second))
 
 
 @torch.no_grad()
 def _candidate_losses(model: nn.Module, batches: list[Batch], candidates: list[tuple[nn.Module, int, int]],
-                      reuse: PrefixReuse | None) -> list[float]:
+                      reuse: PrefixReuse | None, loss: Loss | None = None) -> list[float]:
     """Calibration loss of the model with each ``(layer, current rank, candidate rank)`` applied
     alone. With ``reuse``, each batch runs once at the current ranks while the outputs of its
     modules are recorded, and each candidate recomputes only from its layer onward (the modules
@@ -156,8 +182,9 @@ def _candidate_losses(model: nn.Module, batches: list[Batch], candidates: list[t
                         logits = forward(model, inputs)
             finally:
                 layer.active_rank = rank
-            totals[i] += _loss_sum(logits, targets)
-        count += int((targets != IGNORE_INDEX).sum())
+            batch_total, batch_count = _batch_loss(logits, inputs, targets, loss)
+            totals[i] += batch_total
+        count += batch_count
     if reuse is not None:
         reuse.close()
     return [float(total) / count for total in totals]
@@ -311,11 +338,20 @@ def _met(budgets: dict[str, float], setup: _Setup, ranks: dict[str, int]) -> set
     return {key for key, value in budgets.items() if setup.fraction(key, ranks) <= value + 1e-12}
 
 
+
+def _finite(loss: float) -> float:
+    """``loss`` if it is finite, else a one-line error: the model's outputs are not."""
+    if not math.isfinite(loss):
+        raise ConfigError(f"the calibration loss of the model is {loss}: its outputs on the calibration batches "
+                          f"are not finite (NaN or infinite inputs, weights or activations)")
+    return loss
+
+
 def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "macs", step: float = 0.25, *,
                  latency: LatencyTable | None = None, latency_batch_size: int = 32, kind: str = "classification",
                  progress: Callable[..., None] | None = None, search: str = "exhaustive",
                  targets: Mapping[str, float] | None = None, top: int = LAZY_TOP, refresh: int = LAZY_REFRESH,
-                 weighting: str = "measured", points: int = ALLOCATION_POINTS) -> Front:
+                 weighting: str = "measured", points: int = ALLOCATION_POINTS, loss: Loss | None = None) -> Front:
     """The accuracy–cost front of ``model`` (factorised and trained; left unchanged) in one greedy pass.
 
     Args:
@@ -338,6 +374,8 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
         targets: budgets such as ``{"params": 0.5}`` (fractions of the dense model's cost): the
             search stops once every one is met, and a target below what the smallest ranks cost
             raises a ConfigError before any calibration pass. ``max_drop`` is accepted and stops nothing.
+        loss: ``loss(output, targets)`` scoring each batch instead of the cross-entropy of the
+            logits (:data:`Loss`; for models whose output is not logits over the targets).
     """
     check_cost(cost)
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
@@ -351,14 +389,15 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
     if search == "allocate":
         return allocated_front(model, batches, cost, latency=latency, latency_batch_size=latency_batch_size,
                                kind=kind, progress=progress, targets=targets, weighting=weighting, points=points,
-                               step=step)
+                               step=step, loss=loss)
     setup = _prepare(model, batches, cost, step, latency, latency_batch_size)
     budgets = _check_targets(targets, setup)
     work, layers, visits, objective = setup.work, setup.layers, setup.visits, setup.costs[cost]
     current = dict(setup.start)
     report = _Reporter(progress, setup, budgets, cost, sum(len(ranks) - 1 for ranks in visits.values()))
 
-    loss = calibration_loss(work, batches)
+    loss_fn = loss
+    loss = _finite(calibration_loss(work, batches, loss_fn))
     found = [setup.point(0, current, loss)]
     reuse = PrefixReuse(work) if _deterministic(work, batches[0][0]) else None
     stale: dict[str, tuple] = {}  # lazy: each layer's last score (ranking key) for its current candidate
@@ -384,7 +423,8 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
         measured: dict[str, float] = {}
 
         def score(chosen: list[tuple[str, int, float]]) -> dict[str, tuple]:
-            losses = _candidate_losses(work, batches, [(layers[n], current[n], r) for n, r, _ in chosen], reuse)
+            losses = _candidate_losses(work, batches, [(layers[n], current[n], r) for n, r, _ in chosen], reuse,
+                                      loss_fn)
             report.scored += len(chosen)
             measured.update((n, candidate_loss) for (n, _, _), candidate_loss in zip(chosen, losses))
             return {n: key(n, saved, candidate_loss - loss) for (n, _, saved), candidate_loss in zip(chosen, losses)}
@@ -408,12 +448,12 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
         stale.pop(name, None)  # its next candidate is another slice
         if setup.has_batchnorm:
             recalibrate(work, batches)
-            loss = calibration_loss(work, batches)
+            loss = calibration_loss(work, batches, loss_fn)
         found.append(setup.point(round_index, current, loss))
         met |= _met(budgets, setup, current)
         report(round_index, current, loss)
     report.finish(round_index, current, loss)
-    return Front(cost, float(step), sum(len(targets) for _, targets in batches), round(setup.dense["macs"]),
+    return Front(cost, float(step), sum(batch_size(inputs) for inputs, _ in batches), round(setup.dense["macs"]),
                  round(setup.dense["params"]), found, {name: layer.max_rank for name, layer in layers.items()},
                  setup.latency, kind, {} if search == "exhaustive" else {"search": search})
 
@@ -498,7 +538,8 @@ def allocated_front(model: nn.Module, calibration: Sequence[Batch], cost: str = 
                     latency: LatencyTable | None = None, latency_batch_size: int = 32, kind: str = "classification",
                     progress: Callable[..., None] | None = None, targets: Mapping[str, float] | None = None,
                     weighting: str = "measured", points: int = ALLOCATION_POINTS, budgets: Sequence[float] = (),
-                    errors: str = "truncation", whiten: bool = True, step: float = 0.25) -> Front:
+                    errors: str = "truncation", whiten: bool = True, step: float = 0.25,
+                    loss: Loss | None = None) -> Front:
     """The accuracy–cost front of ``model`` from rank allocation instead of a search
     (:mod:`~maestro_lod.engine.allocate`): each layer's squared output error at every rank from its
     factors (``errors="truncation"``: of its own leading ranks; ``"spectrum"``: the singular values
@@ -541,7 +582,8 @@ def allocated_front(model: nn.Module, calibration: Sequence[Batch], cost: str = 
         asked = [(cost, low + (high - low) * k / points) for k in range(points)]
         asked += [(cost, float(b)) for b in budgets if low - 1e-12 <= b < high]
     report = _Reporter(progress, setup, {}, cost, 3 + len(asked))
-    loss = calibration_loss(work, batches)
+    loss_fn = loss
+    loss = _finite(calibration_loss(work, batches, loss_fn))
     report(1, setup.start, loss)
     moments = layer_moments(work, {name: layers[name] for name in cut}, batches) if whiten else {}
     report(2, setup.start, loss)
@@ -551,7 +593,8 @@ def allocated_front(model: nn.Module, calibration: Sequence[Batch], cost: str = 
     curves: dict[str, Callable[[float], float]] = {}
     if weighting == "probe":
         probes = {name: _probe_rank(setup, name, step) for name in cut}
-        losses = _candidate_losses(work, batches, [(layers[n], setup.start[n], probes[n]) for n in cut], reuse)
+        losses = _candidate_losses(work, batches, [(layers[n], setup.start[n], probes[n]) for n in cut], reuse,
+                                   loss_fn)
         report.scored += len(cut)
         rises = {name: candidate - loss for name, candidate in zip(cut, losses)}
         positive = sorted(v for v in rises.values() if v > 0)
@@ -560,7 +603,8 @@ def allocated_front(model: nn.Module, calibration: Sequence[Batch], cost: str = 
     elif weighting == "measured":
         probes = {name: _probe_ranks(setup, name) for name in cut}
         tries = [(n, r) for n in cut for r in probes[n]]
-        losses = _candidate_losses(work, batches, [(layers[n], setup.start[n], r) for n, r in tries], reuse)
+        losses = _candidate_losses(work, batches, [(layers[n], setup.start[n], r) for n, r in tries], reuse,
+                                   loss_fn)
         report.scored += len(tries)
         for name in cut:
             measured = sorted((float(full[name][r]), candidate - loss) for (n, r), candidate in zip(tries, losses)
@@ -597,12 +641,12 @@ def allocated_front(model: nn.Module, calibration: Sequence[Batch], cost: str = 
             layer.active_rank = pattern[name]
         if setup.has_batchnorm:
             recalibrate(work, batches)
-        front_points.append(setup.point(index, pattern, calibration_loss(work, batches)))
+        front_points.append(setup.point(index, pattern, calibration_loss(work, batches, loss_fn)))
         report(3 + index, pattern, front_points[-1].calibration_loss, 3 + len(unique))
     report.finish(3 + len(unique), unique[-1] if unique else setup.start, front_points[-1].calibration_loss)
     metadata = {"search": "allocate", "weighting": weighting, "errors": errors, "whiten": whiten,
                 "weights": {name: weights[name] for name in cut}}
-    return Front(cost, float(step), sum(len(t) for _, t in batches), round(setup.dense["macs"]),
+    return Front(cost, float(step), sum(batch_size(inputs) for inputs, _ in batches), round(setup.dense["macs"]),
                  round(setup.dense["params"]), front_points, {name: layer.max_rank for name, layer in layers.items()},
                  setup.latency, kind, metadata)
 
@@ -633,14 +677,20 @@ def _run(model: nn.Module) -> Callable[[Batch], tuple[torch.Tensor, torch.Tensor
 
 
 def evaluate_front(front: Front, model: nn.Module, val_batches: Sequence[Batch], calibration: Sequence[Batch] | None = None,
-                   progress: Progress | None = None) -> Front:
+                   progress: Progress | None = None, loss: Loss | None = None) -> Front:
     """Fill every point's validation ``accuracy`` / ``val_loss`` (and ``perplexity`` for language
     tasks) by evaluating the deployed form of :func:`materialize` at that point on ``val_batches``:
-    the same model the artifacts are made from, so an exported point reproduces its figure."""
+    the same model the artifacts are made from, so an exported point reproduces its figure. With
+    ``loss`` (see :func:`greedy_front`), ``val_loss`` is its mean and there is no accuracy."""
     val = _check_batches(val_batches, "val_batches")
     example = _first_sample(val)
     for done, point in enumerate(front.points, start=1):
         deployed = deployable(materialize(model, point, calibration), example)
+        if loss is not None:
+            point.val_loss = calibration_loss(deployed, val, loss)
+            if progress is not None:
+                progress(done, len(front.points))
+            continue
         metrics = evaluate(deployed, val, _run(deployed), front.kind)
         point.accuracy, point.val_loss, point.perplexity = metrics["accuracy"], metrics["loss"], metrics.get("perplexity")
         if progress is not None:

@@ -1,48 +1,113 @@
-"""The compress pipeline on a run directory of ``maestro-lod train``: load the run, draw its
-calibration, validation and check batches, and hand them to
-:func:`maestro_lod.deploy.compress.compress_model`."""
+"""The compress pipeline on a run directory of ``maestro-lod train`` (:func:`compress_run`), or on
+a model of one's own built from local files (:func:`compress_files`): load the model, draw its
+calibration, validation and check batches, factorise a dense model at full rank (or order a
+factorised model's ranks), and hand them to :func:`maestro_lod.deploy.compress.compress_model`."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+
+from ..data import load_data
+from ..deploy.api import INITS, ORDERS, prepare_model
 from ..deploy.artifacts import FORMATS
-from ..deploy.compress import CompressResult, ProgressFactory, check_inputs, check_outputs, compress_model, no_progress
+from ..deploy.compress import (CompressResult, ProgressFactory, check_input_batches, check_inputs, check_outputs,
+                               compress_model, no_progress)
+from ..engine.evaluation import evaluate
+from ..engine.passes import forward
 from ..engine.search import CALIBRATION_SIZE, calibration_batches
 from ..errors import UsageError
-from ..layers import low_rank_layers
 from ..models import build_model
-from .loading import load_run
+from .loading import build_from_factory, build_torchvision, load_run, load_weights
+
+EVAL_BATCH = 256
+"""Validation samples per forward pass for a model that is not a run."""
+
+
+def _check_choices(init: str, order: str) -> None:
+    if init not in INITS:
+        raise UsageError(f"init {init!r} is not one of {', '.join(INITS)}")
+    if order not in ORDERS:
+        raise UsageError(f"order {order!r} is not one of {', '.join(ORDERS)}")
 
 
 def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets: Sequence[tuple[str, float]] = (),
                  cost: str = "macs", step: float = 0.25, calibration_size: int = CALIBRATION_SIZE,
                  formats: Sequence[str] = FORMATS, latency_batch: int = 32, family: bool = True, force: bool = False,
-                 say: Callable[..., None] = lambda *a, **k: None,
+                 init: str = "whitened", order: str = "svd", say: Callable[..., None] = lambda *a, **k: None,
                  progress: ProgressFactory = no_progress) -> CompressResult:
     """The front of the run in ``run_dir`` and deployable models for ``targets``, written under
     ``out`` (default: ``run_dir``), as ``maestro-lod compress`` does.
 
     The run's model is loaded on the CPU with its trained ranks; ``calibration_size`` samples of its
     training data (drawn with the run's seed) score the removals, its whole validation set scores
-    the points. ``dense_accuracy`` in ``front.json`` is the run's dense reference. The other options
-    are those of :func:`~maestro_lod.deploy.compress.compress_model`; existing outputs are refused
-    (unless ``force``) before the run is loaded."""
+    the points. A dense run's model (``--method dense``) is factorised at full rank first with
+    ``init`` (``whitened``: on the calibration batches; ``svd``); the low-rank layers of any other
+    run are re-factorised at their trained ranks with ``order`` (``svd``, ``whitened``; ``trained``
+    keeps the trained factors), which changes no output but the order in which ranks are removed.
+    Both choices are recorded in ``front.json``'s metadata. ``dense_accuracy`` in ``front.json`` is
+    the run's dense reference (a dense run's own accuracy). The other options are those of
+    :func:`~maestro_lod.deploy.compress.compress_model`; existing outputs are refused (unless
+    ``force``) before the run is loaded."""
+    _check_choices(init, order)
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
     check_outputs(out, targets, force, family)
     run = load_run(run_dir)
     config, data = run.config, run.data
-    model = run.model.eval()
-    if not any(True for _ in low_rank_layers(model)):
-        raise UsageError(f"the model of {str(run_dir)!r} has no low-rank layers (a dense run): nothing to compress")
     calibration = calibration_batches(data.train, calibration_size, seed=config.seed)
     validation = calibration_batches(data.val, len(data.val), config.eval_batch_size, seed=0)
+    model, prepared = prepare_model(run.model.eval(), calibration, init, order)
     dense_accuracy = (run.summary.get("dense_reference") or {}).get("accuracy")
+    if dense_accuracy is None and config.method == "dense":
+        dense_accuracy = run.summary.get("final_accuracy")
     return compress_model(model, calibration, validation, out, checks=check_inputs(data.val), targets=targets,
                           cost=cost, step=step, formats=formats, latency_batch=latency_batch, family=family,
                           force=force, architecture=lambda: build_model(config.model, data, **config.model_options),
                           kind=data.kind, dense_accuracy=dense_accuracy,
-                          metadata={"run": str(run_dir), "model": config.model, "data": config.data},
-                          say=say, progress=progress)
+                          metadata={"run": str(run_dir), "model": config.model, "data": config.data,
+                                    "method": config.method, **prepared},
+                          say=say, progress=progress, data=data)
+
+
+def compress_files(out: str | Path, *, weights: str | Path, data: str, model_factory: str | None = None,
+                   torchvision: str | None = None, data_root: str | Path | None = None, seed: int = 0,
+                   targets: Sequence[tuple[str, float]] = (), cost: str = "macs", step: float = 0.25,
+                   calibration_size: int = CALIBRATION_SIZE, formats: Sequence[str] = FORMATS,
+                   latency_batch: int = 32, family: bool = True, force: bool = False, init: str = "whitened",
+                   order: str = "svd", say: Callable[..., None] = lambda *a, **k: None,
+                   progress: ProgressFactory = no_progress) -> CompressResult:
+    """:func:`compress_run` for a model that is not a run: built by ``model_factory``
+    (``module:function`` or ``file.py:function``, called without arguments) or torchvision's
+    classifier ``torchvision`` (``resnet18``, …, with the dataset's number of classes, no
+    pretrained weights), its ``weights`` loaded strictly from a safetensors file, and its
+    calibration (``calibration_size`` training samples drawn with ``seed``, no augmentation) and
+    validation batches drawn from the registered dataset ``data`` (``data_root``: its files).
+    Everything is read from local files. Outputs go to ``out``; every input is checked (the
+    weights against the model, the model on a calibration batch) before anything is written."""
+    _check_choices(init, order)
+    if (model_factory is None) == (torchvision is None):
+        raise UsageError("give exactly one of a model factory (--model-factory) and a torchvision architecture "
+                         "(--torchvision)")
+    out = Path(out)
+    check_outputs(out, targets, force, family)
+    task = load_data(data, root=None if data_root is None else str(data_root), seed=seed, augment=False)
+    build = (lambda: build_from_factory(model_factory)) if model_factory is not None else \
+        (lambda: build_torchvision(torchvision, task.num_classes))
+    dense = load_weights(build(), weights)
+    calibration = calibration_batches(task.train, calibration_size, seed=seed)
+    validation = calibration_batches(task.val, len(task.val), EVAL_BATCH, seed=0)
+    check_input_batches(dense, calibration, "calibration")
+    check_input_batches(dense, validation, "validation")
+    dense_accuracy = evaluate(dense, validation, lambda batch: (forward(dense, batch[0]), batch[1]), task.kind)["accuracy"]
+    architecture = copy.deepcopy(dense)
+    model, prepared = prepare_model(dense, calibration, init, order)
+    source = {"model_factory": model_factory} if model_factory is not None else {"torchvision": torchvision}
+    return compress_model(model, calibration, validation, out, checks=check_inputs(task.val), targets=targets,
+                          cost=cost, step=step, formats=formats, latency_batch=latency_batch, family=family,
+                          force=force, architecture=lambda: copy.deepcopy(architecture), kind=task.kind,
+                          dense_accuracy=dense_accuracy,
+                          metadata={**source, "weights": str(weights), "data": data, **prepared},
+                          say=say, progress=progress, data=task)

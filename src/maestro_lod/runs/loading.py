@@ -9,19 +9,30 @@ A trained run directory is read back by one path, whoever reads it (``train --re
 ``compress``, ``bench``): :func:`read_run_config` (``config.json``), :func:`load_task` (the
 data), :func:`build_trainer` with the ``checkpoint`` (safetensors, no pickle) to restore;
 :func:`load_run` does all three for a finished or interrupted run.
+
+A model that is not a run (``compress --model-factory`` / ``--torchvision``) is built from local
+files only: :func:`build_from_factory` or :func:`build_torchvision`, then :func:`load_weights`.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file as load_safetensors
+from torch import nn
 
 from ..data import TaskData, load_data
-from ..errors import CheckpointError, ConfigError, RunDirectoryError, UsageError
+from ..errors import (CheckpointError, ConfigError, ConfigTypeError, MaestroError, MissingFileError, RunDirectoryError,
+                      UsageError)
 from ..models import build_model
 from ..training.checkpoint import load_checkpoint
 from ..training.train_config import EXECUTION_KEYS, TrainConfig
@@ -196,3 +207,104 @@ def claim_resume(directory: Path, changes: dict[str, Any], lock: bool = True) ->
     if status == "started":  # killed during epoch 1: nothing to continue, so start over
         return Claim(lock, config, clear=tuple(name for name in RUN_FILES if name != CONFIG_FILE))
     return Claim(lock, config, checkpoint=directory / CHECKPOINT_FILE)
+
+
+# ------------------------------------------------------------------ a model of one's own, from files
+def _listing(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_model_factory(spec: str) -> Callable[[], nn.Module]:
+    """The function named by ``spec``: ``package.module:function`` (importable, the current
+    directory first on the path) or ``path/to/file.py:function``. It is called without arguments
+    to build the dense model. A spec that names no importable module or no callable is refused in
+    one line naming it."""
+    module_name, colon, attribute = str(spec).rpartition(":")
+    if not colon or not module_name or not attribute:
+        raise UsageError(f"--model-factory {spec!r} must be module:function or path/to/file.py:function")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise MissingFileError(f"--model-factory {spec!r}: no file {module_name!r}")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            added = os.getcwd() not in sys.path
+            if added:
+                sys.path.insert(0, os.getcwd())
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                if added:
+                    sys.path.remove(os.getcwd())
+    except MaestroError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"--model-factory {spec!r}: no module named {exc.name or module_name!r}") from None
+    except Exception as exc:  # the module's own code failed while importing
+        message = (str(exc).strip().splitlines() or [""])[0]
+        raise UsageError(f"--model-factory {spec!r}: importing {module_name!r} failed: "
+                         f"{type(exc).__name__}: {message}") from None
+    factory = getattr(module, attribute, None)
+    if factory is None or not callable(factory):
+        raise UsageError(f"--model-factory {spec!r}: module {module_name!r} has no function {attribute!r}")
+    return factory
+
+
+def build_from_factory(spec: str) -> nn.Module:
+    """The dense model returned by the function of :func:`load_model_factory` (called without arguments)."""
+    factory = load_model_factory(spec)
+    try:
+        model = factory()
+    except MaestroError:
+        raise
+    except Exception as exc:
+        message = (str(exc).strip().splitlines() or [""])[0]
+        raise UsageError(f"--model-factory {spec!r} failed: {type(exc).__name__}: {message}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigTypeError(f"--model-factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_torchvision(arch: str, num_classes: int | None) -> nn.Module:
+    """torchvision's classifier ``arch`` (``resnet18``, ``mobilenet_v2``, …) with ``num_classes``
+    outputs and no pretrained weights (nothing is downloaded)."""
+    try:
+        import torchvision
+    except ImportError:
+        raise UsageError(f'--torchvision {arch} needs torchvision: pip install "maestro-lod[vision]"') from None
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        raise UsageError(f"--torchvision {arch!r} is not a torchvision classifier (e.g. {', '.join(known[:6])}, ...)")
+    if not num_classes:
+        raise UsageError(f"--torchvision {arch}: the dataset has no classes (an image classification dataset is needed)")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a safetensors state dict into ``model`` strictly, in place. A missing file, one that
+    is not safetensors, or weights that do not fit (missing or unexpected keys, other shapes) are
+    refused in one line naming them. Nothing is unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"--weights {str(path)!r} does not exist")
+    try:
+        state = load_safetensors(str(path))
+    except Exception as exc:
+        message = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"--weights {str(path)!r} is not a safetensors file: {message}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{key} {tuple(state[key].shape)} in the file, {tuple(expected[key].shape)} in the model"
+              for key in sorted(set(state) & set(expected)) if state[key].shape != expected[key].shape]
+    problems = ([f"missing keys {_listing(missing)}"] if missing else []) + \
+               ([f"unexpected keys {_listing(unexpected)}"] if unexpected else []) + \
+               ([f"shape mismatch: {_listing(shapes, 2)}"] if shapes else [])
+    if problems:
+        raise CheckpointError(f"--weights {str(path)!r} do not fit the model: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
