@@ -291,3 +291,14 @@ def test_evaluate_front_fills_every_point(digits):
     assert all(0 <= p.accuracy <= 1 and p.val_loss > 0 for p in front.points)
     params = [p.params for p in front.points]
     assert params == sorted(params, reverse=True)
+
+
+def test_a_target_stops_the_search_on_the_path_of_the_full_front(trained_run, tmp_path):
+    stopped, full = tmp_path / "stopped", tmp_path / "full"
+    for out, extra in ((stopped, []), (full, ["--full-front"])):
+        assert cli.main(["compress", str(trained_run), *COMPRESS, "--target", "macs=0.8", "--formats", "safetensors",
+                         "--no-family", "--out", str(out), *extra]) == 0
+    short, whole = Front.load(stopped / "front.json"), Front.load(full / "front.json")
+    assert len(short.points) < len(whole.points)
+    assert [p.ranks for p in short.points] == [p.ranks for p in whole.points[:len(short.points)]]
+    assert short.points[-1].macs <= 0.8 * short.dense_macs < short.points[-2].macs  # it ends at the first point within

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 import maestro_lod as ml  # noqa: E402
+from maestro_lod.cli import main  # noqa: E402
 from maestro_lod.data.text import pydoc_corpus  # noqa: E402
 from maestro_lod.engine.search import materialize  # noqa: E402
 from maestro_lod.errors import ConfigError, MissingFileError, UsageError  # noqa: E402
@@ -278,7 +279,7 @@ def test_bad_targets_and_existing_outputs(sources, tmp_path):
         compress_hf_folder(sources["gpt2"], tmp_path / "out", targets=("latency=0.5",))
     with pytest.raises(ConfigError, match="unknown target"):
         compress_hf_folder(sources["gpt2"], tmp_path / "out", targets=("size=0.5",))
-    with pytest.raises(ConfigError, match="no point of the front meets params=0.01"):
+    with pytest.raises(ConfigError, match="target params=0.01 is unreachable"):  # refused before the search
         compress_hf_folder(sources["gpt2"], tmp_path / "out", targets=("params=0.01",), seq_len=LENGTH,
                            calibration_tokens=128, eval_tokens=128)
     for options, message in ((dict(init="random"), "starts from 'svd' or 'whitened'"),
@@ -295,3 +296,23 @@ def test_bad_targets_and_existing_outputs(sources, tmp_path):
     with pytest.raises(ConfigError, match="already a compressed folder"):
         model = ml.factorize(build("gpt2", 60))
         compress_hf_folder(save_compressed(model, tmp_path / "compressed"), tmp_path / "out2")
+
+
+def test_the_compress_command_writes_reloadable_folders(sources, tmp_path):
+    out = tmp_path / "cli"
+    text = tmp_path / "text.txt"
+    text.write_text(pydoc_corpus()[:60_000])
+    code = main(["compress", "--hf", str(sources["gpt2"]), "--text", str(text), "--target", "params=0.6",
+                 "--seq-len", str(LENGTH), "--out", str(out), "--quiet"])
+    assert code == 0
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out / "params-0.6"), trust_remote_code=True,
+                                                                 local_files_only=True)
+    source = transformers.AutoModelForCausalLM.from_pretrained(str(sources["gpt2"]), local_files_only=True)
+    assert ml.count_params(reloaded) <= 0.6 * ml.count_params(source)
+
+
+def test_the_compress_command_refuses_hf_with_a_run_or_without_out(sources, tmp_path, capsys):
+    assert main(["compress", "--hf", str(sources["gpt2"])]) == 2
+    assert "--hf needs --out" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path), "--hf", str(sources["gpt2"]), "--out", str(tmp_path / "o")]) == 2
+    assert "RUN_DIR cannot be given" in capsys.readouterr().err

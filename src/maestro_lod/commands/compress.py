@@ -31,7 +31,7 @@ from ..deploy.family import FAMILY_FILE
 from ..engine.costs import COSTS
 from ..engine.front import Front, FrontPoint
 from ..engine.targets import COMPRESS, Target, parse_target
-from ..engine.search import CALIBRATION_SIZE
+from ..engine.search import CALIBRATION_SIZE, SEARCHES
 from ..errors import ConfigError, UsageError
 from ..deploy.api import INITS, ORDERS
 from ..runs.compress import compress_files, compress_run
@@ -75,7 +75,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     own.add_argument("--data", metavar="NAME", help="registered dataset for calibration and validation")
     own.add_argument("--data-root", metavar="DIR", help="directory of the dataset's files (image-folder: train/ and val/)")
     own.add_argument("--seed", type=int, help="seed of the calibration sample (default 0; a run uses its own)")
+    hf = parser.add_argument_group("a Hugging Face causal language model (instead of RUN_DIR; local files only)")
+    hf.add_argument("--hf", metavar="FOLDER", help="a save_pretrained folder; each target is saved as a folder that "
+                    "from_pretrained(..., trust_remote_code=True) reloads at its compressed size")
+    hf.add_argument("--text", metavar="FILE", help="calibration and held-out text (default: the embedded pydoc text)")
+    hf.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window (default 128)")
     parser.add_argument("--cost", choices=COSTS, default="macs", help="what a removal saves (default macs)")
+    parser.add_argument("--search", choices=SEARCHES, default="lazy",
+                        help="lazy (default): re-score only the most promising removals each round, the exhaustive "
+                             "front in far fewer passes; exhaustive: score every layer every round; allocate: ranks "
+                             "from each layer's error curve, no search (fastest, less accurate)")
+    parser.add_argument("--full-front", action="store_true",
+                        help="search down to every layer's smallest rank even when --target is met earlier")
     parser.add_argument("--step", type=float, default=0.25,
                         help="fraction of a layer's current rank removed per try, at least one rank (default 0.25)")
     parser.add_argument("--calibration-size", type=int, default=CALIBRATION_SIZE,
@@ -93,7 +104,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _check_hf_options(args: argparse.Namespace) -> None:
+    others = [name for name, value in (("RUN_DIR", args.run_dir), ("--model-factory", args.model_factory),
+                                       ("--torchvision", args.torchvision), ("--weights", args.weights),
+                                       ("--data", args.data)) if value is not None]
+    if others:
+        raise UsageError(f"--hf compresses a Hugging Face folder; {', '.join(others)} cannot be given with it")
+    if args.out is None:
+        raise UsageError("--hf needs --out DIR (the compressed folders are written there)")
+    if args.seq_len < 1:
+        raise UsageError(f"--seq-len {args.seq_len} must be a positive int")
+
+
+def _run_hf(args: argparse.Namespace) -> int:
+    """``compress --hf FOLDER``: one reloadable folder per target, and their held-out perplexity."""
+    from ..integrations.hf_folder import compress_hf_folder  # needs the hf extra: loaded only here
+
+    targets = [f"{kind}={value:g}" for kind, value in args.target] or ["params=0.6"]
+    result = compress_hf_folder(args.hf, args.out, text=args.text, targets=targets, init=args.init,
+                                seq_len=args.seq_len, step=args.step, force=args.force, search=args.search,
+                                progress=lambda stage: _Bar(stage, args.quiet))
+    rows = [("folder", "params", "held-out perplexity"),
+            ("dense model", f"{result.dense_params:,}", f"{result.dense_perplexity:.3f}")]
+    rows += [(str(path), _cost(point.exported["params"], result.dense_params), f"{point.perplexity:.3f}")
+             for path, point in result.chosen]
+    print(format_table(rows))
+    print("\nload with transformers.AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)")
+    return 0
+
+
 def _check_options(args: argparse.Namespace) -> None:
+    if args.text is not None and args.hf is None:
+        raise UsageError("--text is the calibration text of --hf")
     own = args.model_factory or args.torchvision
     flag = "--model-factory" if args.model_factory else "--torchvision"
     if args.model_factory and args.torchvision:
@@ -121,18 +163,23 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 class _Bar:
-    """A tqdm bar driven by ``progress(done, total)`` callbacks (nothing when quiet)."""
+    """A tqdm bar driven by ``progress(done, total[, status])`` callbacks (nothing when quiet). A
+    search's ``total`` is an estimate that moves as it goes, and its status (the current point's
+    cost fraction and calibration loss) shows beside the bar's estimate of the time left."""
 
     def __init__(self, description: str, quiet: bool):
         self.description, self.quiet, self.bar = description, quiet, None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, status=None) -> None:
         if self.quiet:
             return
         if self.bar is None:
             self.bar = tqdm(total=total, desc=self.description, leave=False, dynamic_ncols=True, file=sys.stderr)
+        self.bar.total = max(total, done)
+        if status is not None:
+            self.bar.set_postfix_str(f"cost {status.cost:.3f}x, loss {status.loss:.4f}", refresh=False)
         self.bar.update(done - self.bar.n)
-        if done == total:
+        if done >= total:
             self.bar.close()
 
 
@@ -170,10 +217,14 @@ def result_table(front: Front, chosen: list[tuple[str, FrontPoint]], dense_accur
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``maestro-lod compress``."""
+    if args.hf is not None:
+        _check_hf_options(args)
+        return _run_hf(args)
     _check_options(args)
     common = dict(targets=args.target, cost=args.cost, step=args.step, calibration_size=args.calibration_size,
                   formats=args.formats, latency_batch=args.latency_batch, family=not args.no_family, force=args.force,
-                  init=args.init, order=args.order, say=print, progress=lambda description: _Bar(description, args.quiet))
+                  init=args.init, order=args.order, search=args.search, full_front=args.full_front, say=print,
+                  progress=lambda description: _Bar(description, args.quiet))
     if args.run_dir is not None:
         result = compress_run(args.run_dir, args.out, **common)
     else:

@@ -153,7 +153,7 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
                    kind: str = "classification", dense_accuracy: float | None = None,
                    metadata: dict[str, Any] | None = None, say: Callable[..., None] = lambda *a, **k: None,
                    progress: ProgressFactory = no_progress, loss: Loss | None = None,
-                   data: TaskData | None = None) -> CompressResult:
+                   data: TaskData | None = None, search: str = "lazy", full_front: bool = False) -> CompressResult:
     """The accuracy–cost front of a trained low-rank ``model`` and deployable models for ``targets``.
 
     ``calibration``: fixed batches of training data that score each removal (and recalibrate
@@ -172,6 +172,13 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
     :func:`~maestro_lod.engine.search.greedy_front`); ``validation=None`` leaves the points
     unevaluated (chosen by calibration loss). Each ``point.json`` records how to feed the model
     (:func:`feed_record`; with ``data``, its normalisation and labels or vocabulary).
+
+    ``search``: how the front is found (``lazy``, the default: re-scores only the most promising
+    removals each round and gives the exhaustive search's front on the models measured in
+    ``benchmarks/front_speed.py``; ``exhaustive``; ``allocate``: ranks chosen from each layer's
+    error curve, no search). With ``targets`` the search stops once every cost target is met,
+    and an unreachable one is refused before it starts; ``full_front`` walks on to every layer's
+    smallest rank all the same (the whole front in ``front.json`` and the family file).
 
     Every option, output path and target is checked before the first file is written; files that
     exist are replaced only with ``force``. Raises a one-line
@@ -194,8 +201,9 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
     visits = {name: visited_ranks(layer.rank, layer_floor(layer, layer.rank), step) for name, layer in layers.items()}
     say(f"measuring the latency table ({sum(map(len, visits.values()))} layer ranks, batch {latency_batch})", flush=True)
     latency = measure_latency(model, example, visits, latency_batch)
-    front = greedy_front(model, calibration, cost, step, latency=latency, kind=kind, progress=progress("greedy rounds"),
-                         loss=loss)
+    stops = None if full_front or not targets else {key: value for key, value in targets}
+    front = greedy_front(model, calibration, cost, step, latency=latency, kind=kind, progress=progress("search rounds"),
+                         loss=loss, search=search, targets=stops)
     if validation is not None:
         evaluate_front(front, model, validation, calibration, progress=progress("evaluating points"), loss=loss)
     chosen = [(target_folder(k, v), front.select(**{k: v})) for k, v in targets]  # unreachable: fails here

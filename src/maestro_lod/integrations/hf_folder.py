@@ -534,7 +534,7 @@ def compress_hf_folder(folder: str | Path, out: str | Path, *, text: str | Path 
                        init: str = "whitened", calibration_tokens: int = 16384, eval_tokens: int = 32768,
                        seq_len: int = 128, batch_size: int = 16, step: float = 0.25, damping: float | None = None,
                        target_modules: str | list[str] | None = None, force: bool = False,
-                       progress: Progress | None = None) -> HFCompressResult:
+                       progress: Progress | None = None, search: str = "lazy") -> HFCompressResult:
     """Compress the causal language model of a local ``save_pretrained`` folder to each of
     ``targets`` and write one :func:`save_compressed` folder per target under ``out``.
 
@@ -553,9 +553,11 @@ def compress_hf_folder(folder: str | Path, out: str | Path, *, text: str | Path 
     ``out/<key>-<value>/`` (with the tokenizer, in the folder's dtype) and measure the held-out
     perplexity of the folder as reloaded; write ``out/front.json``.
 
-    The search scores every layer once per round on the calibration windows: its cost is about
-    ``rounds × layers`` forward passes over ``calibration_tokens`` tokens (``rounds``: about
-    ``layers · log(rank) / step``).
+    The search (``search``: ``"lazy"``, ``"exhaustive"`` or ``"allocate"``, as
+    :func:`~maestro_lod.engine.search.greedy_front` takes it) stops once the smallest target of
+    each kind is met; an exhaustive one scores every layer once per round on the calibration
+    windows, about ``rounds × layers`` forward passes over ``calibration_tokens`` tokens
+    (``rounds``: about ``layers · log(rank) / step``), a lazy one only the most promising layers.
 
     One-line :class:`~maestro_lod.errors.ConfigError` (nothing written) for: a folder that is not a
     ``save_pretrained`` folder, already compressed, of an architecture transformers does not know
@@ -613,8 +615,9 @@ def compress_hf_folder(folder: str | Path, out: str | Path, *, text: str | Path 
 
     cost = chosen_targets[0].kind
     wrapped = _Logits(model)
-    front = greedy_front(wrapped, calibration, cost=cost, step=step, kind="language-model",
-                         progress=None if progress is None else progress("search"))
+    stops = {kind: min(t.value for t in chosen_targets if t.kind == kind) for kind in {t.kind for t in chosen_targets}}
+    front = greedy_front(wrapped, calibration, cost=cost, step=step, kind="language-model", search=search,
+                         targets=stops, progress=None if progress is None else progress("search"))
     prefix = "model."
     for point in front.points:
         point.ranks = {name.removeprefix(prefix): rank for name, rank in point.ranks.items()}

@@ -36,7 +36,8 @@ def _check_choices(init: str, order: str) -> None:
 def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets: Sequence[tuple[str, float]] = (),
                  cost: str = "macs", step: float = 0.25, calibration_size: int = CALIBRATION_SIZE,
                  formats: Sequence[str] = FORMATS, latency_batch: int = 32, family: bool = True, force: bool = False,
-                 init: str = "whitened", order: str = "svd", say: Callable[..., None] = lambda *a, **k: None,
+                 init: str = "whitened", order: str = "svd", search: str = "lazy", full_front: bool = False,
+                 say: Callable[..., None] = lambda *a, **k: None,
                  progress: ProgressFactory = no_progress) -> CompressResult:
     """The front of the run in ``run_dir`` and deployable models for ``targets``, written under
     ``out`` (default: ``run_dir``), as ``maestro-lod compress`` does.
@@ -69,7 +70,7 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets:
                           kind=data.kind, dense_accuracy=dense_accuracy,
                           metadata={"run": str(run_dir), "model": config.model, "data": config.data,
                                     "method": config.method, **prepared},
-                          say=say, progress=progress, data=data)
+                          say=say, progress=progress, data=data, search=search, full_front=full_front)
 
 
 def compress_files(out: str | Path, *, weights: str | Path, data: str, model_factory: str | None = None,
@@ -77,7 +78,8 @@ def compress_files(out: str | Path, *, weights: str | Path, data: str, model_fac
                    targets: Sequence[tuple[str, float]] = (), cost: str = "macs", step: float = 0.25,
                    calibration_size: int = CALIBRATION_SIZE, formats: Sequence[str] = FORMATS,
                    latency_batch: int = 32, family: bool = True, force: bool = False, init: str = "whitened",
-                   order: str = "svd", say: Callable[..., None] = lambda *a, **k: None,
+                   order: str = "svd", search: str = "lazy", full_front: bool = False,
+                   say: Callable[..., None] = lambda *a, **k: None,
                    progress: ProgressFactory = no_progress) -> CompressResult:
     """:func:`compress_run` for a model that is not a run: built by ``model_factory``
     (``module:function`` or ``file.py:function``, called without arguments) or torchvision's
@@ -110,4 +112,4 @@ def compress_files(out: str | Path, *, weights: str | Path, data: str, model_fac
                           force=force, architecture=lambda: copy.deepcopy(architecture), kind=task.kind,
                           dense_accuracy=dense_accuracy,
                           metadata={**source, "weights": str(weights), "data": data, **prepared},
-                          say=say, progress=progress, data=task)
+                          say=say, progress=progress, data=task, search=search, full_front=full_front)
