@@ -7,11 +7,15 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import bench, compress, demo, train
 from .errors import MaestroError, UsageError
 
-# One ``register(subparsers)`` per sub-command module in ``maestro_lod.commands``.
-COMMANDS: list = [train.register, demo.register, bench.register, compress.register]
+
+def _commands() -> list:
+    """One ``register(subparsers)`` per sub-command module in ``maestro_lod.commands`` (imported
+    here, inside :func:`main`'s handling of Ctrl-C, as they take a while to import)."""
+    from .commands import bench, compress, demo, train
+
+    return [train.register, demo.register, bench.register, compress.register]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,14 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and turn one trained model into a family of smaller ones.")
     parser.add_argument("--version", action="version", version=f"maestro-lod {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in COMMANDS:
+    for register in _commands():
         register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     try:
+        parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "handler", None):
             parser.print_help()
@@ -43,7 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     except MaestroError as exc:
         print(f"maestro-lod: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:  # Ctrl-C (130), or SIGTERM where a command turns it into one
+        print("maestro-lod: interrupted", file=sys.stderr)
+        return getattr(interruption, "exit_code", 130)
+    except RuntimeError as exc:  # some libraries (torch.export) re-raise a Ctrl-C as a RuntimeError
+        from .commands import caused_by_interrupt
+
+        if not caused_by_interrupt(exc):
+            raise
         print("maestro-lod: interrupted", file=sys.stderr)
         return 130
 
