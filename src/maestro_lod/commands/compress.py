@@ -8,14 +8,18 @@ on the validation data, and writes (under the run, or ``--out``) ``front.json``,
 :mod:`maestro_lod.deploy.family`; not with ``--no-family``) and one folder per ``--target`` with
 the artifacts of the point chosen for it. All options are checked
 and every target resolved before the first file is written; existing files are replaced only with
-``--force``. The pipeline is :func:`maestro_lod.runs.compress.compress_run` (on a run directory)
+``--force``; each target folder appears whole (written under a temporary name, then renamed). The
+run is locked while it is compressed (a run being trained is refused), and its data is read where
+its config says, or from ``--data-root``, and downloaded only with ``--download``. The pipeline is :func:`maestro_lod.runs.compress.compress_run` (on a run directory)
 and :func:`maestro_lod.deploy.compress.compress_model` (on a model and its batches).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -25,9 +29,12 @@ from ..engine.costs import COSTS
 from ..engine.front import Front, FrontPoint
 from ..engine.targets import COMPRESS, Target, parse_target
 from ..engine.search import CALIBRATION_SIZE
-from ..errors import ConfigError, UsageError
+from ..errors import ConfigError, RunDirectoryError, UsageError
 from ..runs.compress import compress_run
+from ..runs.progress import is_terminal
+from ..runs.directory import SUMMARY_FILE, RunLock, check_output_directory, run_status
 from ..tables import format_table
+from . import caused_by_interrupt, check_directory_argument, exit_code, one_line_warnings, terminations_interrupt
 
 
 def _target(text: str) -> Target:
@@ -64,7 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-family", action="store_true",
                         help=f"do not write {FAMILY_FILE} (the trained factors and every point's ranks in one file)")
     parser.add_argument("--force", action="store_true", help="replace front files and target folders that exist")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--data-root", metavar="DIR",
+                        help="where the run's data files are (default: the data_root of its config.json)")
+    parser.add_argument("--download", action="store_true",
+                        help="let an online dataset download missing files (never done otherwise)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (also off when stderr is not a terminal)")
     parser.set_defaults(handler=run)
 
 
@@ -78,10 +89,11 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 class _Bar:
-    """A tqdm bar driven by ``progress(done, total)`` callbacks (nothing when quiet)."""
+    """A tqdm bar driven by ``progress(done, total)`` callbacks (nothing when quiet or when stderr is
+    not a terminal)."""
 
     def __init__(self, description: str, quiet: bool):
-        self.description, self.quiet, self.bar = description, quiet, None
+        self.description, self.quiet, self.bar = description, quiet or not is_terminal(sys.stderr), None
 
     def __call__(self, done: int, total: int) -> None:
         if self.quiet:
@@ -125,17 +137,64 @@ def result_table(front: Front, chosen: list[tuple[str, FrontPoint]], dense_accur
     return format_table(rows)
 
 
+def _lock(run_dir: Path) -> RunLock | None:
+    """Lock the run for this command (refusing one being trained, naming the process). A run
+    directory where no lock file can be made (read-only) is only checked: nobody trains there."""
+    lock = RunLock(run_dir)
+    try:
+        return lock.acquire()
+    except RunDirectoryError:
+        lock.check_free()  # in use: raises, naming the process
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Handler of ``maestro-lod compress``."""
+    """Handler of ``maestro-lod compress``: Ctrl-C (or SIGTERM) at any point ends with one line."""
+    try:
+        with one_line_warnings(), terminations_interrupt():
+            return _run(args)
+    except KeyboardInterrupt as interruption:
+        print("maestro-lod: compress interrupted; the files already written are complete and no temporary "
+              "is left", file=sys.stderr)
+        return exit_code(interruption)
+    except RuntimeError as exc:  # torch.export re-raises a Ctrl-C as a RuntimeError
+        if caused_by_interrupt(exc):
+            print("maestro-lod: compress interrupted; the files already written are complete and no temporary "
+                  "is left", file=sys.stderr)
+            return 130
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     _check_options(args)
-    result = compress_run(args.run_dir, args.out, targets=args.target, cost=args.cost, step=args.step,
-                          calibration_size=args.calibration_size, formats=args.formats,
-                          latency_batch=args.latency_batch, family=not args.no_family, force=args.force,
-                          say=print, progress=lambda description: _Bar(description, args.quiet))
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its notes on optional operator sets are noise here
+    run_dir = check_directory_argument("RUN_DIR", args.run_dir)
+    out = check_directory_argument("--out", args.out)
+    data_root = check_directory_argument("--data-root", args.data_root)
+    if not run_dir.is_dir():
+        raise UsageError(f"RUN_DIR {str(run_dir)!r} is not a directory")
+    check_output_directory(out or run_dir, "--out" if out is not None else "RUN_DIR")
+    targets = list(dict.fromkeys(args.target))  # macs=0.5 and macs=0.50 are one target
+    lock = _lock(run_dir)
+    try:
+        if run_status(run_dir) == "unfinished":
+            print(f"note: {run_dir} has no {SUMMARY_FILE}: its training has not finished; compressing its last "
+                  f"checkpoint (continue the training with maestro-lod train --resume {run_dir})", flush=True)
+        result = compress_run(run_dir, out, targets=targets, cost=args.cost, step=args.step,
+                              calibration_size=args.calibration_size, formats=args.formats,
+                              latency_batch=args.latency_batch, family=not args.no_family, force=args.force,
+                              say=print, progress=lambda description: _Bar(description, args.quiet),
+                              data_root=data_root, download=args.download)
+    finally:
+        if lock is not None:
+            lock.release()
     front, chosen = result.front, result.chosen
     dense_accuracy = front.metadata["dense_accuracy"]
     print()
     print(result_table(front, chosen, dense_accuracy))
+    if dense_accuracy is not None:
+        print("dense model accuracy: the run's dense reference from its summary.json (recorded at training time), "
+              "not measured by this command")
     print(f"\nfront: {result.front_file} ({len(front.points)} points), plot: {result.plot_file}")
     if result.family_file is not None:
         family = front.metadata["family"]

@@ -20,7 +20,8 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets:
                  cost: str = "macs", step: float = 0.25, calibration_size: int = CALIBRATION_SIZE,
                  formats: Sequence[str] = FORMATS, latency_batch: int = 32, family: bool = True, force: bool = False,
                  say: Callable[..., None] = lambda *a, **k: None,
-                 progress: ProgressFactory = no_progress) -> CompressResult:
+                 progress: ProgressFactory = no_progress, data_root: str | Path | None = None,
+                 download: bool = False) -> CompressResult:
     """The front of the run in ``run_dir`` and deployable models for ``targets``, written under
     ``out`` (default: ``run_dir``), as ``maestro-lod compress`` does.
 
@@ -28,11 +29,12 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets:
     training data (drawn with the run's seed) score the removals, its whole validation set scores
     the points. ``dense_accuracy`` in ``front.json`` is the run's dense reference. The other options
     are those of :func:`~maestro_lod.deploy.compress.compress_model`; existing outputs are refused
-    (unless ``force``) before the run is loaded."""
+    (unless ``force``) before the run is loaded. The data is read from ``data_root`` (default: the
+    run's) and downloaded only with ``download=True``, whatever the run's config.json says."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
     check_outputs(out, targets, force, family)
-    run = load_run(run_dir)
+    run = load_run(run_dir, data_root=data_root, download=download)
     config, data = run.config, run.data
     model = run.model.eval()
     if not any(True for _ in low_rank_layers(model)):
