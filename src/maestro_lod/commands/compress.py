@@ -21,9 +21,11 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ..deploy.artifacts import FORMATS, check_formats
+from ..deploy.compress import LATENCY_BATCH_LIMIT
 from ..deploy.family import FAMILY_FILE
 from ..engine.costs import COSTS
 from ..engine.front import Front, FrontPoint
@@ -84,8 +86,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--step {args.step} must be a fraction in (0, 1]")
     if args.calibration_size < 1:
         raise UsageError(f"--calibration-size {args.calibration_size} must be a positive int")
-    if args.latency_batch < 1:
-        raise UsageError(f"--latency-batch {args.latency_batch} must be a positive int")
+    if not 1 <= args.latency_batch <= LATENCY_BATCH_LIMIT:
+        raise UsageError(f"--latency-batch {args.latency_batch} must be an int from 1 to {LATENCY_BATCH_LIMIT:,}")
 
 
 class _Bar:
@@ -162,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
             print("maestro-lod: compress interrupted; the files already written are complete and no temporary "
                   "is left", file=sys.stderr)
             return 130
+        if "can't allocate memory" in str(exc) or isinstance(exc, torch.OutOfMemoryError):
+            raise UsageError(f"out of memory: {str(exc).strip().splitlines()[-1][:200]} (a smaller --latency-batch "
+                             f"or --calibration-size needs less)") from None
         raise
 
 

@@ -49,6 +49,8 @@ POINT_FILE = "point.json"
 CHECK_SAMPLES = 64
 """Validation samples each artifact's outputs are compared on (and 3 more, as a second batch size)."""
 
+LATENCY_BATCH_LIMIT = 65536
+"""Largest batch the latency table and the exported models are timed at."""
 OUTPUT_LIMIT = 1e18
 """Largest output magnitude a model to compress may produce: far beyond any trained model's, below
 where its losses overflow (a flipped exponent bit in a weight gives ~1e38)."""
@@ -240,8 +242,9 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
     out = Path(out)
     if not 0 < step <= 1:
         raise ConfigError(f"step={step} must be a fraction in (0, 1]")
-    if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
-        raise ConfigError(f"latency_batch={latency_batch!r} must be a positive int")
+    if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or \
+            not 1 <= latency_batch <= LATENCY_BATCH_LIMIT:
+        raise ConfigError(f"latency_batch={latency_batch!r} must be an int from 1 to {LATENCY_BATCH_LIMIT:,}")
     targets = unique_targets(targets)
     formats = check_formats(formats)
     check_outputs(out, targets, force, family)
