@@ -35,7 +35,7 @@ from ..training.loop import Callback, Trainer
 from ..training.rng import seed_everything
 from .directory import (CHECKPOINT_FILE, CONFIG_FILE, RUN_FILES, SUMMARY_FILE, RunDirectory, RunLock,
                         claim_directory, claim_new_directory, clean_temporaries, compress_outputs, foreign_message,
-                        read_json_file, run_status, set_aside)
+                        read_json_file, restore_set_aside, run_status, set_aside)
 
 RUNS_ROOT = Path("runs")
 PARAMETER_LIMIT = 2_000_000_000
@@ -214,7 +214,12 @@ class Claim:
         remove stale temporaries."""
         for name in self.clear:
             (self.directory / name).unlink(missing_ok=True)
-        moved = set_aside(self.directory, self.replace)
+        try:
+            moved = set_aside(self.directory, self.replace)
+        except OSError as exc:
+            restore_set_aside(self.directory)
+            raise RunDirectoryError(f"cannot set the earlier run's files aside in {str(self.directory)!r}: "
+                                    f"{exc.strerror or exc}; they are where they were") from None
         if files is not None:
             files.replaced = moved
             # a resumed run keeps the fronts compressed from its older checkpoint, under a name saying so
