@@ -7,15 +7,11 @@ import argparse
 import sys
 
 from . import __version__
+from .commands import bench, caused_by_interrupt, compress, demo, train
 from .errors import MaestroError, UsageError
 
-
-def _commands() -> list:
-    """One ``register(subparsers)`` per sub-command module in ``maestro_lod.commands`` (imported
-    here, inside :func:`main`'s handling of Ctrl-C, as they take a while to import)."""
-    from .commands import bench, compress, demo, train
-
-    return [train.register, demo.register, bench.register, compress.register]
+# One ``register(subparsers)`` per sub-command module in ``maestro_lod.commands``.
+COMMANDS: list = [train.register, demo.register, bench.register, compress.register]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and turn one trained model into a family of smaller ones.")
     parser.add_argument("--version", action="version", version=f"maestro-lod {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in _commands():
+    for register in COMMANDS:
         register(subparsers)
     return parser
 
@@ -51,8 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         print("maestro-lod: interrupted", file=sys.stderr)
         return getattr(interruption, "exit_code", 130)
     except RuntimeError as exc:  # some libraries (torch.export) re-raise a Ctrl-C as a RuntimeError
-        from .commands import caused_by_interrupt
-
         if not caused_by_interrupt(exc):
             raise
         print("maestro-lod: interrupted", file=sys.stderr)

@@ -11,8 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from ..files import write_json_atomic, write_text_atomic
-from ..runs.directory import check_output_directory
+from ..files import check_output_directory, write_json_atomic, write_text_atomic
 from .aggregate import aggregate, markdown
 from .cells import Cell, is_finished, plan_cells, train_cell
 from .measure import measure

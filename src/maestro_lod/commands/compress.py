@@ -34,7 +34,8 @@ from ..engine.search import CALIBRATION_SIZE
 from ..errors import ConfigError, RunDirectoryError, UsageError
 from ..runs.compress import compress_run
 from ..runs.progress import is_terminal
-from ..runs.directory import SUMMARY_FILE, RunLock, check_output_directory, run_status
+from ..files import check_output_directory
+from ..runs.directory import SUMMARY_FILE, RunLock, run_status
 from ..tables import format_table
 from . import caused_by_interrupt, check_directory_argument, exit_code, one_line_warnings, terminations_interrupt
 

@@ -38,7 +38,7 @@ from ..engine.front import Front, FrontPoint
 from ..engine.search import Batch, calibration_batches, evaluate_front, greedy_front, materialize
 from ..engine.targets import check_target
 from ..errors import ConfigError, RunDirectoryError, UsageError
-from ..files import TEMPORARY_SUFFIX, json_text, write_text_atomic
+from ..files import TEMPORARY_SUFFIX, check_output_directory, json_text, write_text_atomic
 from ..layers import low_rank_layers
 from .artifacts import FILES, FORMATS, build_artifacts, check_formats, write_files
 from .family import FAMILY_FILE, save_family
@@ -90,8 +90,6 @@ def check_outputs(out: Path, targets: Sequence[tuple[str, float]], force: bool, 
                   what: str = "output directory") -> None:
     """Refuse ``out`` when it cannot be a writable directory, and, unless ``force``, the paths under
     it that :func:`compress_model` would write and that exist. Creates nothing."""
-    from ..runs.directory import check_output_directory
-
     check_output_directory(out, what)
     out = Path(out)
     paths = [out / FRONT_FILE, out / PLOT_FILE] + [out / FAMILY_FILE] * family + [out / target_folder(k, v) for k, v in targets]

@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import RunDirectoryError, UsageError
-from ..files import json_text, remove_stale_temporaries, write_json_atomic, write_text_atomic
+from ..errors import RunDirectoryError
+from ..deploy.compress import FRONT_FILE, PLOT_FILE, POINT_FILE
+from ..deploy.family import FAMILY_FILE
+from ..files import check_output_directory, json_text, remove_stale_temporaries, write_json_atomic, write_text_atomic
 from ..training.checkpoint import save_checkpoint
 from ..training.train_config import check_nesting
 from ..training.loop import Callback, Trainer
@@ -265,30 +267,6 @@ def _make_directory(path: Path, exist_ok: bool) -> bool:
         raise RunDirectoryError(f"cannot create run directory {str(path)!r}: {_cause(exc)}") from None
 
 
-def check_output_directory(path: Path, what: str) -> None:
-    """Refuse, before anything is computed, an output directory that cannot be written: an empty
-    path, one that exists and is not a directory, one under a file, one without write permission
-    (itself or, when it does not exist yet, the nearest existing parent). Creates nothing."""
-    if not str(path).strip():
-        raise UsageError(f"{what} is empty; give a directory")
-    if "\0" in str(path):
-        raise UsageError(f"{what} {str(path)!r} holds a NUL character")
-    path = Path(path)
-    if path.exists() or path.is_symlink():
-        if not path.is_dir():
-            raise UsageError(f"{what} {str(path)!r} exists and is not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise UsageError(f"{what} {str(path)!r} is not writable")
-        return
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is not writable")
-
-
 def claim_directory(path: Path) -> RunLock:
     """Create ``path`` if needed and lock it for this process (see :class:`RunLock`)."""
     created = _make_directory(path, exist_ok=True)
@@ -377,9 +355,6 @@ def commit_set_aside(directory: Path, keep_as: str | None = None) -> Path | None
 def compress_outputs(directory: Path) -> list[str]:
     """Names of what ``maestro-lod compress`` wrote in ``directory``: the front, its plot, the family
     file and the target folders (those holding a ``point.json``)."""
-    from ..deploy.compress import FRONT_FILE, PLOT_FILE, POINT_FILE
-    from ..deploy.family import FAMILY_FILE
-
     names = [name for name in (FRONT_FILE, PLOT_FILE, FAMILY_FILE) if os.path.lexists(directory / name)]
     try:
         entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
