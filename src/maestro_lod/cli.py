@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import bench, compress, demo, train
+from .commands import bench, caused_by_interrupt, compress, demo, train
 from .errors import MaestroError, UsageError
 
 # One ``register(subparsers)`` per sub-command module in ``maestro_lod.commands``.
@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     try:
+        parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "handler", None):
             parser.print_help()
@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     except MaestroError as exc:
         print(f"maestro-lod: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:  # Ctrl-C (130), or SIGTERM where a command turns it into one
+        print("maestro-lod: interrupted", file=sys.stderr)
+        return getattr(interruption, "exit_code", 130)
+    except RuntimeError as exc:  # some libraries (torch.export) re-raise a Ctrl-C as a RuntimeError
+        if not caused_by_interrupt(exc):
+            raise
         print("maestro-lod: interrupted", file=sys.stderr)
         return 130
 

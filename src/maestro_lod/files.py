@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
+
 TEMPORARY_SUFFIX = ".tmp"
 
 
@@ -80,3 +82,27 @@ def remove_stale_temporaries(directory: str | Path, names: tuple[str, ...]) -> l
                 path.unlink()
                 removed.append(path)
     return removed
+
+
+def check_output_directory(path: Path, what: str) -> None:
+    """Refuse, before anything is computed, an output directory that cannot be written: an empty
+    path, one that exists and is not a directory, one under a file, one without write permission
+    (itself or, when it does not exist yet, the nearest existing parent). Creates nothing."""
+    if not str(path).strip():
+        raise UsageError(f"{what} is empty; give a directory")
+    if "\0" in str(path):
+        raise UsageError(f"{what} {str(path)!r} holds a NUL character")
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise UsageError(f"{what} {str(path)!r} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"{what} {str(path)!r} is not writable")
+        return
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is not writable")

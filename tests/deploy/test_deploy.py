@@ -30,11 +30,12 @@ LATENCY_KEYS = ("latency", "exported")
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A one-epoch LeNet-5 run on digits, compressed once with a MACs target."""
+    """A one-epoch LeNet-5 run on digits, compressed once with a MACs target (the whole front)."""
     root = tmp_path_factory.mktemp("deploy")
     run = root / "run"
     assert cli.main(["train", *FAST, "--epochs", "1", "--out", str(run)]) == 0
-    assert cli.main(["compress", str(run), *COMPRESS, "--target", "macs=0.6", "--formats", "pt2,onnx,safetensors"]) == 0
+    assert cli.main(["compress", str(run), *COMPRESS, "--target", "macs=0.6", "--formats", "pt2,onnx,safetensors",
+                     "--full-front"]) == 0
     return run
 
 
@@ -242,7 +243,7 @@ def _snapshot(directory):
     (["--target", "flops=0.5"], "unknown target"),
     (["--target", "macs=1.5"], "(0, 1]"),
     (["--target", "macs=0"], "(0, 1]"),
-    (["--target", "params=0.0001"], "closest is point"),
+    (["--target", "params=0.0001"], "is unreachable"),  # refused before the search, from the smallest ranks' cost
     (["--formats", "tflite"], "unknown format"),
     (["--step", "2"], "--step"),
 ])

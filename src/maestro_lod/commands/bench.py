@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", metavar="DIR", help="directory of the cells and results (default runs/bench-SUITE)")
     parser.add_argument("--methods", type=split_names, metavar="NAMES", help=f"subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--tasks", type=split_names, metavar="NAMES", help="subset of the suite's tasks")
-    parser.add_argument("--seeds", type=int, metavar="N", help="seeds 0..N-1 (default: the suite's)")
+    parser.add_argument("--seeds", type=int, metavar="N", help="how many seeds: runs seeds 0..N-1 (default: the suite's)")
     parser.add_argument("--epochs", type=int, metavar="N", help="cap every task's epochs (a tiny budget)")
     parser.add_argument("--repeats", type=int, default=50, help="timed forward passes per latency (default 50)")
     parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",

@@ -15,27 +15,38 @@ on the validation data, and writes (under the run, or ``--out``) ``front.json``,
 :mod:`maestro_lod.deploy.family`; not with ``--no-family``) and one folder per ``--target`` with
 the artifacts of the point chosen for it. All options are checked
 and every target resolved before the first file is written; existing files are replaced only with
-``--force``. The pipeline is :func:`maestro_lod.runs.compress.compress_run` (on a run directory)
-and :func:`maestro_lod.deploy.compress.compress_model` (on a model and its batches).
+``--force``; each target folder appears whole (written under a temporary name, then renamed). The
+run is locked while it is compressed (a run being trained is refused), and its data is read where
+its config says, or from ``--data-root``, and downloaded only with ``--download``. The pipeline is
+:func:`maestro_lod.runs.compress.compress_run` (on a run directory) and
+:func:`maestro_lod.deploy.compress.compress_model` (on a model and its batches).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ..deploy.artifacts import FORMATS, check_formats
+from ..deploy.compress import LATENCY_BATCH_LIMIT
 from ..deploy.family import FAMILY_FILE
 from ..engine.costs import COSTS
 from ..engine.front import Front, FrontPoint
 from ..engine.targets import COMPRESS, Target, parse_target
-from ..engine.search import CALIBRATION_SIZE, SEARCHES
-from ..errors import ConfigError, UsageError
 from ..deploy.api import INITS, ORDERS
+from ..engine.search import CALIBRATION_SIZE, SEARCHES
+from ..errors import ConfigError, RunDirectoryError, UsageError
+from ..files import check_output_directory
 from ..runs.compress import compress_files, compress_run
+from ..runs.directory import SUMMARY_FILE, RunLock, run_status
+from ..runs.progress import is_terminal
 from ..tables import format_table
+from . import caused_by_interrupt, check_directory_argument, exit_code, one_line_warnings, terminations_interrupt
 
 
 def _target(text: str) -> Target:
@@ -73,7 +84,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a torchvision classifier (resnet18, mobilenet_v2, ...) with the dataset's classes")
     own.add_argument("--weights", metavar="FILE", help="its state dict, a .safetensors file (loaded strictly)")
     own.add_argument("--data", metavar="NAME", help="registered dataset for calibration and validation")
-    own.add_argument("--data-root", metavar="DIR", help="directory of the dataset's files (image-folder: train/ and val/)")
     own.add_argument("--seed", type=int, help="seed of the calibration sample (default 0; a run uses its own)")
     hf = parser.add_argument_group("a Hugging Face causal language model (instead of RUN_DIR; local files only)")
     hf.add_argument("--hf", metavar="FOLDER", help="a save_pretrained folder; each target is saved as a folder that "
@@ -100,7 +110,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-family", action="store_true",
                         help=f"do not write {FAMILY_FILE} (the trained factors and every point's ranks in one file)")
     parser.add_argument("--force", action="store_true", help="replace front files and target folders that exist")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--data-root", metavar="DIR",
+                        help="where the data files are (default for a run: the data_root of its config.json; "
+                             "image-folder: a folder with train/ and val/)")
+    parser.add_argument("--download", action="store_true",
+                        help="let an online dataset download missing files (never done otherwise)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (also off when stderr is not a terminal)")
     parser.set_defaults(handler=run)
 
 
@@ -150,25 +165,26 @@ def _check_options(args: argparse.Namespace) -> None:
         if missing:
             raise UsageError(f"{flag} needs {', '.join(missing)}")
     else:
-        given = [name for name, value in (("--weights", args.weights), ("--data", args.data),
-                                          ("--data-root", args.data_root), ("--seed", args.seed)) if value is not None]
+        given = [name for name, value in (("--weights", args.weights), ("--data", args.data), ("--seed", args.seed))
+                 if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} apply to --model-factory/--torchvision; a run brings its own")
     if not 0 < args.step <= 1:
         raise UsageError(f"--step {args.step} must be a fraction in (0, 1]")
     if args.calibration_size < 1:
         raise UsageError(f"--calibration-size {args.calibration_size} must be a positive int")
-    if args.latency_batch < 1:
-        raise UsageError(f"--latency-batch {args.latency_batch} must be a positive int")
+    if not 1 <= args.latency_batch <= LATENCY_BATCH_LIMIT:
+        raise UsageError(f"--latency-batch {args.latency_batch} must be an int from 1 to {LATENCY_BATCH_LIMIT:,}")
 
 
 class _Bar:
-    """A tqdm bar driven by ``progress(done, total[, status])`` callbacks (nothing when quiet). A
-    search's ``total`` is an estimate that moves as it goes, and its status (the current point's
-    cost fraction and calibration loss) shows beside the bar's estimate of the time left."""
+    """A tqdm bar driven by ``progress(done, total[, status])`` callbacks (nothing when quiet or when
+    stderr is not a terminal). A search's ``total`` is an estimate that moves as it goes, and its
+    status (the current point's cost fraction and calibration loss) shows beside the bar's
+    estimate of the time left."""
 
     def __init__(self, description: str, quiet: bool):
-        self.description, self.quiet, self.bar = description, quiet, None
+        self.description, self.quiet, self.bar = description, quiet or not is_terminal(sys.stderr), None
 
     def __call__(self, done: int, total: int, status=None) -> None:
         if self.quiet:
@@ -215,26 +231,78 @@ def result_table(front: Front, chosen: list[tuple[str, FrontPoint]], dense_accur
     return format_table(rows)
 
 
+def _lock(run_dir: Path) -> RunLock | None:
+    """Lock the run for this command (refusing one being trained, naming the process). A run
+    directory where no lock file can be made (read-only) is only checked: nobody trains there."""
+    lock = RunLock(run_dir)
+    try:
+        return lock.acquire()
+    except RunDirectoryError:
+        lock.check_free()  # in use: raises, naming the process
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Handler of ``maestro-lod compress``."""
+    """Handler of ``maestro-lod compress``: Ctrl-C (or SIGTERM) at any point ends with one line."""
+    try:
+        with one_line_warnings(), terminations_interrupt():
+            return _run(args)
+    except KeyboardInterrupt as interruption:
+        print("maestro-lod: compress interrupted; the files already written are complete and no temporary "
+              "is left", file=sys.stderr)
+        return exit_code(interruption)
+    except RuntimeError as exc:  # torch.export re-raises a Ctrl-C as a RuntimeError
+        if caused_by_interrupt(exc):
+            print("maestro-lod: compress interrupted; the files already written are complete and no temporary "
+                  "is left", file=sys.stderr)
+            return 130
+        if "can't allocate memory" in str(exc) or isinstance(exc, torch.OutOfMemoryError):
+            raise UsageError(f"out of memory: {str(exc).strip().splitlines()[-1][:200]} (a smaller --latency-batch "
+                             f"or --calibration-size needs less)") from None
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its notes on optional operator sets are noise here
     if args.hf is not None:
         _check_hf_options(args)
         return _run_hf(args)
     _check_options(args)
-    common = dict(targets=args.target, cost=args.cost, step=args.step, calibration_size=args.calibration_size,
-                  formats=args.formats, latency_batch=args.latency_batch, family=not args.no_family, force=args.force,
-                  init=args.init, order=args.order, search=args.search, full_front=args.full_front, say=print,
+    out = check_directory_argument("--out", args.out)
+    data_root = check_directory_argument("--data-root", args.data_root)
+    common = dict(targets=list(dict.fromkeys(args.target)),  # macs=0.5 and macs=0.50 are one target
+                  cost=args.cost, step=args.step, calibration_size=args.calibration_size, formats=args.formats,
+                  latency_batch=args.latency_batch, family=not args.no_family, force=args.force, init=args.init,
+                  order=args.order, search=args.search, full_front=args.full_front, say=print,
                   progress=lambda description: _Bar(description, args.quiet))
-    if args.run_dir is not None:
-        result = compress_run(args.run_dir, args.out, **common)
-    else:
-        result = compress_files(args.out, weights=args.weights, data=args.data, model_factory=args.model_factory,
-                                torchvision=args.torchvision, data_root=args.data_root,
+    if args.run_dir is None:
+        check_output_directory(out, "--out")
+        result = compress_files(out, weights=args.weights, data=args.data, model_factory=args.model_factory,
+                                torchvision=args.torchvision, data_root=data_root,
                                 seed=0 if args.seed is None else args.seed, **common)
+    else:
+        run_dir = check_directory_argument("RUN_DIR", args.run_dir)
+        if not run_dir.is_dir():
+            raise UsageError(f"RUN_DIR {str(run_dir)!r} is not a directory")
+        check_output_directory(out or run_dir, "--out" if out is not None else "RUN_DIR")
+        lock = _lock(run_dir)
+        try:
+            if run_status(run_dir) == "unfinished":
+                print(f"note: {run_dir} has no {SUMMARY_FILE}: its training has not finished; compressing its last "
+                      f"checkpoint (continue the training with maestro-lod train --resume {run_dir})", flush=True)
+            result = compress_run(run_dir, out, data_root=data_root, download=args.download, **common)
+        finally:
+            if lock is not None:
+                lock.release()
     front, chosen = result.front, result.chosen
     dense_accuracy = front.metadata["dense_accuracy"]
     print()
     print(result_table(front, chosen, dense_accuracy))
+    if dense_accuracy is not None and args.run_dir is not None:
+        print("dense model accuracy: the run's dense reference from its summary.json (recorded at training time), "
+              "not measured by this command")
+    elif dense_accuracy is not None:
+        print("dense model accuracy: the model as loaded, measured by this command on the validation data")
     print(f"\nfront: {result.front_file} ({len(front.points)} points), plot: {result.plot_file}")
     if result.family_file is not None:
         family = front.metadata["family"]

@@ -20,6 +20,25 @@ from ..theory.measures import RankRow
 from ..theory.plots import save_figure
 
 DEMOS = ("svd", "pca")
+DEMO_ROOT = Path("runs")
+"""Where the figure goes by default (the directory ``maestro-lod train`` writes its runs into)."""
+COLUMNS = (
+    ("b", "the truncation to the leading b ranks of the trained layer"),
+    ("gap", "whether σ_b > σ_b+1: only then is the best rank-b subspace unique, so only those b are judged"),
+    ("left° / right°", "largest principal angle between the learned and the true leading b-dimensional left / "
+                       "right (input-weighted) singular subspaces; 0° = recovered"),
+    ("u_b∠p_b°", "angle between the learned b-th left direction and the true b-th singular vector"),
+    ("error/optimum", "risk of the rank-b truncation over the Eckart–Young optimum (1 = optimal)"),
+    ("σ_b/σ_1", "the true b-th singular value, relative to the first"),
+    ("importance/σ_1", "the learned importance of rank b, ‖u_b v_bᵀ S‖ (equal to σ_b/σ_1 when LoD recovers the SVD)"),
+)
+"""The columns of the per-rank tables, explained once before them."""
+
+
+def columns_legend() -> str:
+    """The explanation of the table columns, one line per column."""
+    width = max(len(name) for name, _ in COLUMNS)
+    return "\n".join(["columns of the tables below:"] + [f"  {name:<{width}}  {text}" for name, text in COLUMNS])
 
 
 def register(subparsers) -> None:
@@ -27,16 +46,28 @@ def register(subparsers) -> None:
                                    description=__doc__.split("\n\n")[0])
     parser.add_argument("which", choices=DEMOS, help="svd: linear map on the unit ball; pca: linear autoencoder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the problem, initialisation and data (default 0)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="PNG to write (default: maestro-lod-demo-<which>-seed<seed>.png in the current directory)")
+    parser.add_argument("--out", default=None, metavar="FILE.png",
+                        help=f"PNG to write (default: {DEMO_ROOT}/demo-<which>-seed<seed>.png, {DEMO_ROOT}/ created "
+                             f"if needed)")
     parser.add_argument("--force", action="store_true", help="replace --out if it already exists")
     parser.set_defaults(handler=run_demo)
 
 
 def run_demo(args) -> int:
-    out = args.out or Path(f"maestro-lod-demo-{args.which}-seed{args.seed}.png")
+    default = args.out is None
+    if not default and not str(args.out).strip():
+        raise UsageError("--out is empty; give a .png file")
+    out = DEMO_ROOT / f"demo-{args.which}-seed{args.seed}.png" if default else Path(args.out)
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {str(out)!r} must end in .png")
+    if out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a directory; give a .png file")
+    if default and not out.parent.exists():
+        try:
+            out.parent.mkdir(parents=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create {str(out.parent)!r} for the figure: {exc.strerror or exc}; "
+                             f"pass --out") from None
     if not out.parent.is_dir():
         raise UsageError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist")
     if out.exists() and not args.force:
@@ -48,6 +79,8 @@ def run_demo(args) -> int:
     else:
         settings = dataclasses.replace(PCA_SETTINGS, seed=args.seed)
         results = [run_experiment(pca_problem(args.seed), settings)]
+    print(columns_legend())
+    print()
     for result in results:
         print(report(result))
         print()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,25 @@ from ..training.optim import OPTIMIZERS, SCHEDULES
 from ..runs.presets import PRESETS, preset
 from ..training.loop import resolve_device
 from ..runs.directory import CONFIG_FILE, RunDirectory, RunLock
-from ..runs.loading import Claim, claim_output, claim_resume
+from ..runs.loading import Claim, DataAccess, claim_output, claim_resume
 from ..runs.report import result_table
 from ..runs.training import train_claimed
+from ..training.methods import METHODS as METHOD_REGISTRY, DenseMethod
+from ..training.train_config import method_option_keys
+from . import check_directory_argument, exit_code, one_line_warnings, terminations_interrupt, warn
 
-INTERRUPTED = 130
-"""Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
+BUILT_IN_DATA = ("mnist5k", "digits", "pydoc-text", "reverse")
+"""Datasets that ship with the package or are generated: they read no files and download nothing."""
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number of seconds")
+    return value
 
 
 def _floats(text: str) -> list[float]:
@@ -128,8 +142,9 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--reference", "reference", {"choices": REFERENCES,
                                   "help": "dense accuracy to compare with: stored figure, a dense run, or none"}),
 ]
-RESUME_FLAGS = {key for _, key, _ in FLAGS} & set(EXECUTION_KEYS)
-"""The config flags ``--resume`` accepts: those that do not change what the run computes."""
+RESUME_FLAGS = {key for _, key, _ in FLAGS} & {*EXECUTION_KEYS, "data_root", "download"}
+"""The config flags ``--resume`` accepts: those that do not change what the run computes (and where
+its data is, and whether it may be downloaded: a run's own ``config.json`` is not trusted with that)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -147,8 +162,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--force", action="store_true", default=False,
                         help="replace the run files in an existing --out")
     parser.add_argument("--quiet", action="store_true", default=False,
-                        help="no progress bars, one log line per epoch")
-    parser.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                        help="no progress bars, one log line per epoch (bars are also off when stderr is not "
+                             "a terminal)")
+    parser.add_argument("--dist-timeout", type=_seconds, metavar="SECONDS",
                         help="under torchrun: how long a collective waits for a silent peer (default 300)")
     parser.set_defaults(handler=run)
 
@@ -195,12 +211,49 @@ def _resume(args: argparse.Namespace, lock: bool = True) -> Claim:
         allowed = ", ".join(f"--{key.replace('_', '-')}" for key in sorted(RESUME_FLAGS))
         raise UsageError(f"--resume continues the run with its saved options; drop {', '.join(not_allowed)} "
                          f"(only {allowed} and --quiet may be given)")
-    return claim_resume(Path(args.resume), given, lock)
+    directory = check_directory_argument("--resume", args.resume)
+    access = DataAccess(given.get("data_root"), bool(given.get("download", False)))
+    return claim_resume(directory, given, lock, access)
+
+
+def unused_options(args: argparse.Namespace, config: TrainConfig) -> list[str]:
+    """One line per flag given on the command line that does nothing with the rest of the options."""
+    given, flags = _given(args), {key: flag for flag, key, _ in FLAGS}
+    method = METHOD_REGISTRY[config.method]
+    own = set(method.config_class.keys())
+    notes = [f"{flags[key]} does nothing with --method {config.method} (an option of another method)"
+             for key in given if key in method_option_keys() and key not in own and key in flags]
+    if method is DenseMethod:
+        notes += [f"{flags['factorize.' + key]} does nothing with --method dense (the model is not factorised)"
+                  for key in given.get("factorize", {})]
+        if "reference" in given and config.reference != "none":
+            notes.append("--reference does nothing with --method dense (a dense run is its own reference)")
+    options = config.method_options
+    if "sample_fraction" in given and getattr(options, "sampler", "fixed") != "fixed":
+        notes.append(f"--sample-fraction does nothing with --sampler {options.sampler} (only the fixed sampler uses it)")
+    if "target_by" in given and "target_by" in own and getattr(options, "target", None) is None:
+        notes.append("--target-by does nothing without --target")
+    if config.schedule != "multistep":
+        notes += [f"{flags[key]} does nothing with --schedule {config.schedule} (multistep only)"
+                  for key in ("milestones", "gamma") if key in given]
+    if config.optimizer != "sgd":
+        notes += [f"{flags[key]} does nothing with --optimizer {config.optimizer} (SGD only)"
+                  for key in ("momentum", "nesterov") if key in given]
+    if config.optimizer != "adamw" and "betas" in given:
+        notes.append(f"--betas does nothing with --optimizer {config.optimizer} (AdamW only)")
+    if config.data in BUILT_IN_DATA:
+        notes += [f"{flags[key]} does nothing with --data {config.data} (built into the package: no files are "
+                  f"read or downloaded)" for key in ("data_root", "download") if given.get(key)]
+    if "dist_timeout" in args and not launched_by_torchrun():
+        notes.append("--dist-timeout does nothing outside torchrun (one process waits for no peer)")
+    return notes
 
 
 def _interrupted(claim: Claim, files: RunDirectory) -> str:
     """The line printed after Ctrl-C: where the last checkpoint is and how to continue."""
     directory = claim.directory
+    if files.restored:
+        return f"interrupted before the first epoch ended; the run that was in {directory} is restored"
     if files.saved_epoch is not None:
         return (f"interrupted; the checkpoint of epoch {files.saved_epoch} is in {directory}: continue with "
                 f"maestro-lod train --resume {directory}")
@@ -211,13 +264,21 @@ def _interrupted(claim: Claim, files: RunDirectory) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``maestro-lod train``: options → config → a claimed run directory → training → report."""
+    with one_line_warnings(), terminations_interrupt():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     main = env_rank() == 0  # under torchrun only rank 0 claims the directory (and writes into it)
+    out = check_directory_argument("--out", getattr(args, "out", None))
     if "resume" in args:
         claim = _resume(args, lock=main)
-    elif main:
-        claim = claim_output(build_config(args), Path(args.out) if "out" in args else None, args.force)
     else:
-        claim = Claim(RunLock(Path(args.out) if "out" in args else Path(".")), build_config(args))
+        config = build_config(args)
+        if main:
+            for note in unused_options(args, config):
+                warn(note)
+        claim = claim_output(config, out, args.force) if main else Claim(RunLock(out or Path(".")), config)
     files = RunDirectory(claim.directory)
     with claim.lock if main else contextlib.nullcontext():
         distributed = Distributed()
@@ -231,9 +292,9 @@ def run(args: argparse.Namespace) -> int:
             say(result_table(trained.summary, trained.reference))
             say(f"\nrun files: {trained.directory}")
             return 0
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interruption:
             print(f"maestro-lod: {_interrupted(claim, files)}", file=sys.stderr)
-            return INTERRUPTED
+            return exit_code(interruption)
         except DistributedError as exc:
             raise UsageError(f"{exc}; " + (f"the last checkpoint (epoch {files.saved_epoch}) is kept in "
                                            f"{claim.directory}" if files.saved_epoch else "no checkpoint was written")) from None

@@ -10,7 +10,8 @@ chosen by budget, and deployable artifacts for them.
   ``torch.export`` program, ONNX and a plain torch.nn state dict, each checked against PyTorch.
 * :func:`save_family` writes one file holding the trained factors and the front's rank patterns;
   :func:`load_family` materialises any of its points from it by slicing the leading ranks.
-* :func:`compress` (``maestro_lod.compress``) takes any model, dense or factorised, and its
+* :func:`maestro_lod.compress` (:mod:`.api`; not re-exported here, where ``compress`` names the
+  pipeline's module) takes any model, dense or factorised, and its
   batches, and returns a :class:`CompressedFront`: the front with the model, so that any point
   can be materialised (``front.model(i)``) or exported (``front.export(i, dir=...)``).
 * :func:`compress_model` runs all of it on a model and its calibration and validation batches
@@ -19,7 +20,7 @@ chosen by budget, and deployable artifacts for them.
   directory of ``maestro-lod train``.
 """
 
-from .api import CompressedFront, compress
+from .api import CompressedFront
 from .compress import CompressResult, compress_model
 from ..engine.costs import COSTS, LatencyTable, deployable, measure_latency, visited_ranks
 from .family import FAMILY_FILE, load_family, load_family_front, save_family
@@ -29,4 +30,4 @@ from ..engine.search import CALIBRATION_SIZE, calibration_batches, calibration_l
 __all__ = ["COSTS", "TARGET_KEYS", "CALIBRATION_SIZE", "Front", "FrontPoint", "LatencyTable", "greedy_front",
            "evaluate_front", "materialize", "calibration_batches", "calibration_loss", "deployable",
            "measure_latency", "visited_ranks", "FAMILY_FILE", "save_family", "load_family", "load_family_front",
-           "compress_model", "CompressResult", "compress", "CompressedFront"]
+           "compress_model", "CompressResult", "CompressedFront"]

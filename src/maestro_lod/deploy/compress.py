@@ -7,11 +7,24 @@ batches, evaluates every point on the validation batches, resolves every target,
 writes into ``out``: one folder per target with the artifacts of the point chosen for it
 (:data:`POINT_FILE` describes them), ``family.safetensors`` (every point in one file, see
 :mod:`maestro_lod.deploy.family`), ``front.json`` and ``front.png``.
+
+Every file is written whole or not at all: a target folder is filled under a temporary name
+(``.<folder>.<random>.tmp``) and renamed into place, files are written atomically, and the
+temporaries are removed on any exit (those of a killed process at the next start). Ctrl-C during
+the latency table or an export is held until that step ends, as interrupting ``torch.export``
+half-way can abort the interpreter; a second Ctrl-C interrupts at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +39,8 @@ from ..data import TaskData
 from ..engine.passes import forward
 from ..engine.search import Batch, Loss, calibration_batches, evaluate_front, greedy_front, materialize
 from ..engine.targets import check_target
-from ..errors import ConfigError, ConfigTypeError, MaestroError, UsageError
-from ..files import write_json_atomic
+from ..errors import ConfigError, ConfigTypeError, MaestroError, RunDirectoryError, UsageError
+from ..files import TEMPORARY_SUFFIX, check_output_directory, json_text, write_text_atomic
 from ..layers import low_rank_layers
 from .artifacts import FILES, FORMATS, build_artifacts, check_formats, output_tensors, write_files
 from .family import FAMILY_FILE, save_family
@@ -37,6 +50,12 @@ PLOT_FILE = "front.png"
 POINT_FILE = "point.json"
 CHECK_SAMPLES = 64
 """Validation samples each artifact's outputs are compared on (and 3 more, as a second batch size)."""
+
+LATENCY_BATCH_LIMIT = 65536
+"""Largest batch the latency table and the exported models are timed at."""
+OUTPUT_LIMIT = 1e18
+"""Largest output magnitude a model to compress may produce: far beyond any trained model's, below
+where its losses overflow (a flipped exponent bit in a weight gives ~1e38)."""
 
 ProgressFactory = Callable[[str], Callable[[int, int], None]]
 """``progress(description)`` → a ``callback(done, total)`` told how far one stage got."""
@@ -64,12 +83,114 @@ def target_folder(key: str, value: float) -> str:
     return f"{key}-{value:g}"
 
 
-def check_outputs(out: Path, targets: Sequence[tuple[str, float]], force: bool, family: bool = True) -> None:
-    """Refuse, unless ``force``, the paths under ``out`` that :func:`compress_model` would write and that exist."""
+def unique_targets(targets: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """``targets`` checked, in their canonical form, each once (``macs=0.5`` and ``macs=0.50`` are one)."""
+    return list(dict.fromkeys(check_target(key, value) for key, value in targets))
+
+
+def check_outputs(out: Path, targets: Sequence[tuple[str, float]], force: bool, family: bool = True,
+                  what: str = "output directory") -> None:
+    """Refuse ``out`` when it cannot be a writable directory, and, unless ``force``, the paths under
+    it that :func:`compress_model` would write and that exist. Creates nothing."""
+    check_output_directory(out, what)
+    out = Path(out)
     paths = [out / FRONT_FILE, out / PLOT_FILE] + [out / FAMILY_FILE] * family + [out / target_folder(k, v) for k, v in targets]
-    existing = [p for p in paths if p.exists()]
+    existing = [p for p in paths if os.path.lexists(p)]
     if existing and not force:
         raise UsageError(f"{', '.join(str(p) for p in existing)} already exist; pass --force to replace them")
+    blocking = [p for p in paths[3 if family else 2:] if os.path.lexists(p) and (p.is_symlink() or not p.is_dir())]
+    if blocking:
+        raise UsageError(f"{', '.join(str(p) for p in blocking)} exist and are not folders; move them away")
+
+
+def check_model_outputs(model: nn.Module, batch: Batch) -> None:
+    """Refuse a model whose parameters, or outputs on one calibration batch, are not finite (a
+    corrupted checkpoint): every accuracy and cost of the front would be meaningless."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(f"the model's {name!r} holds NaN or infinite values: nothing to compress "
+                              f"(a corrupted checkpoint?)")
+    inputs = batch[0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+    finally:
+        model.train(was_training)
+    for tensor in output_tensors(outputs):
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or not tensor.numel():
+            continue
+        if not bool(torch.isfinite(tensor).all()) or float(tensor.detach().abs().max()) > OUTPUT_LIMIT:
+            raise ConfigError("the model's outputs on the calibration data are NaN, infinite or beyond "
+                              f"±{OUTPUT_LIMIT:g} (its weights are out of range: a corrupted checkpoint?); "
+                              "nothing to compress")
+
+
+def _check_front_numbers(front: Front) -> None:
+    """Refuse, before anything is written, a front whose trained point scores NaN or infinity, or
+    that holds numbers JSON cannot store."""
+    trained = front.points[0]
+    for what in ("accuracy", "calibration_loss", "val_loss"):
+        value = getattr(trained, what, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"the trained model's {what} is {value}: its outputs are not finite (a corrupted "
+                              f"checkpoint?); nothing was written")
+    try:
+        json_text(front.to_dict(), "front.json")
+    except ValueError as exc:
+        raise ConfigError(f"the front holds numbers JSON cannot store ({exc}); nothing was written") from None
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it; a second Ctrl-C raises at once. Only
+    in the main thread with Python's own SIGINT handler in place (elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending = []
+
+    def hold(signum, frame):
+        if pending:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def _remove_temporaries(out: Path, folders: Sequence[str]) -> None:
+    """Delete the temporary folders that a killed compress left for ``folders`` under ``out``."""
+    for folder in folders:
+        for path in out.glob(f".{folder}.*{TEMPORARY_SUFFIX}"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _place_folder(temporary: Path, target: Path) -> None:
+    """Rename the filled ``temporary`` folder to ``target``; an existing ``target`` (``--force``) is
+    renamed aside first and deleted once the new one is in place (put back if that fails)."""
+    old = None
+    if os.path.lexists(target):
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX, dir=target.parent))
+        os.rmdir(old)
+        os.replace(target, old)
+    try:
+        os.replace(temporary, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_inputs(dataset: Dataset) -> list[Any]:
@@ -139,6 +260,10 @@ def check_input_batches(model: nn.Module, batches: Sequence[Batch], what: str, l
                           f"values (non-finite weights or activations)")
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not bool(torch.isfinite(value).all()):
         raise ConfigError(f"{what} batch 0: loss(output, batch) is {float(value)}")
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def no_progress(description: str) -> Callable[[int, int], None]:
@@ -188,48 +313,74 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
     out = Path(out)
     if not 0 < step <= 1:
         raise ConfigError(f"step={step} must be a fraction in (0, 1]")
-    if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
-        raise ConfigError(f"latency_batch={latency_batch!r} must be a positive int")
-    targets = [check_target(key, value) for key, value in targets]
+    if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or \
+            not 1 <= latency_batch <= LATENCY_BATCH_LIMIT:
+        raise ConfigError(f"latency_batch={latency_batch!r} must be an int from 1 to {LATENCY_BATCH_LIMIT:,}")
+    targets = unique_targets(targets)
     formats = check_formats(formats)
     check_outputs(out, targets, force, family)
     layers = dict(low_rank_layers(model))
     if not layers:
         raise ConfigError("the model has no low-rank layers: nothing to compress")
+    if not calibration or (validation is not None and not validation):
+        raise ConfigError("compress needs at least one calibration batch, and one validation batch if validation "
+                          "is given")
+    check_model_outputs(model, calibration[0])
     example = calibration[0][0]
     example = tuple(x[:1] for x in example) if isinstance(example, (tuple, list)) else example[:1]
     visits = {name: visited_ranks(layer.rank, layer_floor(layer, layer.rank), step) for name, layer in layers.items()}
     say(f"measuring the latency table ({sum(map(len, visits.values()))} layer ranks, batch {latency_batch})", flush=True)
-    latency = measure_latency(model, example, visits, latency_batch)
+    with deferred_interrupts():
+        latency = measure_latency(model, example, visits, latency_batch)
     stops = None if full_front or not targets else {key: value for key, value in targets}
     front = greedy_front(model, calibration, cost, step, latency=latency, kind=kind, progress=progress("search rounds"),
                          loss=loss, search=search, targets=stops)
     if validation is not None:
         evaluate_front(front, model, validation, calibration, progress=progress("evaluating points"), loss=loss)
+    _check_front_numbers(front)
     chosen = [(target_folder(k, v), front.select(**{k: v})) for k, v in targets]  # unreachable: fails here
     front.metadata = {**(metadata or {}), "dense_accuracy": dense_accuracy, "torch": torch.__version__}
     timing = repeat_batch(example, latency_batch)
     result = CompressResult(front, chosen, out)
-    out.mkdir(parents=True, exist_ok=True)
-    for folder, point in chosen:
-        materialized = materialize(model, point, calibration)
-        files, report = build_artifacts(materialized, formats, checks, architecture)
-        for fmt, why in report["skipped"].items():
-            say(f"{folder}: {fmt} not written: {why}", flush=True)
-        names = write_files(out / folder, files)
-        measured = time_model(deployable(materialized, example), timing, latency.repeats, latency.warmup)
-        point.exported = {"folder": folder, "files": names, "latency": measured, **report}
-        write_json_atomic(out / folder / POINT_FILE,
-                          point_record(folder, point, list(files), feed_record(materialized, example, data)))
-        result.artifacts[folder] = [out / folder / name for name in names] + [out / folder / POINT_FILE]
-    if family:
-        result.family_file = out / FAMILY_FILE
-        size = save_family(model, front, result.family_file, calibration)
-        separate = {fmt: sum((out / folder / FILES[fmt]).stat().st_size for folder, _ in chosen
-                             if (out / folder / FILES[fmt]).is_file()) for fmt in formats}
-        front.metadata["family"] = {"file": FAMILY_FILE, "bytes": size, "points": len(front.points),
-                                    "separate": separate}
-    result.front_file, result.plot_file = out / FRONT_FILE, out / PLOT_FILE
-    front.save(result.front_file)
-    front.plot(result.plot_file, dense_accuracy)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        folders = [folder for folder, _ in chosen]
+        _remove_temporaries(out, folders)
+        temporaries: list[Path] = []
+        try:
+            for folder, point in chosen:
+                materialized = materialize(model, point, calibration)
+                with deferred_interrupts():
+                    files, report = build_artifacts(materialized, formats, checks, architecture)
+                for fmt, why in report["skipped"].items():
+                    say(f"{folder}: {fmt} not written: {why}", flush=True)
+                temporary = Path(tempfile.mkdtemp(prefix=f".{folder}.", suffix=TEMPORARY_SUFFIX, dir=out))
+                temporaries.append(temporary)
+                names = write_files(temporary, files)
+                with deferred_interrupts():
+                    measured = time_model(deployable(materialized, example), timing, latency.repeats, latency.warmup)
+                point.exported = {"folder": folder, "files": names, "latency": measured, **report}
+                record = point_record(folder, point, list(files), feed_record(materialized, example, data))
+                write_text_atomic(temporary / POINT_FILE,
+                                  json_text(record, repr(str(out / folder / POINT_FILE)), indent=2) + "\n")
+                os.chmod(temporary, 0o777 & ~_umask())
+                _place_folder(temporary, out / folder)
+                temporaries.remove(temporary)
+                result.artifacts[folder] = [out / folder / name for name in names] + [out / folder / POINT_FILE]
+        finally:
+            for temporary in temporaries:
+                shutil.rmtree(temporary, ignore_errors=True)
+        if family:
+            result.family_file = out / FAMILY_FILE
+            size = save_family(model, front, result.family_file, calibration)
+            separate = {fmt: sum((out / folder / FILES[fmt]).stat().st_size for folder, _ in chosen
+                                 if (out / folder / FILES[fmt]).is_file()) for fmt in formats}
+            front.metadata["family"] = {"file": FAMILY_FILE, "bytes": size, "points": len(front.points),
+                                        "separate": separate}
+        result.front_file, result.plot_file = out / FRONT_FILE, out / PLOT_FILE
+        front.save(result.front_file)
+        front.plot(result.plot_file, dense_accuracy)
+    except OSError as exc:  # a full disk, a read-only or vanished directory
+        raise RunDirectoryError(f"cannot write into {str(out)!r}: {exc.strerror or exc}; the files written before "
+                                f"are complete and nothing half-written is left") from None
     return result

@@ -206,6 +206,28 @@ class Front:
             axes.set_ylabel(label)
             axes.grid(alpha=0.3)
             axes.legend(fontsize=8)
-        figure.suptitle(f"greedy front ({len(self.points)} points, cost: {self.cost})")
-        figure.tight_layout()
+        figure.suptitle(self._plot_title())
+        caption = self._latency_caption()
+        figure.tight_layout(rect=(0, 0.07 if caption else 0, 1, 1))
+        if caption:
+            figure.text(0.5, 0.015, caption, ha="center", va="bottom", fontsize=8, color="dimgray", wrap=True)
         write_png_atomic(figure, path, dpi=110)
+
+    def _plot_title(self) -> str:
+        """``greedy front of runs/x (mlp on digits): 38 points, cost: macs``; the run's name when known."""
+        meta = self.metadata or {}
+        what = f" ({meta['model']} on {meta['data']})" if meta.get("model") and meta.get("data") else ""
+        run = f" of {meta['run']}{what}" if meta.get("run") else what
+        return f"greedy front{run}: {len(self.points)} points, cost: {self.cost}"
+
+    def _latency_caption(self) -> str:
+        """What each latency of the right panel measures (empty without a latency table)."""
+        if self.latency_table is None:
+            return ""
+        table = self.latency_table
+        text = (f"latency of the front (dots, star, circles): the search's table estimate, the trained model timed whole "
+                f"plus each layer's change timed alone at its new rank (batch {table.batch_size}, median of {table.repeats})")
+        if any(p.exported and p.exported.get("latency") is not None for p in self.points):
+            text += ("; crosses: the exported model timed whole at the same batch, so the gap to its circle is what "
+                     "the estimate misses (operations between the layers, caches)")
+        return text

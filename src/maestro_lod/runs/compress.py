@@ -38,7 +38,8 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets:
                  formats: Sequence[str] = FORMATS, latency_batch: int = 32, family: bool = True, force: bool = False,
                  init: str = "whitened", order: str = "svd", search: str = "lazy", full_front: bool = False,
                  say: Callable[..., None] = lambda *a, **k: None,
-                 progress: ProgressFactory = no_progress) -> CompressResult:
+                 progress: ProgressFactory = no_progress, data_root: str | Path | None = None,
+                 download: bool = False) -> CompressResult:
     """The front of the run in ``run_dir`` and deployable models for ``targets``, written under
     ``out`` (default: ``run_dir``), as ``maestro-lod compress`` does.
 
@@ -51,12 +52,13 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets:
     Both choices are recorded in ``front.json``'s metadata. ``dense_accuracy`` in ``front.json`` is
     the run's dense reference (a dense run's own accuracy). The other options are those of
     :func:`~maestro_lod.deploy.compress.compress_model`; existing outputs are refused (unless
-    ``force``) before the run is loaded."""
+    ``force``) before the run is loaded. The data is read from ``data_root`` (default: the run's)
+    and downloaded only with ``download=True``, whatever the run's config.json says."""
     _check_choices(init, order)
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
     check_outputs(out, targets, force, family)
-    run = load_run(run_dir)
+    run = load_run(run_dir, data_root=data_root, download=download)
     config, data = run.config, run.data
     calibration = calibration_batches(data.train, calibration_size, seed=config.seed)
     validation = calibration_batches(data.val, len(data.val), config.eval_batch_size, seed=0)

@@ -5,7 +5,14 @@
 object per epoch, rewritten from the checkpoint's history, so it is never ahead of it); the PNG
 plots and finally ``summary.json``, whose presence marks a finished run. ``.maestro-lod-run`` marks
 the directory as this package's (directories of older versions are recognised by their
-``config.json``); ``.maestro-lod.lock``, locked by the process training there right now, holds its id.
+``config.json``); ``.maestro-lod.lock``, locked by the process training (or compressing) there right
+now, holds its id.
+
+A run that replaces the files of an earlier one (``--force``, or ``--resume``, which makes the fronts
+compressed from the older checkpoint stale) first moves them into ``.maestro-lod-replaced/``
+(:func:`set_aside`) and deletes them (a resumed run keeps the fronts in ``compressed-epoch<N>/``)
+only once its own first checkpoint is written (:func:`commit_set_aside`). Until then any failure, Ctrl-C or termination puts them back
+(:func:`restore_set_aside`), and so does the next claim of the directory after a kill.
 """
 
 from __future__ import annotations
@@ -14,13 +21,16 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..errors import RunDirectoryError
-from ..files import json_text, remove_stale_temporaries, write_json_atomic, write_text_atomic
+from ..deploy.compress import FRONT_FILE, PLOT_FILE, POINT_FILE
+from ..deploy.family import FAMILY_FILE
+from ..files import check_output_directory, json_text, remove_stale_temporaries, write_json_atomic, write_text_atomic
 from ..training.checkpoint import save_checkpoint
 from ..training.train_config import check_nesting
 from ..training.loop import Callback, Trainer
@@ -33,6 +43,9 @@ SUMMARY_FILE = "summary.json"
 MARKER_FILE = ".maestro-lod-run"
 LOCK_FILE = ".maestro-lod.lock"
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE, *PLOT_FILES)
+SET_ASIDE_DIR = ".maestro-lod-replaced"
+SET_ASIDE_LIST = "names.json"
+SET_ASIDE_DONE = ".maestro-lod-replaced.done"
 OLD_CONFIG_KEYS = {"model", "data", "method", "epochs", "lr", "seed"}
 """Keys by which the config.json of a run written before the marker file existed is recognised."""
 
@@ -112,6 +125,9 @@ class RunLock:
     created for a run that never started).
     """
 
+    _held_here: set[str] = set()
+    """Lock files held by this process (a second claim from the same process is told apart)."""
+
     def __init__(self, directory: Path, remove_if_empty: bool = False):
         self.directory = Path(directory)
         self.path = self.directory / LOCK_FILE
@@ -130,9 +146,49 @@ class RunLock:
             if self._is_current(handle):
                 self._write_pid(handle)
                 self._handle = handle
+                RunLock._held_here.add(self._key)
+                try:
+                    restore_set_aside(self.directory)  # a replacing run was killed before its first checkpoint
+                except OSError as exc:
+                    self.release()
+                    raise RunDirectoryError(f"cannot put back the earlier run's files set aside in "
+                                            f"{str(self.directory / SET_ASIDE_DIR)!r}: {_cause(exc)}") from None
                 return self
             os.close(handle)
         raise RunDirectoryError(f"{str(self.directory)!r} is being claimed by other processes at the same time")
+
+    @property
+    def _key(self) -> str:
+        return os.path.realpath(self.path)
+
+    def held_by_this_process(self) -> bool:
+        """Whether some RunLock of this process holds this directory now."""
+        return self._key in RunLock._held_here
+
+    def check_free(self) -> None:
+        """Raise the RunDirectoryError of :meth:`acquire` when another process holds the directory
+        (training there); take nothing. A directory this process holds, or one where no lock file can
+        exist (read-only, nobody trains there), passes."""
+        if self.held_by_this_process():
+            return
+        try:
+            handle = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file: nobody holds it
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(handle, 32).decode("ascii", "replace").strip()
+            raise self._in_use(holder) from None
+        except OSError:
+            pass
+        finally:
+            os.close(handle)
+
+    def _in_use(self, holder: str) -> RunDirectoryError:
+        who = f"process {holder}" if holder.isdigit() else "another process"
+        return RunDirectoryError(f"{str(self.directory)!r} is in use by {who}, which is training or compressing "
+                                 f"there; wait for it to end or choose another directory")
 
     def _open_locked(self) -> int:
         try:
@@ -144,9 +200,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(handle, 32).decode("ascii", "replace").strip()
             os.close(handle)
-            who = f"process {holder}" if holder.isdigit() else "another process"
-            raise RunDirectoryError(f"{str(self.directory)!r} is in use by {who}, which is training there; "
-                                    f"wait for it to end or choose another directory") from None
+            raise self._in_use(holder) from None
         except OSError as exc:
             os.close(handle)
             raise RunDirectoryError(f"cannot lock run directory {str(self.directory)!r}: {_cause(exc)}") from None
@@ -173,6 +227,7 @@ class RunLock:
         """Remove the lock file and drop the lock (and remove the directory, if asked and empty)."""
         if self._handle is None:
             return
+        RunLock._held_here.discard(self._key)
         self.path.unlink(missing_ok=True)  # still locked: nobody can take the file we remove
         os.close(self._handle)
         self._handle = None
@@ -231,6 +286,84 @@ def claim_new_directory(base: Path) -> RunLock:
             path = base.with_name(f"{base.name}-{suffix}")
 
 
+def set_aside(directory: Path, names: list[str] | tuple[str, ...]) -> list[str]:
+    """Move the files (or folders) ``names`` of ``directory`` that exist into :data:`SET_ASIDE_DIR`,
+    one rename each, after recording which (so that :func:`restore_set_aside` can tell them from the
+    files the new run writes). Returns the names moved. Call it holding the directory's lock."""
+    present = [name for name in names if os.path.lexists(directory / name)]
+    if not present:
+        return []
+    aside = directory / SET_ASIDE_DIR
+    aside.mkdir(exist_ok=True)
+    write_json_atomic(aside / SET_ASIDE_LIST, present)
+    for name in present:
+        os.replace(directory / name, aside / name)
+    return present
+
+
+def restore_set_aside(directory: Path) -> bool:
+    """Put the files :func:`set_aside` moved back where they were, deleting the run files written
+    since (the replacing run did not reach its first checkpoint). Safe to repeat after an
+    interruption; returns whether there was anything to restore."""
+    shutil.rmtree(directory / SET_ASIDE_DONE, ignore_errors=True)  # a commit killed half-way
+    aside = directory / SET_ASIDE_DIR
+    if not aside.is_dir():
+        return False
+    try:
+        names = json.loads((aside / SET_ASIDE_LIST).read_text())
+    except (OSError, ValueError):
+        names = None
+    if not isinstance(names, list):  # killed before the list was written: nothing was moved yet
+        shutil.rmtree(aside)
+        return False
+    for name in RUN_FILES:  # the replacing run's own files go; names not set aside stay as they are
+        if name not in names and os.path.lexists(directory / name):
+            (directory / name).unlink()
+    for name in names:
+        if os.path.lexists(aside / name):
+            target = directory / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(aside / name, target)
+    clean_temporaries(directory)
+    shutil.rmtree(aside)
+    return True
+
+
+def commit_set_aside(directory: Path, keep_as: str | None = None) -> Path | None:
+    """The new run has a checkpoint of its own: delete the files set aside (one rename makes that
+    final, then the renamed folder is deleted), or with ``keep_as`` keep them in that visible
+    folder of ``directory`` (a name not taken: ``-2``, ``-3``, ... appended). Returns that folder."""
+    aside = directory / SET_ASIDE_DIR
+    if not aside.is_dir():
+        return None
+    if keep_as is not None:
+        kept, number = directory / keep_as, 1
+        while os.path.lexists(kept):
+            number += 1
+            kept = directory / f"{keep_as}-{number}"
+        os.replace(aside, kept)
+        (kept / SET_ASIDE_LIST).unlink(missing_ok=True)
+        return kept
+    done = directory / SET_ASIDE_DONE
+    shutil.rmtree(done, ignore_errors=True)
+    os.replace(aside, done)
+    shutil.rmtree(done, ignore_errors=True)
+    return None
+
+
+def compress_outputs(directory: Path) -> list[str]:
+    """Names of what ``maestro-lod compress`` wrote in ``directory``: the front, its plot, the family
+    file and the target folders (those holding a ``point.json``)."""
+    names = [name for name in (FRONT_FILE, PLOT_FILE, FAMILY_FILE) if os.path.lexists(directory / name)]
+    try:
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    except OSError:
+        return names
+    return names + [entry.name for entry in entries if entry.is_dir(follow_symlinks=False)
+                    and not entry.name.startswith(".") and (Path(entry.path) / POINT_FILE).is_file()]
+
+
 def _writing(path: Path, write: Callable[[], None], kept: str = "") -> None:
     """Run ``write``; an OSError (full disk, read-only file system) becomes a RunDirectoryError naming
     ``path``, the cause and (``kept``) what is still intact."""
@@ -253,6 +386,13 @@ class RunDirectory(Callback):
         self.directory = Path(directory)
         self.summary_extra = dict(summary_extra or {})
         self.saved_epoch: int | None = None
+        self.replaced: list[str] = []
+        """Files of an earlier run set aside until this run's first checkpoint (see :func:`set_aside`)."""
+        self.keep_replaced_as: str | None = None
+        """Folder the set-aside files are kept in at that checkpoint (None: they are deleted)."""
+        self.kept: Path | None = None
+        self.restored = False
+        """Whether the set-aside files were put back (this run failed before its first checkpoint)."""
 
     def on_fit_start(self, trainer: Trainer) -> None:
         _make_directory(self.directory, exist_ok=True)
@@ -279,6 +419,20 @@ class RunDirectory(Callback):
         _writing(path, lambda: save_checkpoint(path, trainer.state_dict()), kept)
         self.saved_epoch = trainer.epoch
         self._write_metrics(trainer)
+        if self.replaced:  # this run now has a checkpoint of its own: the earlier run's files go
+            def commit() -> None:
+                self.kept = commit_set_aside(self.directory, self.keep_replaced_as)
+            _writing(self.directory / SET_ASIDE_DIR, commit)
+            self.replaced = []
+
+    def restore_replaced(self) -> bool:
+        """Put back the earlier run's files set aside, if this run has not committed (see
+        :func:`restore_set_aside`); returns whether it did."""
+        if not self.replaced:
+            return False
+        self.replaced = []
+        self.restored = restore_set_aside(self.directory)
+        return self.restored
 
     def on_fit_end(self, trainer: Trainer, summary: Any) -> None:
         _writing(self.directory, lambda: write_plots(trainer.history, trainer.dense_params, trainer.dense_macs,

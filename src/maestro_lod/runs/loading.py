@@ -12,12 +12,17 @@ data), :func:`build_trainer` with the ``checkpoint`` (safetensors, no pickle) to
 
 A model that is not a run (``compress --model-factory`` / ``--torchvision``) is built from local
 files only: :func:`build_from_factory` or :func:`build_torchvision`, then :func:`load_weights`.
+
+A run directory may come from someone else, so reading one never downloads anything, and never
+writes outside it: the ``download`` of its ``config.json`` is ignored (only the caller's
+``download=True`` lets a loader fetch files) and the caller's ``data_root`` replaces the saved one.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -39,16 +44,36 @@ from ..training.train_config import EXECUTION_KEYS, TrainConfig
 from ..training.distributed import Distributed
 from ..training.loop import Callback, Trainer
 from ..training.rng import seed_everything
-from .directory import (CHECKPOINT_FILE, CONFIG_FILE, RUN_FILES, SUMMARY_FILE, RunLock, claim_directory,
-                        claim_new_directory, clean_temporaries, foreign_message, read_json_file, run_status)
+from .directory import (CHECKPOINT_FILE, CONFIG_FILE, RUN_FILES, SUMMARY_FILE, RunDirectory, RunLock,
+                        claim_directory, claim_new_directory, clean_temporaries, compress_outputs, foreign_message,
+                        read_json_file, restore_set_aside, run_status, set_aside)
 
 RUNS_ROOT = Path("runs")
 PARAMETER_LIMIT = 2_000_000_000
 """Largest model (dense parameters) a run may build: 8 GB of float32 weights before factorising."""
 
 
-def load_task(config: TrainConfig) -> TaskData:
-    """The dataset of ``config``."""
+@dataclass(frozen=True)
+class DataAccess:
+    """Where the data of a run read back comes from: ``data_root`` (None keeps the run's) and whether
+    a loader may download (never unless the caller asks)."""
+
+    data_root: str | None = None
+    download: bool = False
+
+    def apply(self, config: TrainConfig) -> TrainConfig:
+        """``config`` with the data options of this access (the run's own ``download`` is dropped)."""
+        root = config.data_root if self.data_root is None else self.data_root
+        if root == config.data_root and self.download == config.download:
+            return config
+        return config.replace(data_root=root, download=self.download)
+
+
+def load_task(config: TrainConfig, access: DataAccess | None = None) -> TaskData:
+    """The dataset of ``config``; with ``access`` (a run read back), its data root and download
+    permission replace the config's."""
+    if access is not None:
+        config = access.apply(config)
     return load_data(config.data, root=config.data_root, download=config.download, seed=config.seed,
                      augment=config.augment, seq_len=config.seq_len)
 
@@ -93,14 +118,49 @@ def restore(trainer: Trainer, checkpoint: Path) -> None:
     except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{source} does not fit model {trainer.config.model!r}: "
                               f"{str(exc).strip().splitlines()[0]}") from None
+    check_finite(trainer.model, source)
+
+
+def check_finite(model: torch.nn.Module, source: str) -> None:
+    """Refuse a model whose parameters or buffers hold NaN or infinite values (a corrupted file:
+    training stops before such an update is applied, so no checkpoint of a run holds one)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{source} holds {bad} NaN or infinite value(s) in {name!r}: the file is "
+                                  f"corrupted; use another copy of the run")
 
 
 def read_run_config(directory: Path, changes: dict[str, Any] | None = None) -> TrainConfig:
     """The config a run directory was trained with (its ``config.json``), with ``changes`` to its
-    execution options (:data:`~maestro_lod.training.train_config.EXECUTION_KEYS`; others are ignored)."""
-    saved = read_json_file(directory / CONFIG_FILE, "run config")
+    execution options (:data:`~maestro_lod.training.train_config.EXECUTION_KEYS`; others are ignored).
+    A config.json that is not a valid config raises a one-line :class:`ConfigError` naming the file."""
+    path = directory / CONFIG_FILE
+    saved = read_json_file(path, "run config")
     saved.update({k: v for k, v in (changes or {}).items() if k in EXECUTION_KEYS})
-    return TrainConfig.from_dict(saved)
+    try:
+        return TrainConfig.from_dict(saved)
+    except ConfigError as exc:
+        raise type(exc)(f"run config {str(path)!r}: {exc}") from None
+
+
+def read_run_summary(directory: Path) -> dict[str, Any]:
+    """A run's ``summary.json`` ({} when there is none: an unfinished run), checked where readers
+    rely on it: ``dense_reference`` is a table or null, its ``accuracy`` a number in [0, 1] or null."""
+    path = directory / SUMMARY_FILE
+    if not path.is_file():
+        return {}
+    summary = read_json_file(path, "run summary")
+    reference = summary.get("dense_reference")
+    if reference is not None and not isinstance(reference, dict):
+        raise RunDirectoryError(f"run summary {str(path)!r}: dense_reference is a JSON {type(reference).__name__}, "
+                                f"not a table")
+    accuracy = (reference or {}).get("accuracy")
+    if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float))
+                                 or not math.isfinite(accuracy) or not 0 <= accuracy <= 1):
+        raise RunDirectoryError(f"run summary {str(path)!r}: dense_reference.accuracy={accuracy!r} is not a "
+                                f"fraction in [0, 1]")
+    return summary
 
 
 @dataclass
@@ -120,22 +180,27 @@ class LoadedRun:
         return self.trainer.model
 
 
-def load_run(directory: str | Path, device: str | None = "cpu") -> LoadedRun:
+def load_run(directory: str | Path, device: str | None = "cpu", *, data_root: str | Path | None = None,
+             download: bool = False) -> LoadedRun:
     """Read the run in ``directory`` (written by ``maestro-lod train``): its config, rebuilt data and
-    model, and its checkpoint. ``device`` replaces the run's device (None keeps it). A directory
-    without ``config.json`` and ``checkpoint.safetensors``, or a checkpoint that does not fit the
-    config, raises a one-line :class:`~maestro_lod.errors.MaestroError`."""
+    model, and its checkpoint. ``device`` replaces the run's device (None keeps it). The data is read
+    from ``data_root`` (default: the run's) and fetched only with ``download=True`` (the run's own
+    ``download`` is not followed). A directory without ``config.json`` and ``checkpoint.safetensors``,
+    one that another process is training in, an invalid config or summary, or a checkpoint that does
+    not fit the config or holds NaN / infinite values raises a one-line
+    :class:`~maestro_lod.errors.MaestroError`."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UsageError(f"{str(directory)!r} is not a run directory")
+    RunLock(directory).check_free()
     for name in (CONFIG_FILE, CHECKPOINT_FILE):
         if not (directory / name).is_file():
             raise UsageError(f"{str(directory)!r} has no {name}: not a run written by maestro-lod train")
     config = read_run_config(directory)
     if device is not None:
         config = config.replace(device=device)
-    summary = read_json_file(directory / SUMMARY_FILE, "run summary") if (directory / SUMMARY_FILE).is_file() else {}
-    data = load_task(config)
+    summary = read_run_summary(directory)
+    data = load_task(config, DataAccess(None if data_root is None else str(data_root), bool(download)))
     return LoadedRun(directory, config, summary, data, build_trainer(config, data, checkpoint=directory / CHECKPOINT_FILE))
 
 
@@ -146,16 +211,30 @@ class Claim:
     lock: RunLock
     config: TrainConfig
     checkpoint: Path | None = None  # resume from it
-    clear: tuple[str, ...] = ()  # files of the run that was there, to delete (--force, or starting over)
+    clear: tuple[str, ...] = ()  # files of this run's own killed start, to delete (starting over)
+    replace: tuple[str, ...] = ()  # files of an earlier run (or of its older state), set aside until a checkpoint
+    access: DataAccess | None = None  # a run read back (resumed): where its data comes from
 
     @property
     def directory(self) -> Path:
         return self.lock.directory
 
-    def prepare_files(self) -> None:
-        """Right before training: delete the earlier run's files when asked, and stale temporaries."""
+    def prepare_files(self, files: RunDirectory | None = None) -> None:
+        """Right before training: delete the files of a killed start, set aside those of the run
+        that was there (``files`` deletes them at its first checkpoint, or puts them back), and
+        remove stale temporaries."""
         for name in self.clear:
             (self.directory / name).unlink(missing_ok=True)
+        try:
+            moved = set_aside(self.directory, self.replace)
+        except OSError as exc:
+            restore_set_aside(self.directory)
+            raise RunDirectoryError(f"cannot set the earlier run's files aside in {str(self.directory)!r}: "
+                                    f"{exc.strerror or exc}; they are where they were") from None
+        if files is not None:
+            files.replaced = moved
+            # a resumed run keeps the fronts compressed from its older checkpoint, under a name saying so
+            files.keep_replaced_as = f"compressed-epoch{files.saved_epoch}" if self.checkpoint is not None else None
         clean_temporaries(self.directory)
 
 
@@ -166,7 +245,9 @@ def _default_directory(config: TrainConfig) -> Path:
 def claim_output(config: TrainConfig, out: Path | None = None, force: bool = False) -> Claim:
     """Claim ``out`` (``--out``; None: a new ``runs/<model>-<data>-<time>``) for a new run. A directory
     holding a run is refused unless ``force`` (its files are deleted only when training starts);
-    files with run-file names that this package did not write are refused even then."""
+    files with run-file names that this package did not write are refused even then. With ``force``
+    the earlier run's files (and fronts compressed from it) are only set aside when training starts,
+    and deleted once the new run has written its first checkpoint."""
     if out is None:
         return Claim(claim_new_directory(_default_directory(config)), config)
     out = Path(out)
@@ -183,14 +264,17 @@ def claim_output(config: TrainConfig, out: Path | None = None, force: bool = Fal
     except BaseException:
         lock.release()
         raise
-    return Claim(lock, config, clear=RUN_FILES if status != "empty" else ())
+    replace = (*RUN_FILES, *compress_outputs(out)) if status != "empty" else ()
+    return Claim(lock, config, replace=replace)
 
 
-def claim_resume(directory: Path, changes: dict[str, Any], lock: bool = True) -> Claim:
+def claim_resume(directory: Path, changes: dict[str, Any], lock: bool = True, access: DataAccess | None = None) -> Claim:
     """Claim ``directory`` to continue its run from the checkpoint with its saved config (``changes``:
     the execution options given again); a run killed before its first checkpoint starts over.
     ``lock=False`` (the other processes of a distributed run, which only read the directory): the
-    same checks without taking the lock, which rank 0 holds."""
+    same checks without taking the lock, which rank 0 holds. ``access``: where the data comes from
+    (default: the run's data root, no download). Fronts compressed from the checkpoint are set aside
+    when training starts and kept, at the first new checkpoint, in ``compressed-epoch<N>/``."""
     if not (directory / CONFIG_FILE).is_file():
         raise UsageError(f"--resume {str(directory)!r}: no {CONFIG_FILE} and {CHECKPOINT_FILE} there to resume from")
     lock = RunLock(directory).acquire() if lock else RunLock(directory)
@@ -204,9 +288,11 @@ def claim_resume(directory: Path, changes: dict[str, Any], lock: bool = True) ->
     except BaseException:
         lock.release()
         raise
+    access = access or DataAccess()
     if status == "started":  # killed during epoch 1: nothing to continue, so start over
-        return Claim(lock, config, clear=tuple(name for name in RUN_FILES if name != CONFIG_FILE))
-    return Claim(lock, config, checkpoint=directory / CHECKPOINT_FILE)
+        return Claim(lock, config, clear=tuple(name for name in RUN_FILES if name != CONFIG_FILE), access=access)
+    return Claim(lock, config, checkpoint=directory / CHECKPOINT_FILE, replace=tuple(compress_outputs(directory)),
+                 access=access)
 
 
 # ------------------------------------------------------------------ a model of one's own, from files

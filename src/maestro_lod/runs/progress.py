@@ -20,9 +20,18 @@ def epoch_line(record: dict[str, Any], epochs: int, dense_params: int, dense_mac
             f"MACs {record['macs'] / max(dense_macs, 1):.2f}x  {record['epoch_time']:.1f}s")
 
 
+def is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is an interactive terminal (a log file or a pipe is not: no bars there)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 class Progress(Callback):
     """Prints a line per epoch to ``stream``; with ``bars=True`` also a tqdm bar over each epoch's steps
-    (on stderr), showing the running loss, accuracy and total rank."""
+    (on stderr, when it is a terminal: a redirected log gets the epoch lines only), showing the
+    running loss, accuracy and total rank."""
 
     main_only = True  # a distributed run writes and prints on rank 0 only
 
@@ -33,7 +42,7 @@ class Progress(Callback):
         self._bar: tqdm | None = None
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        if self.bars:
+        if self.bars and is_terminal(sys.stderr):
             self._bar = tqdm(total=len(trainer.train_loader), desc=f"{self.prefix}epoch {epoch}/{trainer.config.epochs}",
                              leave=False, dynamic_ncols=True, file=sys.stderr)
 

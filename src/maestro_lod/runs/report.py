@@ -24,7 +24,7 @@ def dense_reference(config: TrainConfig, data: TaskData | None, quiet: bool) -> 
         stored = stored_reference(config)
         if stored is None:
             return {"source": "none stored for this recipe (use --reference run to measure one)"}
-        return {"accuracy": stored.accuracy, "source": f"stored figure: {stored.source}"}
+        return {"accuracy": stored.accuracy, "source": f"stored figure: {stored.source}", "origin": stored.origin}
     print("dense reference: training the dense model with the same recipe first", flush=True)
     dense = config.replace(method="dense", reference="none")
     try:
@@ -46,11 +46,25 @@ def _cost(value: int, dense: int) -> str:
     return f"{value:,} ({value / max(dense, 1):.2f}x)"
 
 
+def reference_label(reference: dict[str, Any]) -> str:
+    """The heading of the dense column: says whether its accuracy is a stored figure (and from
+    where) or a dense run made by this command, so a stored number never reads as a new run."""
+    source = str(reference.get("source", ""))
+    if "accuracy" not in reference:
+        return "dense model"
+    if source.startswith("stored figure"):
+        origin = reference.get("origin")
+        return f"stored dense reference ({origin})" if origin else "stored dense reference"
+    return "dense run (this command)" if "this command" in source else "dense reference"
+
+
 def result_table(summary: Any, reference: dict[str, Any] | None) -> str:
-    """The closing report: dense reference vs result, ranks per layer before → after."""
+    """The closing report: dense reference vs result, ranks per layer before → after. The dense
+    column's parameters and MACs are the model's dense form; its accuracy and time are the
+    reference's (named in the heading and in the last line)."""
     reference = reference or {}
     method = METHODS.lookup(summary["method"]).label
-    rows = [("", "dense model", method),
+    rows = [("", reference_label(reference), method),
             ("validation accuracy", _percent(reference.get("accuracy")), _percent(summary["final_accuracy"]))]
     if summary.get("final_perplexity") is not None:
         ppl = reference.get("perplexity")
@@ -68,6 +82,10 @@ def result_table(summary: Any, reference: dict[str, Any] | None) -> str:
                   for name, before in summary["initial_ranks"].items()]
         ranks.append(("total", str(summary["initial_total_rank"]), str(summary["final_total_rank"])))
         text += "\n\n" + format_table(ranks)
-    if reference.get("source"):
-        text += f"\n\ndense reference: {reference['source']}"
+    source = str(reference.get("source") or "")
+    if source.startswith("stored figure: ") and "accuracy" in reference:
+        text += (f"\n\nstored dense reference (a figure measured earlier, not a run made now; parameters and MACs "
+                 f"are this model's dense form): {source[len('stored figure: '):]}")
+    elif source:
+        text += f"\n\ndense reference: {source}"
     return text

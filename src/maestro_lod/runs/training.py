@@ -2,8 +2,10 @@
 its directory is claimed (:mod:`maestro_lod.runs.loading`).
 
 :func:`train_claimed` loads the data, measures the dense reference, builds the trainer (restored
-from the checkpoint when continuing), deletes the earlier run's files only then, and trains with a
-:class:`~maestro_lod.runs.directory.RunDirectory` keeping the directory up to date.
+from the checkpoint when continuing), sets the earlier run's files aside only then, and trains with a
+:class:`~maestro_lod.runs.directory.RunDirectory` keeping the directory up to date; the files set
+aside are deleted at the new run's first checkpoint, and put back if it fails or is interrupted
+before.
 :func:`train_directory` claims a directory and does the same in one process.
 """
 
@@ -54,26 +56,37 @@ def train_claimed(claim: Claim, files: RunDirectory, distributed: Distributed, *
                   say: Callable[..., None] = print) -> TrainedRun:
     """Train the run of ``claim`` (its directory held by this process) into ``files``: load the data,
     the dense reference, the trainer (continuing from ``claim.checkpoint`` when there is one), then
-    delete the earlier run's files and train. ``quiet``: one line per epoch, no progress bars; ``say``
-    prints the other lines. A diverged loss raises a one-line :class:`UsageError` saying which
-    checkpoint is kept."""
+    set the earlier run's files aside and train. ``quiet``: one line per epoch, no progress bars;
+    ``say`` prints the other lines. A diverged loss raises a one-line :class:`UsageError` saying which
+    checkpoint is kept; on any failure or interruption before the first checkpoint the files set
+    aside are put back (:meth:`RunDirectory.restore_replaced`)."""
     record_launch(claim, distributed, resumed, say)
     config, out = claim.config, claim.directory
-    data = load_task(config)
+    data = load_task(config, claim.access)
     reference = dense_reference(config, data, quiet)
     files.summary_extra["dense_reference"] = reference
     trainer = build_trainer(config, data, [files, Progress(bars=not quiet)], distributed, checkpoint=claim.checkpoint)
     if claim.checkpoint is not None:
         files.saved_epoch = trainer.epoch
-    if distributed.is_main:
-        claim.prepare_files()
-    say(f"training {config.model} on {config.data} ({config.method}, {config.epochs} epochs) into {out}", flush=True)
     try:
+        if distributed.is_main:
+            claim.prepare_files(files)
+        say(f"training {config.model} on {config.data} ({config.method}, {config.epochs} epochs) into {out}",
+            flush=True)
         result = trainer.fit()
     except TrainingDiverged as exc:
-        kept = (f"the last good checkpoint (epoch {files.saved_epoch}) is kept in {out}" if files.saved_epoch
-                else f"no epoch finished, so {out} holds no checkpoint")
+        if files.restore_replaced():
+            kept = f"no epoch finished; the run that was in {out} is restored"
+        elif files.saved_epoch:
+            kept = f"the last good checkpoint (epoch {files.saved_epoch}) is kept in {out}"
+        else:
+            kept = f"no epoch finished, so {out} holds no checkpoint"
         raise UsageError(f"{exc}; {kept}") from None
+    except BaseException:
+        files.restore_replaced()
+        raise
+    if files.kept is not None:
+        say(f"the fronts compressed from the earlier checkpoint are kept in {files.kept}", flush=True)
     return TrainedRun(out, result.summary, reference)
 
 
@@ -81,7 +94,8 @@ def train_directory(directory: Path, config: TrainConfig | None, *, force: bool 
                     say: Callable[..., None] = print) -> TrainedRun:
     """Train ``config`` into ``directory`` in this process, as ``maestro-lod train --out DIRECTORY``
     does (``force``: replace a run there, as ``--force``); ``config=None`` continues the interrupted
-    run there with its saved config, as ``--resume DIRECTORY`` does."""
+    run there with its saved config, as ``--resume DIRECTORY`` does (reading its data where it was,
+    never downloading)."""
     resume = config is None
     claim = claim_resume(directory, {}) if resume else claim_output(config, directory, force)
     with claim.lock:

@@ -26,8 +26,14 @@ def _draw_row(axes, result: ExperimentResult) -> None:
         importance_ax.plot(ranks, [r.importance / top for r in rows], **style)
     importance_ax.plot(ranks, [r.singular_value / top for r in result.lod], color="black", linestyle="--",
                        label="σ_b / σ_1 (truth)")
+    gaps = set(result.gap_ranks)
+    no_gap = [b for b in ranks if b not in gaps]
+    spans = [angle_ax.axvspan(b - 0.5, b + 0.5, color="0.85", zorder=0, label="no spectral gap: subspace not unique")
+             for b in no_gap]  # the angle means nothing there: every basis of the tie is optimal
     angle_ax.set(title=f"{result.problem.name}: largest principal angle", xlabel="rank b", ylabel="degrees",
                  ylim=(0, 90))
+    if spans:
+        angle_ax.legend(handles=spans[:1], fontsize="small", loc="lower right")
     ratio_ax.set(title="error / Eckart–Young optimum", xlabel="rank b", yscale="log")
     ratio_ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
     importance_ax.set(title="importance ‖u_b v_bᵀ S‖ / σ_1", xlabel="rank b", yscale="log")

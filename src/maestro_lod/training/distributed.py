@@ -31,6 +31,7 @@ broadcast from rank 0 at the end of the steps of each epoch.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,7 +43,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import MaestroError
+from ..errors import ConfigError, ConfigTypeError, MaestroError
 from ..layers import rank_pattern
 
 TIMEOUT_ENV = "MAESTRO_LOD_DIST_TIMEOUT"
@@ -79,9 +80,19 @@ def timeout_from_env() -> float:
         value = float(text)
     except ValueError:
         raise DistributedError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise DistributedError(f"{TIMEOUT_ENV}={text!r} must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise DistributedError(f"{TIMEOUT_ENV}={text!r} must be a positive, finite number of seconds")
     return value
+
+
+def check_timeout(timeout_s: Any) -> float:
+    """``timeout_s`` as a float of seconds: a positive, finite number (bool, NaN, infinity, 0 and
+    negatives are refused with a one-line ConfigError / ConfigTypeError)."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise ConfigTypeError(f"timeout_s={timeout_s!r} must be a number of seconds")
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise ConfigError(f"timeout_s={timeout_s!r} must be a positive, finite number of seconds")
+    return float(timeout_s)
 
 
 class Distributed:
@@ -116,10 +127,13 @@ class Distributed:
     def from_env(cls, device_type: str = "cpu", timeout_s: float | None = None) -> "Distributed":
         """Join (or reuse) the default process group when launched by ``torchrun``: a
         :class:`DataParallel`; the single process otherwise (also in a group of one process).
-        Backend: :func:`choose_backend`."""
+        Backend: :func:`choose_backend`. ``timeout_s`` (default: :func:`timeout_from_env`) must be a
+        positive, finite number of seconds, checked with or without ``torchrun``."""
+        if timeout_s is not None:
+            timeout_s = check_timeout(timeout_s)
         if not launched_by_torchrun() and not (dist.is_available() and dist.is_initialized()):
             return Distributed()
-        timeout_s = timeout_from_env() if timeout_s is None else float(timeout_s)
+        timeout_s = timeout_from_env() if timeout_s is None else timeout_s
         if not dist.is_available():
             raise DistributedError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -212,7 +226,7 @@ class DataParallel(Distributed):
     def __init__(self, world_size: int, rank: int, local_rank: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S):
         super().__init__()
         self.world_size, self.rank, self.local_rank = world_size, rank, local_rank
-        self.timeout_s = timeout_s
+        self.timeout_s = check_timeout(timeout_s)
 
     def process_device(self, device: torch.device) -> torch.device:
         """The GPU ``local_rank`` for a CUDA run; ``device`` otherwise."""
