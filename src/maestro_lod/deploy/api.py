@@ -133,13 +133,7 @@ class CompressedFront(Front):
 
     def point(self, point: int | FrontPoint) -> FrontPoint:
         """The point of this front at index ``point`` (or the one with the same index and ranks)."""
-        index = point.index if isinstance(point, FrontPoint) else point
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.points):
-            raise ConfigError(f"point {point!r} is not an index of this front (0..{len(self.points) - 1})")
-        chosen = self.points[index]
-        if isinstance(point, FrontPoint) and point.ranks != chosen.ranks:
-            raise ConfigError(f"point {index} of this front has ranks {chosen.label()}, not {point.label()}")
-        return chosen
+        return self.point_at(point)
 
     def model(self, point: int | FrontPoint = 0) -> nn.Module:
         """A copy of the factorised model truncated to ``point``'s ranks, in eval mode (BatchNorm

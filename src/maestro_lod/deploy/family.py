@@ -137,12 +137,8 @@ def load_family(path: str | Path, model: nn.Module | Callable[[], nn.Module],
     """
     info, tensors = _read(path)
     front = Front.from_dict(info["front"])
-    index = point.index if isinstance(point, FrontPoint) else point
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(front.points):
-        raise ConfigError(f"point {point!r} is not an index of the family's front (0..{len(front.points) - 1})")
-    chosen = front.points[index]
-    if isinstance(point, FrontPoint) and point.ranks != chosen.ranks:
-        raise ConfigError(f"point {index} of the family has ranks {chosen.label()}, not {point.label()}")
+    chosen = front.point_at(point, "the family's front")
+    index = chosen.index
     if not isinstance(model, nn.Module):
         if not callable(model):
             raise ConfigTypeError(f"model must be a factorised nn.Module or a function building one, "

@@ -97,6 +97,17 @@ class Front:
             raise ConfigError("max_drop needs validation accuracies: evaluate the front first (evaluate_front)")
         return self.trained.accuracy - point.accuracy
 
+    def point_at(self, point: int | FrontPoint, what: str = "this front") -> FrontPoint:
+        """The point at index ``point`` (or the one with a given point's index, whose ranks must
+        match); anything else is a one-line ConfigError naming ``what``."""
+        index = point.index if isinstance(point, FrontPoint) else point
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.points):
+            raise ConfigError(f"point {point!r} is not an index of {what} (0..{len(self.points) - 1})")
+        chosen = self.points[index]
+        if isinstance(point, FrontPoint) and point.ranks != chosen.ranks:
+            raise ConfigError(f"point {index} of {what} has ranks {chosen.label()}, not {point.label()}")
+        return chosen
+
     def select(self, **targets: float) -> FrontPoint:
         """The point meeting every target: budgets ``macs``/``params``/``latency`` (fraction of the
         dense model's cost, in (0, 1]) and ``max_drop`` (accuracy drop from the trained model).
