@@ -69,8 +69,9 @@ def main(spec_path):
     try:
         for _ in range(trainer.config.epochs):
             record.on_epoch_end(trainer, trainer.train_epoch())
-    except DistributedError as exc:
+    except DistributedError as exc:  # as maestro-lod train does: one line, the process group closed, exit 2
         print(f"maestro-lod: {exc}", file=sys.stderr, flush=True)
+        trainer.distributed.close()
         sys.exit(2)
     trainer.close()
     if spec.get("save") and trainer.distributed.is_main:
