@@ -13,9 +13,12 @@ the greedy search on a fixed calibration set drawn from the training data, evalu
 on the validation data, and writes (under the run, or ``--out``) ``front.json``, ``front.png``,
 ``family.safetensors`` (the trained factors and the front: every point in one file, see
 :mod:`maestro_lod.deploy.family`; not with ``--no-family``) and one folder per ``--target`` with
-the artifacts of the point chosen for it. All options are checked
-and every target resolved before the first file is written; existing files are replaced only with
-``--force``; each target folder appears whole (written under a temporary name, then renamed). The
+the artifacts of the point chosen for it. A second compress into the same place adds its targets
+to the front: when ``front.json`` was computed from the same checkpoint and options, the new
+folders are written beside the earlier ones without a new search (the latency table is reused
+too; ``--remeasure-latency`` measures it again), and a front of other inputs is refused, naming
+what differs. All options are checked and every target resolved before the first file is
+written; existing files are replaced only with ``--force`` (which recomputes the front); each target folder appears whole (written under a temporary name, then renamed). The
 run is locked while it is compressed (a run being trained is refused), and its data is read where
 its config says, or from ``--data-root``, and downloaded only with ``--download``. The pipeline is
 :func:`maestro_lod.runs.compress.compress_run` (on a run directory) and
@@ -109,7 +112,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--latency-batch", type=int, default=32, help="batch size of latency measurements (default 32)")
     parser.add_argument("--no-family", action="store_true",
                         help=f"do not write {FAMILY_FILE} (the trained factors and every point's ranks in one file)")
-    parser.add_argument("--force", action="store_true", help="replace front files and target folders that exist")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute the front and replace front files and target folders that exist (without it, "
+                             "new targets are added to the front.json of the same checkpoint and options)")
+    parser.add_argument("--remeasure-latency", action="store_true",
+                        help="measure the latency table again instead of reusing the one in front.json (and search "
+                             "the front again with it)")
     parser.add_argument("--data-root", metavar="DIR",
                         help="where the data files are (default for a run: the data_root of its config.json; "
                              "image-folder: a folder with train/ and val/)")
@@ -123,6 +131,7 @@ def _check_hf_options(args: argparse.Namespace) -> None:
     others = [name for name, value in (("RUN_DIR", args.run_dir), ("--model-factory", args.model_factory),
                                        ("--torchvision", args.torchvision), ("--weights", args.weights),
                                        ("--data", args.data)) if value is not None]
+    others += ["--remeasure-latency"] * args.remeasure_latency
     if others:
         raise UsageError(f"--hf compresses a Hugging Face folder; {', '.join(others)} cannot be given with it")
     if args.out is None:
@@ -211,8 +220,10 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def result_table(front: Front, chosen: list[tuple[str, FrontPoint]], dense_accuracy: float | None) -> str:
-    """Dense model, trained model and every exported point: ranks, params, MACs, latency, accuracy."""
+def result_table(front: Front, chosen: list[tuple[str, FrontPoint]], dense_accuracy: float | None,
+                 earlier: list[tuple[str, FrontPoint]] = ()) -> str:
+    """Dense model, trained model and every exported point (``earlier``: those of an earlier
+    compress, marked so): ranks, params, MACs, latency, accuracy."""
     latency = front.latency_table
 
     def row(label: str, point: FrontPoint | None) -> tuple:
@@ -227,6 +238,7 @@ def result_table(front: Front, chosen: list[tuple[str, FrontPoint]], dense_accur
     batch = "" if latency is None else f" (ms, batch {latency.batch_size})"
     rows = [("point", "ranks", "params", "MACs", f"latency{batch}", "accuracy", "vs dense (pp)"),
             row("dense model", None), row("trained (point 0)", front.trained)]
+    rows += [row(f"{name} (point {p.index}, earlier)", p) for name, p in earlier]
     rows += [row(f"{name} (point {p.index})", p) for name, p in chosen]
     return format_table(rows)
 
@@ -273,7 +285,8 @@ def _run(args: argparse.Namespace) -> int:
     common = dict(targets=list(dict.fromkeys(args.target)),  # macs=0.5 and macs=0.50 are one target
                   cost=args.cost, step=args.step, calibration_size=args.calibration_size, formats=args.formats,
                   latency_batch=args.latency_batch, family=not args.no_family, force=args.force, init=args.init,
-                  order=args.order, search=args.search, full_front=args.full_front, say=print,
+                  order=args.order, search=args.search, full_front=args.full_front,
+                  remeasure_latency=args.remeasure_latency, say=print,
                   progress=lambda description: _Bar(description, args.quiet))
     if args.run_dir is None:
         check_output_directory(out, "--out")
@@ -297,7 +310,7 @@ def _run(args: argparse.Namespace) -> int:
     front, chosen = result.front, result.chosen
     dense_accuracy = front.metadata["dense_accuracy"]
     print()
-    print(result_table(front, chosen, dense_accuracy))
+    print(result_table(front, chosen, dense_accuracy, result.earlier))
     if dense_accuracy is not None and args.run_dir is not None:
         print("dense model accuracy: the run's dense reference from its summary.json (recorded at training time), "
               "not measured by this command")
@@ -308,5 +321,5 @@ def _run(args: argparse.Namespace) -> int:
         family = front.metadata["family"]
         against = ", ".join(f"{fmt} {_kib(n)}" for fmt, n in family["separate"].items() if n)
         print(f"family: {result.family_file} (all {len(front.points)} points, {_kib(family['bytes'])})"
-              + (f"; the {len(chosen)} targets' separate exports: {against}" if against else ""))
+              + (f"; the {len(chosen) + len(result.earlier)} targets' separate exports: {against}" if against else ""))
     return 0

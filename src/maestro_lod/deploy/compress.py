@@ -18,6 +18,9 @@ half-way can abort the interpreter; a second Ctrl-C interrupts at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -66,8 +69,11 @@ class CompressResult:
     """What :func:`compress_model` computed and wrote.
 
     ``front``: every point, evaluated (``front.metadata`` as saved in ``front.json``); ``chosen``:
-    (folder, point) per target, in the order given; ``artifacts``: the files written per folder;
-    ``front_file``, ``plot_file`` and ``family_file`` (None when not written)."""
+    (folder, point) per target, in the order given; ``earlier``: (folder, point) per target an
+    earlier compress into ``out`` exported (kept when the front was reused); ``artifacts``: the
+    files written per folder; ``front_file``, ``plot_file`` and ``family_file`` (None when not
+    written); ``searched``: whether the front was searched (False: read from ``front.json``);
+    ``latency_reused``: whether the latency table was read from ``front.json``."""
 
     front: Front
     chosen: list[tuple[str, FrontPoint]]
@@ -76,6 +82,9 @@ class CompressResult:
     front_file: Path | None = None
     plot_file: Path | None = None
     family_file: Path | None = None
+    earlier: list[tuple[str, FrontPoint]] = field(default_factory=list)
+    searched: bool = True
+    latency_reused: bool = False
 
 
 def target_folder(key: str, value: float) -> str:
@@ -89,18 +98,131 @@ def unique_targets(targets: Sequence[tuple[str, float]]) -> list[tuple[str, floa
 
 
 def check_outputs(out: Path, targets: Sequence[tuple[str, float]], force: bool, family: bool = True,
-                  what: str = "output directory") -> None:
+                  what: str = "output directory", reuse: bool = False) -> None:
     """Refuse ``out`` when it cannot be a writable directory, and, unless ``force``, the paths under
-    it that :func:`compress_model` would write and that exist. Creates nothing."""
+    it that :func:`compress_model` would write and that exist. With ``reuse`` and ``targets``, the
+    front files of an earlier compress are not refused (the targets are added to its front; see
+    :func:`cached_front`), only the target folders. Creates nothing."""
     check_output_directory(out, what)
     out = Path(out)
     paths = [out / FRONT_FILE, out / PLOT_FILE] + [out / FAMILY_FILE] * family + [out / target_folder(k, v) for k, v in targets]
-    existing = [p for p in paths if os.path.lexists(p)]
+    adding = reuse and bool(targets) and os.path.lexists(out / FRONT_FILE)
+    existing = [p for p in paths[3 if family else 2:] if os.path.lexists(p)] if adding else \
+        [p for p in paths if os.path.lexists(p)]
     if existing and not force:
         raise UsageError(f"{', '.join(str(p) for p in existing)} already exist; pass --force to replace them")
     blocking = [p for p in paths[3 if family else 2:] if os.path.lexists(p) and (p.is_symlink() or not p.is_dir())]
     if blocking:
         raise UsageError(f"{', '.join(str(p) for p in blocking)} exist and are not folders; move them away")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of the file at ``path`` (a checkpoint, weights), to record what a front was computed from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+INPUT_NAMES = {"checkpoint_sha256": "checkpoint", "weights_sha256": "weights", "calibration_size": "calibration size",
+               "latency_batch": "latency batch", "model_factory": "model factory"}
+"""How a difference in each recorded input is named (others by their key)."""
+
+
+def _shown(key: str, value: Any) -> str:
+    if key.endswith("sha256") and isinstance(value, str):
+        return value[:12]
+    return "none" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def _difference(key: str, recorded: Any, now: Any) -> str:
+    """``checkpoint (sha256 1ad6a6f3833c, now 51ac4578e323)``, ``step (0.25, now 0.5)``."""
+    hashed = "sha256 " if key.endswith("sha256") and isinstance(recorded, str) else ""
+    return f"{INPUT_NAMES.get(key, key)} ({hashed}{_shown(key, recorded)}, now {_shown(key, now)})"
+
+
+def cached_front(out: str | Path, inputs: dict[str, Any]) -> Front:
+    """The front an earlier compress wrote into ``out`` (``front.json``), when it was computed from
+    ``inputs`` (recorded under ``metadata.inputs``: the checkpoint's sha256, the cost, step,
+    calibration size and seed, the search, the initialisation or order, the latency batch, ...).
+    Raises a one-line :class:`UsageError` naming what differs (or why the file cannot be used),
+    suggesting ``--force``."""
+    path = Path(out) / FRONT_FILE
+    try:
+        front = Front.load(path)
+    except (OSError, ValueError, KeyError, TypeError, MaestroError) as exc:
+        raise UsageError(f"{path} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                         f"pass --force to recompute it") from None
+    recorded = front.metadata.get("inputs")
+    if not isinstance(recorded, dict):
+        raise UsageError(f"{path} does not record what it was computed from (written by an earlier version); "
+                         f"pass --force to recompute it")
+    differ = [_difference(key, recorded.get(key), value) for key, value in inputs.items() if recorded.get(key) != value]
+    differ += [_difference(key, recorded[key], None) for key in recorded if key not in inputs]
+    if differ:
+        raise UsageError(f"{path} was computed from another {', '.join(differ)}; pass --force to recompute the front")
+    return front
+
+
+def earlier_targets(front: Front) -> list[tuple[str, float]]:
+    """The targets exported into the folder of ``front`` (``metadata.targets``), in their order."""
+    return [check_target(str(key), float(value)) for key, value in front.metadata.get("targets") or []]
+
+
+def _exported_point(front: Front, folder: str) -> FrontPoint | None:
+    """The point of ``front`` exported into ``folder``, if one is marked so."""
+    for point in front.points:
+        if point.exported and (point.exported.get("folder") == folder or folder in point.exported.get("folders", [])):
+            return point
+    return None
+
+
+def _unanswered(front: Front, targets: Sequence[tuple[str, float]], search: str, full_front: bool) -> str | None:
+    """Why the cached ``front`` cannot answer ``targets`` as a search for them would (None: it can).
+
+    A front searched to every layer's smallest rank answers any target; one stopped at its
+    targets' budgets (``metadata.stops``) answers a budget that one of its points meets (a new
+    search stopping at both would end where it ended), and, without ``full_front``, any
+    ``max_drop``. A front allocated for given budgets answers only those budgets."""
+    stops = front.metadata.get("stops")
+    if not stops:
+        return None
+    if full_front:
+        return "the cached front stops at its targets and --full-front asks for the whole front"
+    for key, value in targets:
+        if key == "max_drop":
+            continue
+        if search == "allocate":
+            if stops.get(key) != value:
+                return f"the cached front was allocated for other budgets than {key}={value:g}"
+        elif not any(front._meets(point, key, value) for point in front.points):
+            return f"the cached front stops before {key}={value:g}"
+    return None
+
+
+def _keep_marks(front: Front, folders: Sequence[str]) -> None:
+    """Unmark in ``front`` the exports into folders other than ``folders`` (folders since removed)."""
+    for point in front.points:
+        if not point.exported:
+            continue
+        marked = [f for f in point.exported.get("folders", [point.exported.get("folder")]) if f in folders]
+        if not marked:
+            point.exported = None
+        else:
+            point.exported["folder"] = marked[0]
+            point.exported.pop("folders", None)
+            if len(marked) > 1:
+                point.exported["folders"] = marked
+
+
+def _stops(targets: Sequence[tuple[str, float]]) -> dict[str, float] | None:
+    """The budgets a search for ``targets`` stops at: the smallest of each kind (None: no budget)."""
+    stops: dict[str, float] = {}
+    for key, value in targets:
+        if key != "max_drop":
+            stops[key] = min(stops.get(key, value), value)
+    return stops or None
 
 
 def check_model_outputs(model: nn.Module, batch: Batch) -> None:
@@ -278,7 +400,8 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
                    kind: str = "classification", dense_accuracy: float | None = None,
                    metadata: dict[str, Any] | None = None, say: Callable[..., None] = lambda *a, **k: None,
                    progress: ProgressFactory = no_progress, loss: Loss | None = None,
-                   data: TaskData | None = None, search: str = "lazy", full_front: bool = False) -> CompressResult:
+                   data: TaskData | None = None, search: str = "lazy", full_front: bool = False,
+                   inputs: dict[str, Any] | None = None, remeasure_latency: bool = False) -> CompressResult:
     """The accuracy–cost front of a trained low-rank ``model`` and deployable models for ``targets``.
 
     ``calibration``: fixed batches of training data that score each removal (and recalibrate
@@ -305,6 +428,19 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
     and an unreachable one is refused before it starts; ``full_front`` walks on to every layer's
     smallest rank all the same (the whole front in ``front.json`` and the family file).
 
+    ``inputs``: what identifies the model and its batches (the checkpoint's sha256, the calibration
+    size and seed, the initialisation or order, ...; JSON values), recorded in ``front.json`` with
+    the cost, step, search and latency batch (``metadata.inputs``), which lets a later call add
+    targets to this front. When ``out`` holds the ``front.json`` of the same inputs, the targets
+    are added to it: their folders are written beside those of the earlier targets, which stay
+    (``metadata.targets`` and each point's ``exported`` mark them all), and nothing is searched
+    when the front answers the new targets as a search for all of them would (a front stopped at
+    the earlier targets is searched again, for all of them, when a new budget lies beyond it).
+    Its latency table is reused by any new search of the same inputs, ``--force`` included,
+    unless ``remeasure_latency`` (which also searches again). A ``front.json`` of other inputs is
+    refused, naming what differs, unless ``force`` (which recomputes the front for ``targets``).
+    Without ``inputs``, an existing ``front.json`` is refused unless ``force``.
+
     Every option, output path and target is checked before the first file is written; files that
     exist are replaced only with ``force``. Raises a one-line
     :class:`~maestro_lod.errors.MaestroError` for a bad option, an existing output, a model
@@ -318,7 +454,9 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
         raise ConfigError(f"latency_batch={latency_batch!r} must be an int from 1 to {LATENCY_BATCH_LIMIT:,}")
     targets = unique_targets(targets)
     formats = check_formats(formats)
-    check_outputs(out, targets, force, family)
+    identity = None if inputs is None else {**inputs, "cost": cost, "step": float(step), "search": search,
+                                            "latency_batch": latency_batch}
+    check_outputs(out, targets, force, family, reuse=identity is not None)
     layers = dict(low_rank_layers(model))
     if not layers:
         raise ConfigError("the model has no low-rank layers: nothing to compress")
@@ -326,22 +464,89 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
         raise ConfigError("compress needs at least one calibration batch, and one validation batch if validation "
                           "is given")
     check_model_outputs(model, calibration[0])
+    cache, reuse = None, False
+    if identity is not None and (force or targets) and os.path.lexists(out / FRONT_FILE):
+        if force:
+            with contextlib.suppress(MaestroError):  # only its latency table may serve
+                cache = cached_front(out, identity)
+        else:
+            cache, reuse = cached_front(out, identity), True
+    earlier: list[tuple[str, float]] = []
+    if reuse:
+        earlier = [t for t in earlier_targets(cache) if t not in targets]
+        missing = [target_folder(*t) for t in earlier if not (out / target_folder(*t)).is_dir()]
+        if missing:
+            say(f"note: {', '.join(missing)} (exported before) no longer exist; front.json stops marking them",
+                flush=True)
+            earlier = [t for t in earlier if target_folder(*t) not in missing]
     example = calibration[0][0]
     example = tuple(x[:1] for x in example) if isinstance(example, (tuple, list)) else example[:1]
-    visits = {name: visited_ranks(layer.rank, layer_floor(layer, layer.rank), step) for name, layer in layers.items()}
-    say(f"measuring the latency table ({sum(map(len, visits.values()))} layer ranks, batch {latency_batch})", flush=True)
-    with deferred_interrupts():
-        latency = measure_latency(model, example, visits, latency_batch)
-    stops = None if full_front or not targets else {key: value for key, value in targets}
-    front = greedy_front(model, calibration, cost, step, latency=latency, kind=kind, progress=progress("search rounds"),
-                         loss=loss, search=search, targets=stops)
-    if validation is not None:
-        evaluate_front(front, model, validation, calibration, progress=progress("evaluating points"), loss=loss)
-    _check_front_numbers(front)
+    front = None
+    if reuse:
+        why = "the latency table is measured again (--remeasure-latency)" if remeasure_latency else \
+            _unanswered(cache, targets, search, full_front)
+        if why is None:
+            front = cache
+            _keep_marks(front, [target_folder(*t) for t in earlier])
+            say(f"reusing the front in {out / FRONT_FILE} ({len(front.points)} points, same checkpoint and options): "
+                f"no latency table, search or evaluation", flush=True)
+        else:
+            say(f"{why}: searching again", flush=True)
+    searched = front is None
+    latency_reused = False
+    if searched:
+        if cache is not None and cache.latency_table is not None and not remeasure_latency:
+            latency, latency_reused = cache.latency_table, True
+            say(f"latency table: reused from {out / FRONT_FILE} (--remeasure-latency measures it again)", flush=True)
+        else:
+            visits = {name: visited_ranks(layer.rank, layer_floor(layer, layer.rank), step)
+                      for name, layer in layers.items()}
+            say(f"measuring the latency table ({sum(map(len, visits.values()))} layer ranks, batch {latency_batch})",
+                flush=True)
+            with deferred_interrupts():
+                latency = measure_latency(model, example, visits, latency_batch)
+        every = earlier + targets
+        complete = full_front or not every or (reuse and not cache.metadata.get("stops"))
+        stops = None if complete else _stops(every)
+        front = greedy_front(model, calibration, cost, step, latency=latency, kind=kind,
+                             progress=progress("search rounds"), loss=loss, search=search, targets=stops)
+        if validation is not None:
+            evaluate_front(front, model, validation, calibration, progress=progress("evaluating points"), loss=loss)
+        _check_front_numbers(front)
+        front.metadata = {**(metadata or {}), "dense_accuracy": dense_accuracy, "torch": torch.__version__}
+        if identity is not None:
+            front.metadata.update(inputs=identity, stops=stops)
+        for key, value in earlier:  # an earlier target keeps the point it was exported with
+            folder = target_folder(key, value)
+            old = _exported_point(cache, folder)
+            new = next((p for p in front.points if old is not None and p.ranks == old.ranks), None)
+            if new is None:
+                raise UsageError(f"the new front does not hold the point {out / folder} was exported with; pass "
+                                 f"--force to recompute the front and every target")
+            if new.exported is None:
+                new.exported = {**{k: v for k, v in old.exported.items() if k != "folders"}, "folder": folder}
+            else:
+                new.exported.setdefault("folders", [new.exported["folder"]]).append(folder)
+    else:
+        front.metadata["dense_accuracy"] = dense_accuracy
+    latency = front.latency_table
     chosen = [(target_folder(k, v), front.select(**{k: v})) for k, v in targets]  # unreachable: fails here
-    front.metadata = {**(metadata or {}), "dense_accuracy": dense_accuracy, "torch": torch.__version__}
+    kept = [(target_folder(*t), _exported_point(front, target_folder(*t))) for t in earlier]
+    if identity is not None:
+        front.metadata["targets"] = [[k, v] for k, v in earlier + targets]
+    if force and cache is None and identity is not None:
+        with contextlib.suppress(MaestroError, OSError, ValueError, KeyError, TypeError):
+            cache = Front.load(out / FRONT_FILE)
+    left: list[str] = []
+    if force and cache is not None:
+        with contextlib.suppress(MaestroError):
+            left = [target_folder(*t) for t in earlier_targets(cache) if t not in targets
+                    and (out / target_folder(*t)).is_dir()]
+        if left:
+            say(f"note: {', '.join(left)} (exported with the earlier front) stay, but the new front.json does not "
+                f"mark them", flush=True)
     timing = repeat_batch(example, latency_batch)
-    result = CompressResult(front, chosen, out)
+    result = CompressResult(front, chosen, out, earlier=kept, searched=searched, latency_reused=latency_reused)
     try:
         out.mkdir(parents=True, exist_ok=True)
         folders = [folder for folder, _ in chosen]
@@ -358,9 +563,15 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
                 temporaries.append(temporary)
                 names = write_files(temporary, files)
                 with deferred_interrupts():
-                    measured = time_model(deployable(materialized, example), timing, latency.repeats, latency.warmup)
-                point.exported = {"folder": folder, "files": names, "latency": measured, **report}
-                record = point_record(folder, point, list(files), feed_record(materialized, example, data))
+                    measured = time_model(deployable(materialized, example), timing,
+                                          *((latency.repeats, latency.warmup) if latency is not None else ()))
+                exported = {"folder": folder, "files": names, "latency": measured, **report}
+                if point.exported is None:
+                    point.exported = exported
+                else:  # the point of another target too
+                    point.exported.setdefault("folders", [point.exported["folder"]]).append(folder)
+                record = point_record(folder, dataclasses.replace(point, exported=exported), list(files),
+                                      feed_record(materialized, example, data))
                 write_text_atomic(temporary / POINT_FILE,
                                   json_text(record, repr(str(out / folder / POINT_FILE)), indent=2) + "\n")
                 os.chmod(temporary, 0o777 & ~_umask())
@@ -370,13 +581,20 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
         finally:
             for temporary in temporaries:
                 shutil.rmtree(temporary, ignore_errors=True)
-        if family:
-            result.family_file = out / FAMILY_FILE
-            size = save_family(model, front, result.family_file, calibration)
-            separate = {fmt: sum((out / folder / FILES[fmt]).stat().st_size for folder, _ in chosen
+        family_file = out / FAMILY_FILE
+        present = family_file.is_file()
+        write = (family and (searched or not present)) or (reuse and searched and present)  # never stale
+        if write:
+            save_family(model, front, family_file, calibration)
+        if write or (reuse and present):
+            result.family_file = family_file
+            every_folder = [folder for folder, _ in kept + chosen]
+            separate = {fmt: sum((out / folder / FILES[fmt]).stat().st_size for folder in every_folder
                                  if (out / folder / FILES[fmt]).is_file()) for fmt in formats}
-            front.metadata["family"] = {"file": FAMILY_FILE, "bytes": size, "points": len(front.points),
-                                        "separate": separate}
+            front.metadata["family"] = {"file": FAMILY_FILE, "bytes": family_file.stat().st_size,
+                                        "points": len(front.points), "separate": separate}
+        else:
+            front.metadata.pop("family", None)
         result.front_file, result.plot_file = out / FRONT_FILE, out / PLOT_FILE
         front.save(result.front_file)
         front.plot(result.plot_file, dense_accuracy)

@@ -14,12 +14,13 @@ from ..data import load_data
 from ..deploy.api import INITS, ORDERS, prepare_model
 from ..deploy.artifacts import FORMATS
 from ..deploy.compress import (CompressResult, ProgressFactory, check_input_batches, check_inputs, check_outputs,
-                               compress_model, no_progress)
+                               compress_model, file_sha256, no_progress)
 from ..engine.evaluation import evaluate
 from ..engine.passes import forward
 from ..engine.search import CALIBRATION_SIZE, calibration_batches
 from ..errors import UsageError
 from ..models import build_model
+from .directory import CHECKPOINT_FILE
 from .loading import build_from_factory, build_torchvision, load_run, load_weights
 
 EVAL_BATCH = 256
@@ -33,11 +34,17 @@ def _check_choices(init: str, order: str) -> None:
         raise UsageError(f"order {order!r} is not one of {', '.join(ORDERS)}")
 
 
+def _preparation(prepared: dict) -> dict:
+    """What of ``prepare_model``'s record shapes the front: the initialisation of a dense model,
+    the order of a factorised one."""
+    return {key: prepared[key] for key in ("init", "order") if key in prepared}
+
+
 def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets: Sequence[tuple[str, float]] = (),
                  cost: str = "macs", step: float = 0.25, calibration_size: int = CALIBRATION_SIZE,
                  formats: Sequence[str] = FORMATS, latency_batch: int = 32, family: bool = True, force: bool = False,
                  init: str = "whitened", order: str = "svd", search: str = "lazy", full_front: bool = False,
-                 say: Callable[..., None] = lambda *a, **k: None,
+                 remeasure_latency: bool = False, say: Callable[..., None] = lambda *a, **k: None,
                  progress: ProgressFactory = no_progress, data_root: str | Path | None = None,
                  download: bool = False) -> CompressResult:
     """The front of the run in ``run_dir`` and deployable models for ``targets``, written under
@@ -53,11 +60,18 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets:
     the run's dense reference (a dense run's own accuracy). The other options are those of
     :func:`~maestro_lod.deploy.compress.compress_model`; existing outputs are refused (unless
     ``force``) before the run is loaded. The data is read from ``data_root`` (default: the run's)
-    and downloaded only with ``download=True``, whatever the run's config.json says."""
+    and downloaded only with ``download=True``, whatever the run's config.json says.
+
+    A second call into the same ``out`` adds its ``targets`` to the front the first one wrote when
+    that was computed from the same checkpoint (its sha256), model, data, seed, calibration size,
+    ``init`` or ``order``, cost, step, search and latency batch, without a new search when the
+    front answers them; other inputs are refused, naming what differs, unless ``force``. The
+    latency table in ``front.json`` is reused unless ``remeasure_latency`` (see
+    :func:`~maestro_lod.deploy.compress.compress_model`)."""
     _check_choices(init, order)
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
-    check_outputs(out, targets, force, family)
+    check_outputs(out, targets, force, family, reuse=True)
     run = load_run(run_dir, data_root=data_root, download=download)
     config, data = run.config, run.data
     calibration = calibration_batches(data.train, calibration_size, seed=config.seed)
@@ -71,8 +85,12 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets:
                           force=force, architecture=lambda: build_model(config.model, data, **config.model_options),
                           kind=data.kind, dense_accuracy=dense_accuracy,
                           metadata={"run": str(run_dir), "model": config.model, "data": config.data,
-                                    "method": config.method, **prepared},
-                          say=say, progress=progress, data=data, search=search, full_front=full_front)
+                                                    "method": config.method, **prepared},
+                          say=say, progress=progress, data=data, search=search, full_front=full_front,
+                          inputs={"checkpoint_sha256": file_sha256(run_dir / CHECKPOINT_FILE), "model": config.model,
+                                  "data": config.data, "seed": config.seed, "calibration_size": calibration_size,
+                                  **_preparation(prepared)},
+                          remeasure_latency=remeasure_latency)
 
 
 def compress_files(out: str | Path, *, weights: str | Path, data: str, model_factory: str | None = None,
@@ -81,7 +99,7 @@ def compress_files(out: str | Path, *, weights: str | Path, data: str, model_fac
                    calibration_size: int = CALIBRATION_SIZE, formats: Sequence[str] = FORMATS,
                    latency_batch: int = 32, family: bool = True, force: bool = False, init: str = "whitened",
                    order: str = "svd", search: str = "lazy", full_front: bool = False,
-                   say: Callable[..., None] = lambda *a, **k: None,
+                   remeasure_latency: bool = False, say: Callable[..., None] = lambda *a, **k: None,
                    progress: ProgressFactory = no_progress) -> CompressResult:
     """:func:`compress_run` for a model that is not a run: built by ``model_factory``
     (``module:function`` or ``file.py:function``, called without arguments) or torchvision's
@@ -90,13 +108,15 @@ def compress_files(out: str | Path, *, weights: str | Path, data: str, model_fac
     calibration (``calibration_size`` training samples drawn with ``seed``, no augmentation) and
     validation batches drawn from the registered dataset ``data`` (``data_root``: its files).
     Everything is read from local files. Outputs go to ``out``; every input is checked (the
-    weights against the model, the model on a calibration batch) before anything is written."""
+    weights against the model, the model on a calibration batch) before anything is written. As
+    with :func:`compress_run`, a second call into ``out`` adds its targets to the front of the
+    same inputs (the weights file's sha256 in place of the checkpoint's)."""
     _check_choices(init, order)
     if (model_factory is None) == (torchvision is None):
         raise UsageError("give exactly one of a model factory (--model-factory) and a torchvision architecture "
                          "(--torchvision)")
     out = Path(out)
-    check_outputs(out, targets, force, family)
+    check_outputs(out, targets, force, family, reuse=True)
     task = load_data(data, root=None if data_root is None else str(data_root), seed=seed, augment=False)
     build = (lambda: build_from_factory(model_factory)) if model_factory is not None else \
         (lambda: build_torchvision(torchvision, task.num_classes))
@@ -114,4 +134,7 @@ def compress_files(out: str | Path, *, weights: str | Path, data: str, model_fac
                           force=force, architecture=lambda: copy.deepcopy(architecture), kind=task.kind,
                           dense_accuracy=dense_accuracy,
                           metadata={**source, "weights": str(weights), "data": data, **prepared},
-                          say=say, progress=progress, data=task, search=search, full_front=full_front)
+                          say=say, progress=progress, data=task, search=search, full_front=full_front,
+                          inputs={"weights_sha256": file_sha256(weights), **source, "data": data, "seed": seed,
+                                  "calibration_size": calibration_size, **_preparation(prepared)},
+                          remeasure_latency=remeasure_latency)
