@@ -11,7 +11,7 @@ Families (the trainings of one task and seed share the recipe, epochs and seed):
   by whitened SVD on the calibration set, and the same two searches;
 * **Pufferfish**: three runs (``method="pufferfish"``) at ``rank_ratio`` ½, ¼ and ⅛;
 * **separately trained**: three runs at fixed ranks, those of three points of MAESTRO's
-  parameter front (the most accurate within 0.7, 0.4 and 0.2 × the trained model's parameters),
+  parameter front (the largest within 0.7, 0.4 and 0.2 × the trained model's parameters),
   each a freshly initialised model factorised by SVD at those ranks and trained plainly (method
   ``maestro-full`` with λ_gl = ε_ps = 0: every step at all ranks, no regulariser, nothing cut).
 
@@ -108,17 +108,15 @@ class FrontsResult:
 
 
 def separate_ranks(curve: dict[str, Any]) -> list[dict[str, int]]:
-    """The rank patterns of the separately trained models: per share of :data:`SEPARATE`, the most
-    accurate point of MAESTRO's parameter front within that share of its trained point's
-    parameters (its cheapest point if none is)."""
+    """The rank patterns of the separately trained models: per share of :data:`SEPARATE`, the
+    point of MAESTRO's parameter front that cutting its trained model to that share of its
+    parameters reaches (the largest point within the share; the cheapest point if none is)."""
     points = curve["points"]
-    metric = "perplexity" if points[0].get("accuracy") is None else "accuracy"
     trained = points[0]["params"]
     patterns = []
     for share in SEPARATE:
         feasible = [p for p in points if p["params"] <= share * trained] or [min(points, key=lambda p: p["params"])]
-        best = (min if metric == "perplexity" else max)(feasible, key=lambda p: p[metric])
-        patterns.append(dict(best["ranks"]))
+        patterns.append(dict(max(feasible, key=lambda p: p["params"])["ranks"]))
     return patterns
 
 
