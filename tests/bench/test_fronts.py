@@ -59,6 +59,14 @@ def test_every_family_is_trained_searched_and_reported(suite):
         assert trained["params"] == front[json.dumps(trained["ranks"], sort_keys=True)]["params"]
         config = json.loads((suite / TASK / f"separate-{index}" / "seed0" / "config.json").read_text())
         assert config["factorize"]["rank_pattern"] == trained["ranks"] and config["lambda_gl"] == 0.0
+    pairs = task["same_ranks"]
+    assert [row["share"] for row in pairs] == list(SEPARATE)
+    for index, row in enumerate(pairs, start=1):
+        (pair,) = row["seeds"]
+        trained = curves[f"separate-{index}"]["points"][0]
+        assert pair["ranks"] == trained["ranks"] and pair["separate"] == trained["accuracy"]
+        assert pair["maestro"] == front[json.dumps(trained["ranks"], sort_keys=True)]["accuracy"]
+    assert "Trained separately at the ranks" in (suite / "fronts.md").read_text()
     costs = {row["family"]: row for row in task["costs"]}
     assert costs["Pufferfish"]["trainings"] == 3 and costs["MAESTRO"]["trainings"] == 1
     assert costs["MAESTRO"]["search_time"][0] > 0 and costs["Pufferfish"]["search_time"] == [0]
@@ -125,3 +133,15 @@ def test_the_fronts_suite_refuses_what_does_not_apply_in_one_line(tmp_path, caps
     assert not (tmp_path / "x").exists()
     with pytest.raises(UsageError, match="--epochs 0"):
         run_fronts(tmp_path / "y", epochs=0)
+
+
+def test_a_call_on_other_tasks_keeps_the_tasks_reported_before(suite):
+    results = json.loads((suite / "fronts.json").read_text())
+    earlier = {**results["tasks"][0], "task": "lenet5-mnist5k", "epochs": 30}
+    (suite / "fronts.json").write_text(json.dumps({**results, "tasks": [results["tasks"][0], earlier]}))
+    result = run_fronts(suite, tasks=[TASK], seeds=1, epochs=1)
+    assert [t["task"] for t in result.tasks] == [TASK]
+    reported = json.loads((suite / "fronts.json").read_text())["tasks"]
+    assert [t["task"] for t in reported] == ["lenet5-mnist5k", TASK]  # the suite's order
+    table = (suite / "fronts.md").read_text()
+    assert table == result.table and table.index("### lenet5-mnist5k (30 epochs") < table.index(f"### {TASK} (1 epoch, seed 0)")

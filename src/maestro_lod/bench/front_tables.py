@@ -116,7 +116,8 @@ def markdown(task: dict[str, Any]) -> str:
     score = "val accuracy (%)" if accuracy else "val perplexity"
     scale = 100.0 if accuracy else 1.0
     digits = 2 if accuracy else 3
-    out = [f"### {task['task']} ({task['epochs']} epochs, seeds {', '.join(map(str, seeds))})", ""]
+    epochs = f"{task['epochs']} epoch{'s' * (task['epochs'] != 1)}"
+    out = [f"### {task['task']} ({epochs}, seed{'s' * (len(seeds) != 1)} {', '.join(map(str, seeds))})", ""]
     trained = task["maestro_trained"]
     out.append(f"MAESTRO's trained model: {shown(trained['params'], 3)} × dense params, "
                f"{shown(trained['macs'], 3)} × dense MACs, {score} {shown(trained['score'], digits, scale)}.")
@@ -141,11 +142,21 @@ def markdown(task: dict[str, Any]) -> str:
             start = row[axis]["from"]
             cells += [shown(row[axis]["gaps"], 2 if accuracy else 3), "—" if start is None else f"{start:.3g}"]
         out.append(f"| {row['family']} | " + " | ".join(cells) + " |")
+    if task.get("same_ranks"):
+        out += ["", f"Trained separately at the ranks of a point of MAESTRO's parameter front against that point "
+                f"({score}; the point is where cutting MAESTRO's trained model to the share of its parameters lands):",
+                "", "| share | params / dense | MACs / dense | trained separately | MAESTRO's point |", "|---|---|---|---|---|"]
+        for row in task["same_ranks"]:
+            seeds_rows = row["seeds"]
+            out.append(f"| {row['share']:g} | {shown([r['params'] for r in seeds_rows], 3)} | "
+                       f"{shown([r['macs'] for r in seeds_rows], 3)} | "
+                       f"{shown([r['separate'] for r in seeds_rows], digits, scale)} | "
+                       f"{shown([r['maestro'] for r in seeds_rows], digits, scale)} |")
     out += ["", "Cost of each family per seed (sum over its trainings; search: the greedy searches and their "
             "evaluation):", "", "| family | trainings | train time (s) | train MACs | search (s) |",
             "|---|---|---|---|---|"]
     for row in task["costs"]:
-        out.append(f"| {row['family']} | {row['trainings']} | {shown(row['train_time'], 0)} | "
-                   f"{statistics.fmean(row['train_macs']):.3g} | {shown(row['search_time'], 0)} |")
+        out.append(f"| {row['family']} | {row['trainings']} | {shown(row['train_time'], 1)} | "
+                   f"{statistics.fmean(row['train_macs']):.3g} | {shown(row['search_time'], 1)} |")
     out.append("")
     return "\n".join(out)

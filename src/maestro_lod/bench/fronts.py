@@ -93,7 +93,8 @@ FAMILY_CELLS = {MAESTRO: ["maestro"], DENSE_SVD: ["dense"], DENSE_WHITENED: ["de
 @dataclass
 class FrontsResult:
     """What :func:`run_fronts` did and wrote: the cells trained and the curves computed by this
-    call (empty when everything was cached), one summary per task, and the Markdown."""
+    call (empty when everything was cached), one summary per task it ran, and the Markdown of
+    ``fronts.md`` (every task reported in ``out``)."""
 
     out: Path
     trained: list[Path] = field(default_factory=list)
@@ -191,15 +192,35 @@ def summarise(task: Task, seeds: list[int], per_seed: list[dict[str, Any]], epoc
                       "train_time": [sum(x["train_time"] for x in seed) for seed in summaries],
                       "train_macs": [sum(x["train_macs"] for x in seed) for seed in summaries],
                       "search_time": [sum(s["curves"][name]["seconds"] for name in searches[0]) for s in per_seed]})
+    pairs = []
+    for index in range(1, len(SEPARATE) + 1):
+        name, seeds_pairs = separate_cell(index), []
+        for s in per_seed:
+            (alone,) = normalised(s["curves"][name], metric)
+            ranks = s["curves"][name]["points"][0]["ranks"]
+            point = next(p for p, q in zip(normalised(s["curves"]["maestro-params"], metric),
+                                           s["curves"]["maestro-params"]["points"]) if q["ranks"] == ranks)
+            seeds_pairs.append({"params": alone["params"], "macs": alone["macs"], "separate": alone["score"],
+                                "maestro": point["score"], "ranks": ranks})
+        pairs.append({"share": SEPARATE[index - 1], "seeds": seeds_pairs})
     return {"task": task.name, "metric": metric, "epochs": epochs, "seeds": seeds, "budgets": list(BUDGETS),
             "range": list(RANGE), "maestro_trained": {key: [t[key] for t in trained] for key in ("params", "macs", "score")},
             "tables": {axis: budget_table(families[axis], axis, metric) for axis in AXES},
-            "gaps": gap_table(families, metric, MAESTRO), "costs": costs, "families": families,
+            "gaps": gap_table(families, metric, MAESTRO), "costs": costs, "same_ranks": pairs, "families": families,
             "cells": [{name: str(path) for name, path in s["cells"].items()} for s in per_seed]}
 
 
 def _summary(directory: Path) -> dict[str, Any]:
     return json.loads((directory / SUMMARY_FILE).read_text())
+
+
+def _earlier_tasks(path: Path) -> dict[str, dict[str, Any]]:
+    """The tasks of an earlier ``fronts.json`` in ``path`` by name (none if it cannot be read)."""
+    try:
+        tasks = json.loads(path.read_text()).get("tasks", [])
+        return {t["task"]: t for t in tasks if isinstance(t, dict) and "task" in t}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
 
 
 def run_fronts(out: str | Path | None = None, *, tasks: list[str] | None = None, seeds: int | None = None,
@@ -212,7 +233,8 @@ def run_fronts(out: str | Path | None = None, *, tasks: list[str] | None = None,
     (default :data:`SEEDS`), ``epochs`` caps every task's epochs. Finished cells and cached curves
     are reused unless ``force``; an interrupted cell continues from its checkpoint. The searches
     and evaluations run on ``threads`` threads. ``fronts.json``, ``fronts.md`` and ``fronts.png``
-    are rewritten after every task. An unknown task, ``seeds < 1`` or ``epochs < 1`` is a one-line
+    are rewritten after every task; they keep the tasks an earlier call wrote there and this one
+    did not run (each task records its seeds and date), so tasks can be run one call at a time. An unknown task, ``seeds < 1`` or ``epochs < 1`` is a one-line
     :class:`UsageError` before anything is trained."""
     unknown = sorted(set(tasks or ()) - {t.name for t in TASKS})
     if unknown:
@@ -230,6 +252,7 @@ def run_fronts(out: str | Path | None = None, *, tasks: list[str] | None = None,
     total = len(selected) * len(seed_list) * (2 + len(PUFFERFISH) + len(SEPARATE))
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "torch": torch.__version__}
+    reported = _earlier_tasks(out / RESULTS_FILE)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -239,14 +262,17 @@ def run_fronts(out: str | Path | None = None, *, tasks: list[str] | None = None,
             task_epochs = cell_config(task, "maestro", 0, epochs).epochs
             summary = summarise(task, seed_list, per_seed, task_epochs)
             summary["seconds"] = time.perf_counter() - started
+            summary["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
             result.tasks.append(summary)
+            reported[task.name] = summary
             torch.set_num_threads(threads)  # a training may have set its own
-            result.table = "\n".join(markdown(t) for t in result.tasks)
+            order = {t.name: i for i, t in enumerate(TASKS)}
+            shown = sorted(reported.values(), key=lambda t: order.get(t["task"], len(order)))
+            result.table = "\n".join(markdown(t) for t in shown)
             out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(out / RESULTS_FILE, {"suite": "fronts", "machine": machine,
-                                                   "date": time.strftime("%Y-%m-%d %H:%M:%S"), "tasks": result.tasks})
+            write_json_atomic(out / RESULTS_FILE, {"suite": "fronts", "machine": machine, "tasks": shown})
             write_text_atomic(out / TABLE_FILE, result.table)
-            plot_fronts(result.tasks, out / PLOT_FILE)
+            plot_fronts(shown, out / PLOT_FILE)
     finally:
         torch.set_num_threads(previous)
     return result
