@@ -120,7 +120,8 @@ def test_the_gap_of_identical_curves_is_zero_and_of_shifted_ones_the_shift():
     gap, _ = mean_gap(staircase, step, "params", "accuracy")
     assert gap == pytest.approx(5.0)  # 10 points over half of the log range
     assert mean_gap(curve, [{"params": 2.0, "macs": 2.0, "score": 1.0}], "params", "accuracy") == (None, None)
-    assert best_within(curve, "params", 0.2, "accuracy") == 0.9 and best_within(curve, "params", 0.01, "accuracy") is None
+    assert best_within(curve, "params", 0.2, "accuracy") == 0.9
+    assert best_within(curve, "params", 0.01, "accuracy") is None
     assert advantage(9.0, 9.5, "perplexity") == 0.5 and advantage(0.95, 0.9, "accuracy") == pytest.approx(5.0)
 
 
@@ -144,4 +145,5 @@ def test_a_call_on_other_tasks_keeps_the_tasks_reported_before(suite):
     reported = json.loads((suite / "fronts.json").read_text())["tasks"]
     assert [t["task"] for t in reported] == ["lenet5-mnist5k", TASK]  # the suite's order
     table = (suite / "fronts.md").read_text()
-    assert table == result.table and table.index("### lenet5-mnist5k (30 epochs") < table.index(f"### {TASK} (1 epoch, seed 0)")
+    assert table == result.table
+    assert table.index("### lenet5-mnist5k (30 epochs") < table.index(f"### {TASK} (1 epoch, seed 0)")

@@ -103,7 +103,8 @@ def gap_table(families: dict[str, dict[str, list[list[Point]]]], metric: str, re
         for axis in AXES:
             pairs = [mean_gap(ours, theirs, axis, metric)
                      for ours, theirs in zip(families[axis][reference], families[axis][name])]
-            row[axis] = {"gaps": [g for g, _ in pairs], "from": max((s for _, s in pairs if s is not None), default=None)}
+            starts = [s for _, s in pairs if s is not None]
+            row[axis] = {"gaps": [g for g, _ in pairs], "from": max(starts, default=None)}
         rows.append(row)
     return rows
 
@@ -145,7 +146,8 @@ def markdown(task: dict[str, Any]) -> str:
     if task.get("same_ranks"):
         out += ["", f"Trained separately at the ranks of a point of MAESTRO's parameter front against that point "
                 f"({score}; the point is where cutting MAESTRO's trained model to the share of its parameters lands):",
-                "", "| share | params / dense | MACs / dense | trained separately | MAESTRO's point |", "|---|---|---|---|---|"]
+                "", "| share | params / dense | MACs / dense | trained separately | MAESTRO's point |",
+                "|---|---|---|---|---|"]
         for row in task["same_ranks"]:
             seeds_rows = row["seeds"]
             out.append(f"| {row['share']:g} | {shown([r['params'] for r in seeds_rows], 3)} | "

@@ -59,10 +59,11 @@ TASKS: tuple[Task, ...] = (
          metric="perplexity"),
 )
 SEEDS = 3
-DURATION = ("about 25 minutes per seed for LeNet-5 (30 epochs) and 40 for cnn4, 2 for the MLP and 20 for the "
-            "character LM, one training at a time on 2 CPU cores: about 4.5 hours for the defaults")
-"""How long the default tasks and seeds take (measured for LeNet-5 and cnn4, estimated from the
-cpu suite's training times for the others)."""
+DURATION = ("on 2 CPU cores, one training at a time: LeNet-5 about 6 minutes per seed, the MLP under 1, cnn4 and "
+            "the character LM 1.5-2 hours each per seed, mostly their greedy searches on 2,048 calibration samples; "
+            "about 10 hours for the default 4 tasks x 3 seeds")
+"""How long the default tasks and seeds take (measured for LeNet-5 and the MLP; for cnn4 and the
+character LM estimated from their training times and the first cnn4 search)."""
 
 PUFFERFISH = (0.5, 0.25, 0.125)
 SEPARATE = (0.7, 0.4, 0.2)
@@ -131,7 +132,8 @@ class _Runner:
     def cell(self, task: Task, name: str, method: str, seed: int, total: int,
              options: dict[str, Any] | None = None) -> Cell:
         directory = self.out / task.name / name / f"seed{seed}"
-        cell = Cell(task, name, seed, cell_config(task, method, seed, self.epochs, options), directory, dict(options or {}))
+        config = cell_config(task, method, seed, self.epochs, options)
+        cell = Cell(task, name, seed, config, directory, dict(options or {}))
         self.number += 1
         done = is_finished(cell) and not self.force
         self.say(f"[{self.number}/{total}] {task.name} {name} seed {seed}{' (done)' if done else ''}", flush=True)
@@ -154,8 +156,8 @@ class _Runner:
             for name, (cell, how) in FRONTS.items():
                 if cell == source:
                     for cost in AXES:
-                        curves[f"{name}-{cost}"] = front_curve(cells[source], self.curve_path(task, seed, f"{name}-{cost}"),
-                                                               how, cost, self.say, computed)
+                        path = self.curve_path(task, seed, f"{name}-{cost}")
+                        curves[f"{name}-{cost}"] = front_curve(cells[source], path, how, cost, self.say, computed)
         for ratio in PUFFERFISH:
             name = pufferfish_cell(ratio)
             cells[name] = self.cell(task, name, "pufferfish", seed, total, {"rank_ratio": ratio}).directory
@@ -187,24 +189,24 @@ def summarise(task: Task, seeds: list[int], per_seed: list[dict[str, Any]], epoc
     costs = []
     for family in FAMILIES:
         summaries = [[_summary(s["cells"][name]) for name in FAMILY_CELLS[family]] for s in per_seed]
-        searches = [[f"{FRONT_FAMILIES[family]}-{axis}" for axis in AXES]] if family in FRONT_FAMILIES else [[]]
+        searches = [f"{FRONT_FAMILIES[family]}-{axis}" for axis in AXES] if family in FRONT_FAMILIES else []
         costs.append({"family": family, "trainings": len(FAMILY_CELLS[family]),
                       "train_time": [sum(x["train_time"] for x in seed) for seed in summaries],
                       "train_macs": [sum(x["train_macs"] for x in seed) for seed in summaries],
-                      "search_time": [sum(s["curves"][name]["seconds"] for name in searches[0]) for s in per_seed]})
+                      "search_time": [sum(s["curves"][name]["seconds"] for name in searches) for s in per_seed]})
     pairs = []
     for index in range(1, len(SEPARATE) + 1):
         name, seeds_pairs = separate_cell(index), []
         for s in per_seed:
             (alone,) = normalised(s["curves"][name], metric)
             ranks = s["curves"][name]["points"][0]["ranks"]
-            point = next(p for p, q in zip(normalised(s["curves"]["maestro-params"], metric),
-                                           s["curves"]["maestro-params"]["points"]) if q["ranks"] == ranks)
+            point = next(p for p in s["curves"]["maestro-params"]["points"] if p["ranks"] == ranks)
             seeds_pairs.append({"params": alone["params"], "macs": alone["macs"], "separate": alone["score"],
-                                "maestro": point["score"], "ranks": ranks})
+                                "maestro": point[metric], "ranks": ranks})
         pairs.append({"share": SEPARATE[index - 1], "seeds": seeds_pairs})
     return {"task": task.name, "metric": metric, "epochs": epochs, "seeds": seeds, "budgets": list(BUDGETS),
-            "range": list(RANGE), "maestro_trained": {key: [t[key] for t in trained] for key in ("params", "macs", "score")},
+            "range": list(RANGE),
+            "maestro_trained": {key: [t[key] for t in trained] for key in ("params", "macs", "score")},
             "tables": {axis: budget_table(families[axis], axis, metric) for axis in AXES},
             "gaps": gap_table(families, metric, MAESTRO), "costs": costs, "same_ranks": pairs, "families": families,
             "cells": [{name: str(path) for name, path in s["cells"].items()} for s in per_seed]}
@@ -234,7 +236,8 @@ def run_fronts(out: str | Path | None = None, *, tasks: list[str] | None = None,
     are reused unless ``force``; an interrupted cell continues from its checkpoint. The searches
     and evaluations run on ``threads`` threads. ``fronts.json``, ``fronts.md`` and ``fronts.png``
     are rewritten after every task; they keep the tasks an earlier call wrote there and this one
-    did not run (each task records its seeds and date), so tasks can be run one call at a time. An unknown task, ``seeds < 1`` or ``epochs < 1`` is a one-line
+    did not run (each task records its seeds and date), so tasks can be run one call at a time.
+    An unknown task, ``seeds < 1`` or ``epochs < 1`` is a one-line
     :class:`UsageError` before anything is trained."""
     unknown = sorted(set(tasks or ()) - {t.name for t in TASKS})
     if unknown:

@@ -77,7 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--suite", choices=sorted([*SUITES, "fronts"]), default="quick",
                         help=f"quick, cpu, paper: methods x tasks x seeds; fronts: MAESTRO's one-run front against "
                              f"dense + SVD, Pufferfish and separately trained models on "
-                             f"{', '.join(t.name for t in TASKS)}, 3 seeds ({DURATION})")
+                             f"{', '.join(t.name for t in TASKS)}, 3 seeds "
+                             f"({DURATION}; restrict with --tasks and --seeds)")
     parser.add_argument("--out", metavar="DIR", help="directory of the cells and results (default runs/bench-SUITE)")
     parser.add_argument("--methods", type=split_names, metavar="NAMES", help=f"subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--tasks", type=split_names, metavar="NAMES", help="subset of the suite's tasks")
