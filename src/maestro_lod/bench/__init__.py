@@ -19,7 +19,11 @@ Suites (:mod:`~maestro_lod.bench.suites`):
 * ``cpu`` (3 seeds): the quick tasks, the four-convolution CNN ``cnn4`` on mnist5k and the
   character transformer on pydoc-text;
 * ``paper`` (3 seeds, needs a GPU and the CIFAR-10 / translation data): ResNet-18 and VGG-19 on
-  CIFAR-10 with the paper's recipe, the Transformer on the offline ``reverse`` task.
+  CIFAR-10 with the paper's recipe, the Transformer on the offline ``reverse`` task;
+* ``fronts`` (:mod:`~maestro_lod.bench.fronts`, 3 seeds): MAESTRO's one-run front against
+  dense + SVD, dense + whitened SVD, Pufferfish at three ranks and models trained separately at
+  three of the front's points, on LeNet-5, cnn4, the MLP and the character LM
+  (:func:`~maestro_lod.bench.fronts.run_fronts`).
 
 Sensitivity sweeps (:mod:`~maestro_lod.bench.sweep`): a grid such as ``lambda_gl=1e-4,1e-3`` ×
 ``eps_ps=1e-4,1e-3`` trains every point of the cartesian product (``epochs`` may be swept too, and
@@ -37,6 +41,7 @@ swept key), one line per value of the other keys, the dense model as a horizonta
 
 from .aggregate import aggregate, markdown
 from .cells import Cell, cell_config, is_finished, plan_cells, train_cell
+from .fronts import FrontsResult, run_fronts
 from .measure import measure
 from .plots import plot, plot_sweep
 from .run import BenchResult, run_bench
@@ -44,6 +49,6 @@ from .suites import SUITES, VARIANTS, Suite, Task
 from .sweep import SWEEP_KEYS, SWEEP_METHODS, applicable, grid_points, parse_sweep, point_label
 from .toml_writer import config_toml
 
-__all__ = ["run_bench", "BenchResult", "SUITES", "VARIANTS", "Suite", "Task", "SWEEP_KEYS", "SWEEP_METHODS",
-           "parse_sweep", "grid_points", "applicable", "point_label", "Cell", "cell_config", "plan_cells",
+__all__ = ["run_bench", "BenchResult", "run_fronts", "FrontsResult", "SUITES", "VARIANTS", "Suite", "Task",
+           "SWEEP_KEYS", "SWEEP_METHODS", "parse_sweep", "grid_points", "applicable", "point_label", "Cell", "cell_config", "plan_cells",
            "is_finished", "train_cell", "measure", "aggregate", "markdown", "plot", "plot_sweep", "config_toml"]

@@ -18,7 +18,11 @@ Suites:
 * ``cpu`` (3 seeds): the quick tasks, the four-convolution CNN ``cnn4`` on mnist5k and the
   character transformer on pydoc-text;
 * ``paper`` (3 seeds, needs a GPU and the CIFAR-10 / translation data): ResNet-18 and VGG-19 on
-  CIFAR-10 with the paper's recipe, the Transformer on the offline ``reverse`` task.
+  CIFAR-10 with the paper's recipe, the Transformer on the offline ``reverse`` task;
+* ``fronts`` (3 seeds): MAESTRO's one-run front against dense + SVD, dense + whitened SVD,
+  Pufferfish at three ranks and models trained separately at three of the front's points, by
+  exported parameters and MACs (:mod:`maestro_lod.bench.fronts`); ``OUT`` receives ``fronts.json``,
+  ``fronts.md`` and ``fronts.png``.
 
 ``--epochs N`` caps every task's epochs (a tiny budget for a smoke test); ``--methods``,
 ``--tasks`` and ``--seeds`` select cells.
@@ -41,12 +45,22 @@ from __future__ import annotations
 
 import argparse
 
-from ..bench import SUITES, SWEEP_KEYS, VARIANTS, parse_sweep, run_bench
+from ..bench import SUITES, SWEEP_KEYS, VARIANTS, parse_sweep, run_bench, run_fronts
+from ..bench.fronts import DURATION, TASKS
 from ..bench.sweep import split_names
+from ..errors import UsageError
 
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``maestro-lod bench``."""
+    if args.suite == "fronts":
+        if args.methods or args.sweep:
+            raise UsageError("--suite fronts trains its own families: --methods and --sweep do not apply")
+        fronts = run_fronts(args.out, tasks=args.tasks, seeds=args.seeds, epochs=args.epochs, force=args.force,
+                            say=print)
+        print(fronts.table)
+        print("results: " + ", ".join(map(str, fronts.files)))
+        return 0
     result = run_bench(args.suite, args.out, methods=args.methods, tasks=args.tasks, seeds=args.seeds,
                        epochs=args.epochs, repeats=args.repeats, grid=parse_sweep(args.sweep or []),
                        force=args.force, say=print)
@@ -60,7 +74,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bench`` sub-command."""
     parser = subparsers.add_parser("bench", help="compare MAESTRO with ablations and baselines on a suite of tasks",
                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    parser.add_argument("--suite", choices=sorted([*SUITES, "fronts"]), default="quick",
+                        help=f"quick, cpu, paper: methods x tasks x seeds; fronts: MAESTRO's one-run front against "
+                             f"dense + SVD, Pufferfish and separately trained models on "
+                             f"{', '.join(t.name for t in TASKS)}, 3 seeds "
+                             f"({DURATION}; restrict with --tasks and --seeds)")
     parser.add_argument("--out", metavar="DIR", help="directory of the cells and results (default runs/bench-SUITE)")
     parser.add_argument("--methods", type=split_names, metavar="NAMES", help=f"subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--tasks", type=split_names, metavar="NAMES", help="subset of the suite's tasks")

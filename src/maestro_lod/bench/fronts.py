@@ -1,0 +1,281 @@
+"""The ``fronts`` suite: MAESTRO's one-run front against the ways of getting models of several
+sizes without it, per task and seed, on the same axes (exported parameters, exported MACs), the
+same calibration set and the same validation data.
+
+Families (the trainings of one task and seed share the recipe, epochs and seed):
+
+* **MAESTRO**: one MAESTRO run (the task's recipe); its trained factor pairs re-factorised by SVD
+  (:func:`~maestro_lod.canonicalize_`), then the lazy greedy front by parameters, and a second
+  search by MACs;
+* **dense + SVD** and **dense + whitened SVD**: one dense run, factorised at full rank by SVD, or
+  by whitened SVD on the calibration set, and the same two searches;
+* **Pufferfish**: three runs (``method="pufferfish"``) at ``rank_ratio`` ½, ¼ and ⅛;
+* **separately trained**: three runs at fixed ranks, those of three points of MAESTRO's
+  parameter front (the largest within 0.7, 0.4 and 0.2 × the trained model's parameters),
+  each a freshly initialised model factorised by SVD at those ranks and trained plainly (method
+  ``maestro-full`` with λ_gl = ε_ps = 0: every step at all ranks, no regulariser, nothing cut).
+
+Every training is an ordinary cell (:mod:`~maestro_lod.bench.cells`) in
+``OUT/<task>/<cell>/seed<k>``, resumed or skipped like the other suites' cells; every front and
+every trained model's measurement is computed once and cached in
+``OUT/<task>/curves/seed<k>/<curve>.json`` (:mod:`~maestro_lod.bench.front_curves`). ``OUT``
+receives ``fronts.json`` (every curve, table and cost, the machine and torch version),
+``fronts.md`` (:func:`~maestro_lod.bench.front_tables.markdown`) and ``fronts.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from ..files import write_json_atomic, write_text_atomic
+from ..runs.directory import SUMMARY_FILE
+from ..runs.presets import preset
+from .cells import Cell, cell_config, is_finished, train_cell
+from .front_curves import cell_point, front_curve
+from .front_plots import plot_fronts
+from .front_tables import AXES, BUDGETS, RANGE, budget_table, gap_table, markdown, normalised
+from .suites import SUITES, Task
+
+ANNEAL = {"schedule": "multistep", "milestones": [0.9], "gamma": 0.1}
+RECIPE = {**ANNEAL, "sampler": "independent", "threads": 1}
+"""What the ``lenet5-mnist5k`` preset's recipe changed (the final ×0.1 phase, the independent
+sampler), applied to the tasks without a preset; one thread per training everywhere."""
+_CPU = {task.name: task for task in SUITES["cpu"].tasks}
+TASKS: tuple[Task, ...] = (
+    Task("lenet5-mnist5k", {**preset("lenet5-mnist5k"), "threads": 1}),
+    Task("cnn4-mnist5k", {**_CPU["cnn4-mnist5k"].options, **RECIPE}),
+    Task("mlp-digits", {**_CPU["mlp-digits"].options, **RECIPE}),
+    Task("char-lm-pydoc", {**preset("char-lm-pydoc"), "epochs": 2, "sampler": "independent", "threads": 1},
+         metric="perplexity"),
+)
+SEEDS = 3
+DURATION = ("on 2 CPU cores, one training at a time: LeNet-5 about 6 minutes per seed, the MLP under 1, cnn4 and "
+            "the character LM 1.5-2 hours each per seed, mostly their greedy searches on 2,048 calibration samples; "
+            "about 10 hours for the default 4 tasks x 3 seeds")
+"""How long the default tasks and seeds take (measured for LeNet-5 and the MLP; for cnn4 and the
+character LM estimated from their training times and the first cnn4 search)."""
+
+PUFFERFISH = (0.5, 0.25, 0.125)
+SEPARATE = (0.7, 0.4, 0.2)
+"""The separately trained models' budgets, as shares of MAESTRO's trained model's parameters."""
+MAESTRO, DENSE_SVD, DENSE_WHITENED, PUFFER, SEPARATELY = (
+    "MAESTRO", "dense + SVD", "dense + whitened SVD", "Pufferfish", "separately trained")
+FAMILIES = (MAESTRO, DENSE_SVD, DENSE_WHITENED, PUFFER, SEPARATELY)
+FRONTS = {"maestro": ("maestro", "canonical"), "dense-svd": ("dense", "svd"), "dense-whitened": ("dense", "whitened")}
+"""Front curve → (the cell it is searched on, how the model is prepared); each by both axes."""
+FRONT_FAMILIES = {MAESTRO: "maestro", DENSE_SVD: "dense-svd", DENSE_WHITENED: "dense-whitened"}
+RESULTS_FILE, TABLE_FILE, PLOT_FILE = "fronts.json", "fronts.md", "fronts.png"
+
+
+def pufferfish_cell(ratio: float) -> str:
+    return f"pufferfish-{ratio:g}"
+
+
+def separate_cell(index: int) -> str:
+    return f"separate-{index}"
+
+
+FAMILY_CELLS = {MAESTRO: ["maestro"], DENSE_SVD: ["dense"], DENSE_WHITENED: ["dense"],
+                PUFFER: [pufferfish_cell(r) for r in PUFFERFISH],
+                SEPARATELY: [separate_cell(i) for i in range(1, len(SEPARATE) + 1)]}
+"""The trainings each family's cost is the sum of (the two dense families share one)."""
+
+
+@dataclass
+class FrontsResult:
+    """What :func:`run_fronts` did and wrote: the cells trained and the curves computed by this
+    call (empty when everything was cached), one summary per task it ran, and the Markdown of
+    ``fronts.md`` (every task reported in ``out``)."""
+
+    out: Path
+    trained: list[Path] = field(default_factory=list)
+    computed: list[Path] = field(default_factory=list)
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    table: str = ""
+
+    @property
+    def files(self) -> tuple[Path, Path, Path]:
+        """``fronts.json``, ``fronts.md`` and ``fronts.png``."""
+        return self.out / RESULTS_FILE, self.out / TABLE_FILE, self.out / PLOT_FILE
+
+
+def separate_ranks(curve: dict[str, Any]) -> list[dict[str, int]]:
+    """The rank patterns of the separately trained models: per share of :data:`SEPARATE`, the
+    point of MAESTRO's parameter front that cutting its trained model to that share of its
+    parameters reaches (the largest point within the share; the cheapest point if none is)."""
+    points = curve["points"]
+    trained = points[0]["params"]
+    patterns = []
+    for share in SEPARATE:
+        feasible = [p for p in points if p["params"] <= share * trained] or [min(points, key=lambda p: p["params"])]
+        patterns.append(dict(max(feasible, key=lambda p: p["params"])["ranks"]))
+    return patterns
+
+
+class _Runner:
+    """Trains and measures one task's cells and curves, in order, skipping what is done."""
+
+    def __init__(self, out: Path, epochs: int | None, force: bool, say: Callable[..., None], result: FrontsResult):
+        self.out, self.epochs, self.force, self.say, self.result = out, epochs, force, say, result
+        self.number = 0
+
+    def cell(self, task: Task, name: str, method: str, seed: int, total: int,
+             options: dict[str, Any] | None = None) -> Cell:
+        directory = self.out / task.name / name / f"seed{seed}"
+        config = cell_config(task, method, seed, self.epochs, options)
+        cell = Cell(task, name, seed, config, directory, dict(options or {}))
+        self.number += 1
+        done = is_finished(cell) and not self.force
+        self.say(f"[{self.number}/{total}] {task.name} {name} seed {seed}{' (done)' if done else ''}", flush=True)
+        if not done:
+            train_cell(cell, self.force, self.say)
+            self.result.trained.append(directory)
+        return cell
+
+    def curve_path(self, task: Task, seed: int, name: str) -> Path:
+        """A curve's cache (a cell trained again, with ``force`` too, invalidates its curves)."""
+        return self.out / task.name / "curves" / f"seed{seed}" / f"{name}.json"
+
+    def seed(self, task: Task, seed: int, total: int) -> dict[str, Any]:
+        """Every cell and curve of one seed: {"curves": {name: curve}, "cells": {name: directory}}."""
+        curves: dict[str, dict[str, Any]] = {}
+        cells: dict[str, Path] = {}
+        computed = self.result.computed
+        for source in ("maestro", "dense"):
+            cells[source] = self.cell(task, source, source, seed, total).directory
+            for name, (cell, how) in FRONTS.items():
+                if cell == source:
+                    for cost in AXES:
+                        path = self.curve_path(task, seed, f"{name}-{cost}")
+                        curves[f"{name}-{cost}"] = front_curve(cells[source], path, how, cost, self.say, computed)
+        for ratio in PUFFERFISH:
+            name = pufferfish_cell(ratio)
+            cells[name] = self.cell(task, name, "pufferfish", seed, total, {"rank_ratio": ratio}).directory
+            curves[name] = cell_point(cells[name], self.curve_path(task, seed, name), computed)
+        factorize = dict(task.options.get("factorize", {}))
+        for index, ranks in enumerate(separate_ranks(curves["maestro-params"]), start=1):
+            name = separate_cell(index)
+            options = {"lambda_gl": 0.0, "eps_ps": 0.0, "factorize": {**factorize, "rank_pattern": ranks}}
+            cells[name] = self.cell(task, name, "maestro-full", seed, total, options).directory
+            curves[name] = cell_point(cells[name], self.curve_path(task, seed, name), computed)
+            if curves[name]["points"][0]["ranks"] != ranks:
+                raise UsageError(f"{cells[name]} trained at ranks {curves[name]['points'][0]['ranks']}, not {ranks}")
+        return {"curves": curves, "cells": cells}
+
+
+def family_points(curves: dict[str, dict[str, Any]], family: str, axis: str, metric: str) -> list[dict[str, float]]:
+    """One seed's models of ``family`` for the curve on ``axis``, as fractions of the dense costs."""
+    if family in FRONT_FAMILIES:
+        return normalised(curves[f"{FRONT_FAMILIES[family]}-{axis}"], metric)
+    return [p for name in FAMILY_CELLS[family] for p in normalised(curves[name], metric)]
+
+
+def summarise(task: Task, seeds: list[int], per_seed: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
+    """The task's tables, gaps and costs from every seed's curves and cells."""
+    metric = task.metric
+    families = {axis: {f: [family_points(s["curves"], f, axis, metric) for s in per_seed] for f in FAMILIES}
+                for axis in AXES}
+    trained = [normalised(s["curves"]["maestro-params"], metric)[0] for s in per_seed]
+    costs = []
+    for family in FAMILIES:
+        summaries = [[_summary(s["cells"][name]) for name in FAMILY_CELLS[family]] for s in per_seed]
+        searches = [f"{FRONT_FAMILIES[family]}-{axis}" for axis in AXES] if family in FRONT_FAMILIES else []
+        costs.append({"family": family, "trainings": len(FAMILY_CELLS[family]),
+                      "train_time": [sum(x["train_time"] for x in seed) for seed in summaries],
+                      "train_macs": [sum(x["train_macs"] for x in seed) for seed in summaries],
+                      "search_time": [sum(s["curves"][name]["seconds"] for name in searches) for s in per_seed]})
+    pairs = []
+    for index in range(1, len(SEPARATE) + 1):
+        name, seeds_pairs = separate_cell(index), []
+        for s in per_seed:
+            (alone,) = normalised(s["curves"][name], metric)
+            ranks = s["curves"][name]["points"][0]["ranks"]
+            point = next(p for p in s["curves"]["maestro-params"]["points"] if p["ranks"] == ranks)
+            seeds_pairs.append({"params": alone["params"], "macs": alone["macs"], "separate": alone["score"],
+                                "maestro": point[metric], "ranks": ranks})
+        pairs.append({"share": SEPARATE[index - 1], "seeds": seeds_pairs})
+    return {"task": task.name, "metric": metric, "epochs": epochs, "seeds": seeds, "budgets": list(BUDGETS),
+            "range": list(RANGE),
+            "maestro_trained": {key: [t[key] for t in trained] for key in ("params", "macs", "score")},
+            "tables": {axis: budget_table(families[axis], axis, metric) for axis in AXES},
+            "gaps": gap_table(families, metric, MAESTRO), "costs": costs, "same_ranks": pairs, "families": families,
+            "cells": [{name: str(path) for name, path in s["cells"].items()} for s in per_seed]}
+
+
+def _summary(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / SUMMARY_FILE).read_text())
+
+
+def _earlier_tasks(path: Path) -> dict[str, dict[str, Any]]:
+    """The tasks of an earlier ``fronts.json`` in ``path`` by name (none if it cannot be read)."""
+    try:
+        tasks = json.loads(path.read_text()).get("tasks", [])
+        return {t["task"]: t for t in tasks if isinstance(t, dict) and "task" in t}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def run_fronts(out: str | Path | None = None, *, tasks: list[str] | None = None, seeds: int | None = None,
+               epochs: int | None = None, force: bool = False, say: Callable[..., None] = print,
+               threads: int = 1) -> FrontsResult:
+    """Train and compare the ``fronts`` suite's families in ``out`` (default ``runs/bench-fronts``),
+    as ``maestro-lod bench --suite fronts`` does.
+
+    ``tasks`` selects tasks of :data:`TASKS` (default: all), ``seeds`` runs seeds 0..seeds-1
+    (default :data:`SEEDS`), ``epochs`` caps every task's epochs. Finished cells and cached curves
+    are reused unless ``force``; an interrupted cell continues from its checkpoint. The searches
+    and evaluations run on ``threads`` threads. ``fronts.json``, ``fronts.md`` and ``fronts.png``
+    are rewritten after every task; they keep the tasks an earlier call wrote there and this one
+    did not run (each task records its seeds and date), so tasks can be run one call at a time.
+    An unknown task, ``seeds < 1`` or ``epochs < 1`` is a one-line
+    :class:`UsageError` before anything is trained."""
+    unknown = sorted(set(tasks or ()) - {t.name for t in TASKS})
+    if unknown:
+        raise UsageError(f"unknown task(s) for suite 'fronts': {', '.join(unknown)}; "
+                         f"choose from {', '.join(t.name for t in TASKS)}")
+    if epochs is not None and epochs < 1:
+        raise UsageError(f"--epochs {epochs} must be at least 1")
+    if seeds is not None and seeds < 1:
+        raise UsageError(f"--seeds {seeds} must be at least 1")
+    selected = [t for t in TASKS if tasks is None or t.name in tasks]
+    seed_list = list(range(seeds if seeds is not None else SEEDS))
+    out = Path(out or "runs/bench-fronts")
+    result = FrontsResult(out)
+    runner = _Runner(out, epochs, force, say, result)
+    total = len(selected) * len(seed_list) * (2 + len(PUFFERFISH) + len(SEPARATE))
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "torch": torch.__version__}
+    reported = _earlier_tasks(out / RESULTS_FILE)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for task in selected:
+            started = time.perf_counter()
+            per_seed = [runner.seed(task, seed, total) for seed in seed_list]
+            task_epochs = cell_config(task, "maestro", 0, epochs).epochs
+            summary = summarise(task, seed_list, per_seed, task_epochs)
+            summary["seconds"] = time.perf_counter() - started
+            summary["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            result.tasks.append(summary)
+            reported[task.name] = summary
+            torch.set_num_threads(threads)  # a training may have set its own
+            order = {t.name: i for i, t in enumerate(TASKS)}
+            shown = sorted(reported.values(), key=lambda t: order.get(t["task"], len(order)))
+            result.table = "\n".join(markdown(t) for t in shown)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out / RESULTS_FILE, {"suite": "fronts", "machine": machine, "tasks": shown})
+            write_text_atomic(out / TABLE_FILE, result.table)
+            plot_fronts(shown, out / PLOT_FILE)
+    finally:
+        torch.set_num_threads(previous)
+    return result
