@@ -1,5 +1,6 @@
 """The trainer as a whole: divergence, callbacks on a dense run, and MAESTRO end to end on real digits."""
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,8 @@ from torch import nn
 import maestro_lod as ml
 from maestro_lod.data import load_data
 from maestro_lod.models import build_model
-from maestro_lod.training import Callback, TrainConfig, Trainer, TrainingDiverged, fit
+from maestro_lod.training import (Callback, TrainConfig, Trainer, TrainingDiverged, fit, load_checkpoint,
+                                  save_checkpoint)
 
 
 class _ExplodeAfter(nn.Module):
@@ -78,3 +80,24 @@ def test_maestro_on_mnist5k_shrinks_ranks_and_keeps_accuracy():
     ranks = [r["total_rank"] for r in result.history]
     assert ranks == sorted(ranks, reverse=True)
     assert all(math.isfinite(r["train_loss"]) for r in result.history)
+
+
+def test_a_run_with_whitened_init_factorises_on_training_samples_exactly_and_resumes(tmp_path):
+    """init="whitened" in a run: the factors come from the training inputs each layer sees (not
+    plain SVD's), the factorised model computes what the dense one did, and a checkpoint of it
+    loads back into a fresh trainer."""
+    data = load_data("digits", augment=False)
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    reference, plain = copy.deepcopy(dense), ml.factorize(copy.deepcopy(dense))
+    config = TrainConfig.from_dict({"model": "mlp", "data": "digits", "epochs": 1, "reference": "none",
+                                    "factorize": {"init": "whitened"}})
+    trainer = Trainer(dense, data.train, data.val, config)
+    x = torch.stack([data.val[i][0] for i in range(16)])
+    assert trainer.factorized and torch.allclose(trainer.model(x), reference(x), atol=1e-5)
+    assert not torch.allclose(trainer.model[1].up, plain[1].up, atol=1e-3)  # not plain SVD's factors
+    trainer.train_epoch()
+    save_checkpoint(tmp_path / "c.safetensors", trainer.state_dict())
+    again = Trainer(copy.deepcopy(reference), data.train, data.val, config)
+    again.load_state_dict(load_checkpoint(tmp_path / "c.safetensors"))
+    assert torch.equal(again.model(x), trainer.model(x))

@@ -43,6 +43,10 @@ from .records import EpochRecord, EpochTotals, RunSummary, StepStats
 from .rng import capture_rng, derive_seed, restore_rng, seed_everything
 from .steps import Step
 from ..engine.passes import forward
+from ..engine.search import calibration_batches
+
+WHITENING_SAMPLES = 512
+"""Training samples that measure each layer's inputs for ``factorize.init = "whitened"``."""
 
 SAMPLER_SEED_OFFSET = 7919
 """The sampler's generator is seeded with ``seed + SAMPLER_SEED_OFFSET`` so it draws a different
@@ -230,11 +234,22 @@ class Trainer:
         """The scope of forward passes: :attr:`precision`'s (a no-op in float32)."""
         return self.precision.autocast()
 
+    def _whitening_batches(self) -> list:
+        """The training samples on which ``init="whitened"`` measures each layer's inputs:
+        :data:`WHITENING_SAMPLES` drawn with the run's seed (the global random state is left as it
+        was, so every process draws the same ones), on the model's device."""
+        device = next(self.model.parameters()).device
+        move = lambda x: tuple(v.to(device) for v in x) if isinstance(x, (tuple, list)) else x.to(device)  # noqa: E731
+        return [(move(inputs), targets) for inputs, targets in
+                calibration_batches(self.train_data, WHITENING_SAMPLES, WHITENING_SAMPLES, seed=self.config.seed)]
+
     def factorize_model(self, config: FactorizeConfig | None = None) -> None:
         """Replace the model by its factorised form (``config``: the run's ``factorize`` table by
         default). Once training has begun, a fresh optimiser takes over and continues the LR schedule."""
         self._close_step()
-        self.model = factorize(self.model, config or self.config.factorize_config())
+        config = config or self.config.factorize_config()
+        calibration = self._whitening_batches() if config.init == "whitened" else None
+        self.model = factorize(self.model, config, calibration=calibration)
         self.distributed.broadcast_module(self.model)
         self.state.initial_ranks = rank_pattern(self.model)
         if self.optimizer is not None:
@@ -421,8 +436,9 @@ class Trainer:
             raise CheckpointError(f"{source} was written with a different config (differs in: {', '.join(changed)})")
         self._close_step()
         self.method.load_state_dict(state.get("method", {}))
-        if state.get("factorized") is True and not self.factorized:
-            self.model = factorize(self.model, self.method.factorize_config(self))
+        if state.get("factorized") is True and not self.factorized:  # the checkpoint's factors replace these
+            shapes_only = FactorizeConfig.from_dict({**self.method.factorize_config(self).to_dict(), "init": "svd"})
+            self.model = factorize(self.model, shapes_only)
         check_trainer_state(state, self.model, self.config.epochs, where=source)
         self.model.load_state_dict(state["model"])
         self.optimizer = build_optimizer(self.model, self.config)
