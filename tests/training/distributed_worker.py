@@ -69,10 +69,9 @@ def main(spec_path):
     try:
         for _ in range(trainer.config.epochs):
             record.on_epoch_end(trainer, trainer.train_epoch())
-    except DistributedError as exc:  # as maestro-lod train does: one line, the process group closed, exit 2
-        print(f"maestro-lod: {exc}", file=sys.stderr, flush=True)
-        trainer.distributed.close()
-        sys.exit(2)
+    except DistributedError as exc:  # as maestro-lod train does: one line, then exit 2 without tearing the
+        print(f"maestro-lod: {exc}", file=sys.stderr, flush=True)  # broken process group down
+        os._exit(2)
     trainer.close()
     if spec.get("save") and trainer.distributed.is_main:
         save_checkpoint(spec["save"], trainer.state_dict())

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,7 @@ def _run(args: argparse.Namespace) -> int:
                 warn(note)
         claim = claim_output(config, out, args.force) if main else Claim(RunLock(out or Path(".")), config)
     files = RunDirectory(claim.directory)
+    failure = None
     with claim.lock if main else contextlib.nullcontext():
         distributed = Distributed()
         try:
@@ -296,7 +298,13 @@ def _run(args: argparse.Namespace) -> int:
             print(f"maestro-lod: {_interrupted(claim, files)}", file=sys.stderr)
             return exit_code(interruption)
         except DistributedError as exc:
-            raise UsageError(f"{exc}; " + (f"the last checkpoint (epoch {files.saved_epoch}) is kept in "
-                                           f"{claim.directory}" if files.saved_epoch else "no checkpoint was written")) from None
+            failure = f"{exc}; " + (f"the last checkpoint (epoch {files.saved_epoch}) is kept in {claim.directory}"
+                                    if files.saved_epoch else "no checkpoint was written")
         finally:
-            distributed.close()
+            if failure is None:
+                distributed.close()
+    # A peer process died: the process group cannot be torn down (its threads would abort the
+    # interpreter at exit), so once the run directory is released the process ends here.
+    print(f"maestro-lod: error: {failure}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
