@@ -171,7 +171,7 @@ def compress(model: nn.Module, calibration: Iterable, validation: Iterable | Non
              init: str = "whitened", order: str = "svd", loss: Loss | None = None,
              targets: Sequence[tuple[str, float]] = (), out: str | Path | None = None, step: float = 0.25,
              formats: Sequence[str] = FORMATS, family: bool = True, force: bool = False, latency_batch: int = 32,
-             data: TaskData | None = None) -> CompressedFront:
+             data: TaskData | None = None, search: str = "lazy") -> CompressedFront:
     """The accuracy–cost front of ``model`` (left unchanged), as a :class:`CompressedFront`.
 
     ``calibration``: the batches that score each removal (and recompute BatchNorm statistics, and
@@ -180,7 +180,9 @@ def compress(model: nn.Module, calibration: Iterable, validation: Iterable | Non
     batch forms and ``loss``. A dense model is factorised at full rank with ``init`` ("whitened"
     or "svd"); a factorised one has its ranks ordered by ``order`` ("svd", "whitened" or
     "trained"). ``cost``: what a removal saves ("macs", "params", "latency"); ``step``: the
-    fraction of a layer's rank removed per try.
+    fraction of a layer's rank removed per try; ``search``: "lazy" (default), "exhaustive" or
+    "allocate" (:func:`~maestro_lod.engine.search.greedy_front`). The whole front is searched, down
+    to every layer's smallest rank, so that any budget can be selected from it afterwards.
 
     With ``out``, everything ``maestro-lod compress`` writes goes there: ``front.json``,
     ``front.png``, ``family.safetensors`` (unless ``family=False``) and a folder of ``formats``
@@ -215,10 +217,11 @@ def compress(model: nn.Module, calibration: Iterable, validation: Iterable | Non
     if out is not None:
         result = compress_model(work, batches, val, out, checks=checks, targets=targets, cost=cost, step=step,
                                 formats=formats, latency_batch=latency_batch, family=family, force=force,
-                                architecture=architecture, kind=kind, metadata=info, loss=loss, data=data)
+                                architecture=architecture, kind=kind, metadata=info, loss=loss, data=data,
+                                search=search, full_front=True)
         front = result.front
     else:
-        front = greedy_front(work, batches, cost, step, kind=kind, loss=loss)
+        front = greedy_front(work, batches, cost, step, kind=kind, loss=loss, search=search)
         if val is not None:
             evaluate_front(front, work, val, batches, loss=loss)
         front.metadata = {**info, "torch": torch.__version__}
