@@ -24,13 +24,7 @@ ATOL, RTOL = 1e-5, 1e-4
 RANDOM = FactorizeConfig(init="random", seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are small: on a shared machine more threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # these models are small: more threads only wait for each other
 
 
 def _halved(model: torch.nn.Module) -> torch.nn.Module:

@@ -18,12 +18,7 @@ ATOL, RTOL = 1e-5, 1e-4
 RANDOM = ml.FactorizeConfig(init="random", seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # these models are small: more threads only wait for each other
 
 
 def _halved(model: nn.Module, config: ml.FactorizeConfig | None = None) -> nn.Module:
