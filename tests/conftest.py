@@ -6,6 +6,7 @@ from torch import nn
 
 from maestro_lod.data import load_data
 from maestro_lod.inject import LAYER_HANDLERS
+from maestro_lod.training import TrainConfig
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -89,3 +90,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+ONE_STEP_LR = 0.5
+"""The learning rate of :func:`one_step_config`: large, so one SGD step moves every parameter visibly."""
+
+
+def digits_mlp() -> nn.Module:
+    """A small MLP for the 8×8 digits, with the same initial weights every call."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def one_step_config(**changes):
+    """A TrainConfig whose step can be written out by hand: plain SGD at :data:`ONE_STEP_LR`, no
+    group lasso or shrinking, no augmentation, a constant rate and the paper's single-layer sampler."""
+    options = dict(epochs=1, batch_size=64, lr=ONE_STEP_LR, momentum=0.0, lambda_gl=0.0, eps_ps=0.0, augment=False,
+                   schedule="constant", sampler="single")
+    return TrainConfig.from_dict({**options, **changes})

@@ -12,25 +12,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SmallConvNet
+from conftest import ONE_STEP_LR, SmallConvNet, digits_mlp, one_step_config
 from torch import nn
 from torch.utils.data import Subset
 
 import maestro_lod as ml
 from maestro_lod.training import TrainConfig, Trainer
 
-LR = 0.5
+LR = ONE_STEP_LR
 
 
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 10))
-
-
-def _one_step_config(**changes) -> TrainConfig:
-    options = dict(epochs=1, batch_size=64, lr=LR, momentum=0.0, lambda_gl=0.0, eps_ps=0.0, augment=False,
-                   schedule="constant", sampler="single")
-    return TrainConfig.from_dict({**options, **changes})
 
 
 def _lowering_seed(model: nn.Module) -> int:
@@ -73,10 +64,10 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("reuse", ["auto", "off"])
 def test_a_step_is_the_full_pass_plus_one_lower_rank_sub_model_distilled_from_it(digits, reuse):
     data = Subset(digits.train, range(64))
-    model = ml.factorize(_mlp())
+    model = ml.factorize(digits_mlp())
     seed = _lowering_seed(model)
     expected = _expected_maestro_gradients(model, ml.SingleLayerSampler(seed), *_batch(data))
-    trainer = Trainer(model, data, data, _one_step_config(reuse_prefix=reuse), sampler=ml.SingleLayerSampler(seed))
+    trainer = Trainer(model, data, data, one_step_config(reuse_prefix=reuse), sampler=ml.SingleLayerSampler(seed))
     lowered = []
     for _, layer in ml.low_rank_layers(trainer.model):
         layer.register_forward_pre_hook(lambda module, args: lowered.append(module.effective_rank < module.rank))
@@ -89,10 +80,10 @@ def test_a_step_is_the_full_pass_plus_one_lower_rank_sub_model_distilled_from_it
 
 def test_group_lasso_gradient_is_added_after_unscaling_the_mixed_precision_gradients(digits):
     data = Subset(digits.train, range(64))
-    model = ml.factorize(_mlp())
+    model = ml.factorize(digits_mlp())
     seed = _lowering_seed(model)
     expected = _expected_maestro_gradients(model, ml.SingleLayerSampler(seed), *_batch(data), lambda_gl=0.05)
-    trainer = Trainer(model, data, data, _one_step_config(lambda_gl=0.05), sampler=ml.SingleLayerSampler(seed))
+    trainer = Trainer(model, data, data, one_step_config(lambda_gl=0.05), sampler=ml.SingleLayerSampler(seed))
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)  # the AMP path, on the CPU
     before = _snapshot(trainer.model)
     trainer.train_epoch()
@@ -103,7 +94,7 @@ def test_group_lasso_gradient_is_added_after_unscaling_the_mixed_precision_gradi
 def test_gradient_clipping_bounds_the_whole_update(digits):
     data = Subset(digits.train, range(64))
     clip = 1e-3
-    trainer = Trainer(ml.factorize(_mlp()), data, data, _one_step_config(lambda_gl=0.05, grad_clip=clip))
+    trainer = Trainer(ml.factorize(digits_mlp()), data, data, one_step_config(lambda_gl=0.05, grad_clip=clip))
     before = _snapshot(trainer.model)
     trainer.train_epoch()
     norm = torch.linalg.vector_norm(torch.cat([d.flatten() for d in _update(before, trainer.model).values()]))
@@ -145,7 +136,7 @@ def test_shrinking_cuts_at_the_first_tail_importance_not_the_first_small_rank():
 
 def test_the_trainer_shrinks_every_layer_whose_tail_importance_is_below_eps(digits):
     data = Subset(digits.train, range(64))
-    trainer = Trainer(ml.factorize(_mlp()), data, data, _one_step_config(eps_ps=1e6))
+    trainer = Trainer(ml.factorize(digits_mlp()), data, data, one_step_config(eps_ps=1e6))
     trainer.train_epoch()
     assert set(ml.rank_pattern(trainer.model).values()) == {1}  # everything down to min_rank
 
@@ -173,10 +164,10 @@ class _LSTMNet(nn.Module):
         return self.head(self.lstm(x.flatten(1).reshape(-1, 8, 8))[0][:, -1])
 
 
-@pytest.mark.parametrize("model, reused", [(_FunctionalDropoutNet, False), (_LSTMNet, False), (_mlp, True)])
+@pytest.mark.parametrize("model, reused", [(_FunctionalDropoutNet, False), (_LSTMNet, False), (digits_mlp, True)])
 def test_prefix_reuse_is_used_only_for_models_that_run_deterministically(digits, model, reused):
     data = Subset(digits.train, range(64))
-    trainer = Trainer(ml.factorize(model()), data, data, _one_step_config())
+    trainer = Trainer(ml.factorize(model()), data, data, one_step_config())
     state = torch.get_rng_state()
     step = trainer.method.build_step(trainer)
     assert (step.reuse is not None) == reused
@@ -187,9 +178,9 @@ def test_prefix_reuse_is_used_only_for_models_that_run_deterministically(digits,
 
 def test_a_layer_at_rank_zero_trains_and_outputs_its_bias(digits):
     data = Subset(digits.train, range(64))
-    model = ml.factorize(_mlp())
+    model = ml.factorize(digits_mlp())
     ml.truncate_(model, {"3": 0})
-    trainer = Trainer(model, data, data, _one_step_config(lambda_gl=1e-3))
+    trainer = Trainer(model, data, data, one_step_config(lambda_gl=1e-3))
     trainer.train_epoch()
     layer = dict(ml.low_rank_layers(trainer.model))["3"]
     assert layer.rank == 0 and torch.isfinite(torch.tensor(trainer.history[-1].train_loss))

@@ -13,27 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from conftest import ONE_STEP_LR, digits_mlp, one_step_config
 from torch.utils.data import DataLoader, Subset
 
 import maestro_lod as ml
-from maestro_lod.training import TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from maestro_lod.training import Trainer, load_checkpoint, save_checkpoint
 from maestro_lod.training.distributed import DataParallel, Distributed, GlobalBatchSampler, Shard
 from maestro_lod.training.precision import (AutocastPrecision, Precision, ScaledPrecision, build_precision,
                                             float16_mixed)
 
-LR = 0.5
+LR = ONE_STEP_LR
 SCALE = 2.0 ** 12
 
 
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 10))
-
-
-def _config(**changes) -> TrainConfig:
-    options = dict(epochs=1, batch_size=64, lr=LR, momentum=0.0, lambda_gl=0.0, eps_ps=0.0, augment=False,
-                   schedule="constant", sampler="single")
-    return TrainConfig.from_dict({**options, **changes})
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -67,7 +59,7 @@ def test_the_single_process_changes_nothing(digits):
             assert torch.equal(x, px) and torch.equal(y, py)
     assert one.global_items(loader, 3, 17) == 17
 
-    model = _mlp()
+    model = digits_mlp()
     model(torch.randn(4, 64)).sum().backward()
     before = _snapshot(model)
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -109,7 +101,7 @@ def test_float32_changes_nothing():
     with pytest.raises(ml.ConfigError, match="amp=true needs a CUDA device, but the run uses cpu"):
         build_precision(True, torch.device("cpu"))
     inputs, targets = torch.randn(8, 64), torch.randint(0, 10, (8,))
-    models = [_mlp(), _mlp()]
+    models = [digits_mlp(), digits_mlp()]
     optimizers = [torch.optim.SGD(m.parameters(), lr=LR) for m in models]
     F.cross_entropy(models[0](inputs), targets).backward()
     optimizers[0].step()
@@ -126,7 +118,7 @@ def test_float32_changes_nothing():
 
 
 def test_autocast_precisions_run_the_forward_passes_in_their_dtype():
-    model, inputs = _mlp(), torch.randn(4, 64)
+    model, inputs = digits_mlp(), torch.randn(4, 64)
     with AutocastPrecision("cpu").autocast():
         assert model(inputs).dtype == torch.bfloat16
     half = float16_mixed("cpu", torch.amp.GradScaler("cpu", init_scale=SCALE))
@@ -137,8 +129,8 @@ def test_autocast_precisions_run_the_forward_passes_in_their_dtype():
 
 def test_a_trainer_step_with_one_process_in_float32_is_a_plain_pytorch_step(digits):
     data = Subset(digits.train, range(64))
-    config = _config(method="dense")
-    trainer = Trainer(_mlp(), data, data, config, distributed=Distributed())
+    config = one_step_config(method="dense")
+    trainer = Trainer(digits_mlp(), data, data, config, distributed=Distributed())
     assert type(trainer.precision) is Precision and trainer.scaler is None
     model = copy.deepcopy(trainer.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.0)
@@ -155,7 +147,7 @@ def test_a_trainer_step_with_one_process_in_float32_is_a_plain_pytorch_step(digi
 # ---------------------------------------------------------------------- the gradient scaler
 def test_setting_a_scaler_wraps_the_forward_passes_of_the_precision(digits):
     data = Subset(digits.train, range(64))
-    trainer = Trainer(ml.factorize(_mlp()), data, data, _config())
+    trainer = Trainer(ml.factorize(digits_mlp()), data, data, one_step_config())
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
     trainer.scaler = scaler
     assert isinstance(trainer.precision, ScaledPrecision) and trainer.scaler is scaler
@@ -173,7 +165,7 @@ def test_the_scaled_gradients_are_unscaled_before_the_group_lasso_gradient_is_ad
     data = Subset(digits.train, range(64))
     updates = []
     for scaled in (False, True):
-        trainer = Trainer(ml.factorize(_mlp()), data, data, _config(lambda_gl=0.05),
+        trainer = Trainer(ml.factorize(digits_mlp()), data, data, one_step_config(lambda_gl=0.05),
                           sampler=ml.SingleLayerSampler(0))
         if scaled:
             precision = _scaled(trainer)
@@ -190,7 +182,7 @@ def test_the_scaled_gradients_are_unscaled_before_clipping(digits):
     the scaled gradient, then unscaling, would leave lr·clip / scale)."""
     data = Subset(digits.train, range(64))
     clip = 1e-3
-    trainer = Trainer(ml.factorize(_mlp()), data, data, _config(lambda_gl=0.05, grad_clip=clip))
+    trainer = Trainer(ml.factorize(digits_mlp()), data, data, one_step_config(lambda_gl=0.05, grad_clip=clip))
     _scaled(trainer)
     before = _snapshot(trainer.model)
     trainer.train_epoch()
@@ -200,10 +192,10 @@ def test_the_scaled_gradients_are_unscaled_before_clipping(digits):
 
 def test_the_scaler_state_continues_through_a_checkpoint(digits, tmp_path):
     data = Subset(digits.train, range(64))
-    config = _config(epochs=2, batch_size=16)
+    config = one_step_config(epochs=2, batch_size=16)
 
     def make(scaled: bool = True) -> Trainer:
-        trainer = Trainer(ml.factorize(_mlp()), data, data, config)
+        trainer = Trainer(ml.factorize(digits_mlp()), data, data, config)
         if scaled:  # the scale doubles after every step without overflow
             _scaled(trainer, growth_interval=1)
         return trainer

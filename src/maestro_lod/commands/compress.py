@@ -81,10 +81,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "by SVD or whitened SVD at their ranks (same outputs), or as trained (default svd)")
     own = parser.add_argument_group("a model of one's own (instead of RUN_DIR; local files only)")
     own.add_argument("--model-factory", metavar="MODULE:FUNCTION",
-                        help="function building the dense model, called without arguments (module:function or "
-                             "path/to/file.py:function)")
+                     help="function building the dense model, called without arguments (module:function or "
+                          "path/to/file.py:function)")
     own.add_argument("--torchvision", metavar="ARCH",
-                        help="a torchvision classifier (resnet18, mobilenet_v2, ...) with the dataset's classes")
+                     help="a torchvision classifier (resnet18, mobilenet_v2, ...) with the dataset's classes")
     own.add_argument("--weights", metavar="FILE", help="its state dict, a .safetensors file (loaded strictly)")
     own.add_argument("--data", metavar="NAME", help="registered dataset for calibration and validation")
     own.add_argument("--seed", type=int, help="seed of the calibration sample (default 0; a run uses its own)")

@@ -325,11 +325,3 @@ def check_cost(cost: str) -> str:
     if cost not in COSTS:
         raise ConfigError(f"cost={cost!r} is not one of {', '.join(COSTS)}")
     return cost
-
-
-def relative(value: float | None, reference: float | None) -> float | None:
-    """``value / reference`` (None when either is unknown or the reference is 0)."""
-    if value is None or not reference:
-        return None
-    return value / reference
-

@@ -74,10 +74,11 @@ a tuple, a Hugging Face ``ModelOutput``) and the batch's second element, as a sc
 
 
 def calibration_batches(dataset: Dataset, size: int = CALIBRATION_SIZE, batch_size: int = CALIBRATION_BATCH,
-                        seed: int = 0) -> list[Batch]:
+                        seed: int = 0, device: torch.device | None = None) -> list[Batch]:
     """``size`` samples of ``dataset`` (all of it if smaller) drawn with ``seed``, collated once
-    into batches: a fixed set, so every candidate is scored on the same data. Augmentations the
-    dataset applies draw from a generator seeded with ``seed`` too."""
+    into batches (on ``device`` when given): a fixed set, so every candidate is scored on the same
+    data. Augmentations the dataset applies draw from a generator seeded with ``seed`` too; the
+    global random state is left as it was."""
     for what, value in (("calibration size", size), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{what}={value!r} must be a positive int")
@@ -86,8 +87,12 @@ def calibration_batches(dataset: Dataset, size: int = CALIBRATION_SIZE, batch_si
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        return [default_collate([dataset[i] for i in order[start:start + batch_size]])
-                for start in range(0, len(order), batch_size)]
+        batches = [default_collate([dataset[i] for i in order[start:start + batch_size]])
+                   for start in range(0, len(order), batch_size)]
+    if device is None:
+        return batches
+    move = lambda x: tuple(v.to(device) for v in x) if isinstance(x, (tuple, list)) else x.to(device)  # noqa: E731
+    return [(move(inputs), move(targets)) for inputs, targets in batches]
 
 
 def batch_size(inputs: Any) -> int:

@@ -113,10 +113,8 @@ def greedy_cut(trainer: TrainerView, kind: str, target: float) -> dict[str, int]
     target (each of its rounds removes the slice of least calibration loss per unit of cost; the
     cheapest pattern if none is within the target)."""
 
-    device = next(trainer.model.parameters()).device
-    sample = calibration_batches(trainer.train_data, CUT_CALIBRATION, seed=trainer.config.seed)
-    batches = [(tuple(x.to(device) for x in inputs) if isinstance(inputs, (tuple, list)) else inputs.to(device),
-                targets.to(device)) for inputs, targets in sample]
+    batches = calibration_batches(trainer.train_data, CUT_CALIBRATION, seed=trainer.config.seed,
+                                  device=next(trainer.model.parameters()).device)
     front = greedy_front(trainer.model, batches, cost=kind, step=CUT_STEP, kind=trainer.kind)
     dense = dense_cost(trainer, kind)
     feasible = [p for p in front.points if getattr(p, kind) <= target * dense * (1 + 1e-9)]

@@ -238,10 +238,8 @@ class Trainer:
         """The training samples on which ``init="whitened"`` measures each layer's inputs:
         :data:`WHITENING_SAMPLES` drawn with the run's seed (the global random state is left as it
         was, so every process draws the same ones), on the model's device."""
-        device = next(self.model.parameters()).device
-        move = lambda x: tuple(v.to(device) for v in x) if isinstance(x, (tuple, list)) else x.to(device)  # noqa: E731
-        return [(move(inputs), targets) for inputs, targets in
-                calibration_batches(self.train_data, WHITENING_SAMPLES, WHITENING_SAMPLES, seed=self.config.seed)]
+        return calibration_batches(self.train_data, WHITENING_SAMPLES, WHITENING_SAMPLES, seed=self.config.seed,
+                                   device=next(self.model.parameters()).device)
 
     def factorize_model(self, config: FactorizeConfig | None = None) -> None:
         """Replace the model by its factorised form (``config``: the run's ``factorize`` table by
