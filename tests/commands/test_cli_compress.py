@@ -231,3 +231,68 @@ def test_torchvision_classifier_on_an_image_folder(tmp_path):
     assert record["labels"] == ["cat", "dog"] and record["normalization"]["resize"] == [16, 16]
     assert record["inputs"] == [{"shape": ["batch", 3, 16, 16], "dtype": "float32"}]
     assert Front.load(out / "front.json").metadata["torchvision"] == "resnet18"
+
+
+def _val_figures(model, task):
+    """Accuracy and mean cross-entropy of ``model`` on the digits validation split."""
+    inputs, labels = task.val.tensors
+    with torch.no_grad():
+        logits = model(inputs)
+    return float((logits.argmax(1) == labels).float().mean()), float(F.cross_entropy(logits, labels))
+
+
+def test_heal_fine_tunes_each_exported_point_and_exports_the_healed_model(dense_run, tmp_path, capsys):
+    out = tmp_path / "healed"
+    assert cli.main(["compress", str(dense_run), *FAST, "--heal", "1", "--target", "params=0.5",
+                     "--formats", "safetensors", "--no-family", "--out", str(out)]) == 0
+    assert "params-0.5: --heal 1 epoch(s)" in capsys.readouterr().out
+    front = Front.load(out / "front.json")
+    record = json.loads((out / "params-0.5" / "point.json").read_text())
+    healing = record["healing"]["point"]
+    assert healing["epochs"] == 1 and healing["seconds"] > 0 and "front" not in record["healing"]
+    point = front.select(params=0.5)
+    assert healing["before"]["accuracy"] == point.accuracy and healing["before"]["loss"] == pytest.approx(point.val_loss)
+    assert healing["after"]["loss"] != healing["before"]["loss"]  # it trained
+    task = load_data("digits")
+    exported = load_plain(build_model("lenet5", task, padding=2), out / "params-0.5" / "model.safetensors")
+    accuracy, loss = _val_figures(exported.eval(), task)  # the artifact is the healed model
+    assert accuracy == pytest.approx(healing["after"]["accuracy"], abs=1e-6)
+    assert loss == pytest.approx(healing["after"]["loss"], rel=1e-4)
+
+
+def test_heal_maestro_searches_the_front_of_the_healed_model(dense_run, tmp_path):
+    out = tmp_path / "healed-front"
+    assert cli.main(["compress", str(dense_run), *FAST, "--heal-maestro", "1", "--target", "params=0.5",
+                     "--formats", "safetensors", "--no-family", "--out", str(out)]) == 0
+    front = Front.load(out / "front.json")
+    assert front.metadata["heal_maestro"] == 1 and front.metadata["inputs"]["heal_maestro"] == 1
+    summary = json.loads((dense_run / "summary.json").read_text())
+    assert front.points[0].val_loss != pytest.approx(summary["final_loss"], rel=1e-6)  # full rank, but trained on
+    healing = json.loads((out / "params-0.5" / "point.json").read_text())["healing"]["front"]
+    point = front.select(params=0.5)
+    assert healing["epochs"] == 1 and healing["after"]["loss"] == pytest.approx(point.val_loss)
+    assert healing["before"]["loss"] != pytest.approx(healing["after"]["loss"], rel=1e-6)
+    # the same ranks cut from the unhealed model give the "before" figures
+    plain = tmp_path / "plain"
+    assert cli.main(["compress", str(dense_run), *FAST, "--target", "params=0.5", "--formats", "safetensors",
+                     "--no-family", "--out", str(plain)]) == 0
+    unhealed = Front.load(plain / "front.json")
+    same = next((p for p in unhealed.points if p.ranks == point.ranks), None)
+    if same is not None:
+        assert healing["before"]["loss"] == pytest.approx(same.val_loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--heal", "0"], "--heal 0 must be a whole number of epochs from 1"),
+    (["--heal-maestro", "-2"], "--heal-maestro -2 must be a whole number of epochs from 1"),
+    (["--heal", "1", "--model-factory", "m:f", "--weights", "w.safetensors", "--data", "digits", "--no-run"],
+     "--heal and --heal-maestro train with a run's recipe"),
+])
+def test_bad_healing_options_one_line(dense_run, tmp_path, capsys, args, message):
+    run = [] if "--no-run" in args else [str(dense_run)]
+    code = cli.main(["compress", *run, *[a for a in args if a != "--no-run"], *FAST, "--out", str(tmp_path / "o")])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], captured.err
+    assert not (tmp_path / "o").exists()

@@ -36,7 +36,8 @@ from ..engine.costs import deployable
 from ..engine.counting import count_macs, count_params
 from ..engine.evaluation import evaluate
 from ..engine.passes import forward
-from ..engine.search import CALIBRATION_SIZE, calibration_batches, evaluate_front, greedy_front
+from ..engine.search import (CALIBRATION_SIZE, calibration_batches, evaluate_front, greedy_front,
+                             validation_batches)
 from ..files import write_json_atomic
 from ..inject import factorize
 from ..layers import low_rank_layers
@@ -81,7 +82,7 @@ def run_inputs(run: LoadedRun) -> Inputs:
     the whole validation set and one example input of a loaded run."""
     config, data = run.config, run.data
     calibration = calibration_batches(data.train, CALIBRATION_SIZE, seed=config.seed)
-    validation = calibration_batches(data.val, len(data.val), config.eval_batch_size, seed=0)
+    validation = validation_batches(data.val, config.eval_batch_size)
     example = calibration[0][0]
     example = tuple(x[:1] for x in example) if isinstance(example, (tuple, list)) else example[:1]
     return Inputs(calibration, validation, example, data.kind)

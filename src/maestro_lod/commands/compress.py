@@ -47,6 +47,7 @@ from ..errors import ConfigError, RunDirectoryError, UsageError
 from ..files import check_output_directory
 from ..runs.compress import compress_files, compress_run
 from ..runs.directory import SUMMARY_FILE, RunLock, run_status
+from ..runs.healing import EPOCH_LIMIT as HEAL_EPOCH_LIMIT, describe
 from ..runs.progress import is_terminal
 from ..tables import format_table
 from . import caused_by_interrupt, check_directory_argument, exit_code, one_line_warnings, terminations_interrupt
@@ -93,6 +94,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "from_pretrained(..., trust_remote_code=True) reloads at its compressed size")
     hf.add_argument("--text", metavar="FILE", help="calibration and held-out text (default: the embedded pydoc text)")
     hf.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window (default 128)")
+    healing = parser.add_argument_group("healing (a run only; on its training data, at a tenth of its learning rate)")
+    healing.add_argument("--heal", type=int, metavar="N",
+                         help="fine-tune each exported point at its fixed ranks for N epochs (one training per target)")
+    healing.add_argument("--heal-maestro", type=int, metavar="N",
+                         help="before the search, N epochs of MAESTRO on the factorised model (ordered dropout with "
+                              "self-distillation, no group lasso, no shrinking): one training heals the whole front")
     parser.add_argument("--cost", choices=COSTS, default="macs", help="what a removal saves (default macs)")
     parser.add_argument("--search", choices=SEARCHES, default="lazy",
                         help="lazy (default): re-score only the most promising removals each round, the exhaustive "
@@ -132,6 +139,7 @@ def _check_hf_options(args: argparse.Namespace) -> None:
                                        ("--torchvision", args.torchvision), ("--weights", args.weights),
                                        ("--data", args.data)) if value is not None]
     others += ["--remeasure-latency"] * args.remeasure_latency
+    others += [name for name, value in (("--heal", args.heal), ("--heal-maestro", args.heal_maestro)) if value is not None]
     if others:
         raise UsageError(f"--hf compresses a Hugging Face folder; {', '.join(others)} cannot be given with it")
     if args.out is None:
@@ -178,6 +186,11 @@ def _check_options(args: argparse.Namespace) -> None:
                  if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} apply to --model-factory/--torchvision; a run brings its own")
+    if own and (args.heal is not None or args.heal_maestro is not None):
+        raise UsageError(f"--heal and --heal-maestro train with a run's recipe: they need a RUN_DIR, not {flag}")
+    for name, value in (("--heal", args.heal), ("--heal-maestro", args.heal_maestro)):
+        if value is not None and not 1 <= value <= HEAL_EPOCH_LIMIT:
+            raise UsageError(f"{name} {value} must be a whole number of epochs from 1 to {HEAL_EPOCH_LIMIT}")
     if not 0 < args.step <= 1:
         raise UsageError(f"--step {args.step} must be a fraction in (0, 1]")
     if args.calibration_size < 1:
@@ -303,7 +316,8 @@ def _run(args: argparse.Namespace) -> int:
             if run_status(run_dir) == "unfinished":
                 print(f"note: {run_dir} has no {SUMMARY_FILE}: its training has not finished; compressing its last "
                       f"checkpoint (continue the training with maestro-lod train --resume {run_dir})", flush=True)
-            result = compress_run(run_dir, out, data_root=data_root, download=args.download, **common)
+            result = compress_run(run_dir, out, data_root=data_root, download=args.download, heal=args.heal,
+                                  heal_maestro=args.heal_maestro, **common)
         finally:
             if lock is not None:
                 lock.release()
@@ -316,6 +330,9 @@ def _run(args: argparse.Namespace) -> int:
               "not measured by this command")
     elif dense_accuracy is not None:
         print("dense model accuracy: the model as loaded, measured by this command on the validation data")
+    for folder, record in result.healing.items():
+        for line in describe(folder, record):
+            print(line)
     print(f"\nfront: {result.front_file} ({len(front.points)} points), plot: {result.plot_file}")
     if result.family_file is not None:
         family = front.metadata["family"]

@@ -62,6 +62,8 @@ where its losses overflow (a flipped exponent bit in a weight gives ~1e38)."""
 
 ProgressFactory = Callable[[str], Callable[[int, int], None]]
 """``progress(description)`` → a ``callback(done, total)`` told how far one stage got."""
+Healing = Callable[[nn.Module, FrontPoint], tuple[nn.Module, dict[str, Any]]]
+"""``healing(model, point) → (model to export, record)``: see ``healing`` of :func:`compress_model`."""
 
 
 @dataclass
@@ -73,7 +75,9 @@ class CompressResult:
     earlier compress into ``out`` exported (kept when the front was reused); ``artifacts``: the
     files written per folder; ``front_file``, ``plot_file`` and ``family_file`` (None when not
     written); ``searched``: whether the front was searched (False: read from ``front.json``);
-    ``latency_reused``: whether the latency table was read from ``front.json``."""
+    ``latency_reused``: whether the latency table was read from ``front.json``; ``healing``: per
+    folder, the record of the healing its model went through (see ``healing`` of
+    :func:`compress_model`)."""
 
     front: Front
     chosen: list[tuple[str, FrontPoint]]
@@ -85,6 +89,7 @@ class CompressResult:
     earlier: list[tuple[str, FrontPoint]] = field(default_factory=list)
     searched: bool = True
     latency_reused: bool = False
+    healing: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def target_folder(key: str, value: float) -> str:
@@ -401,7 +406,8 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
                    metadata: dict[str, Any] | None = None, say: Callable[..., None] = lambda *a, **k: None,
                    progress: ProgressFactory = no_progress, loss: Loss | None = None,
                    data: TaskData | None = None, search: str = "lazy", full_front: bool = False,
-                   inputs: dict[str, Any] | None = None, remeasure_latency: bool = False) -> CompressResult:
+                   inputs: dict[str, Any] | None = None, remeasure_latency: bool = False,
+                   healing: Healing | None = None) -> CompressResult:
     """The accuracy–cost front of a trained low-rank ``model`` and deployable models for ``targets``.
 
     ``calibration``: fixed batches of training data that score each removal (and recalibrate
@@ -440,6 +446,11 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
     unless ``remeasure_latency`` (which also searches again). A ``front.json`` of other inputs is
     refused, naming what differs, unless ``force`` (which recomputes the front for ``targets``).
     Without ``inputs``, an existing ``front.json`` is refused unless ``force``.
+
+    ``healing(model, point)``, when given, is called on each target's materialised model and returns
+    the model to export instead (a fine-tuned one, say) and a record of what it did, kept in the
+    folder's ``point.json`` (``healing``) and in the result: the front and the family file describe
+    the models before it.
 
     Every option, output path and target is checked before the first file is written; files that
     exist are replaced only with ``force``. Raises a one-line
@@ -555,6 +566,10 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
         try:
             for folder, point in chosen:
                 materialized = materialize(model, point, calibration)
+                healed: dict[str, Any] = {}
+                if healing is not None:
+                    materialized, healed = healing(materialized, point)
+                    result.healing[folder] = healed
                 with deferred_interrupts():
                     files, report = build_artifacts(materialized, formats, checks, architecture)
                 for fmt, why in report["skipped"].items():
@@ -572,6 +587,8 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
                     point.exported.setdefault("folders", [point.exported["folder"]]).append(folder)
                 record = point_record(folder, dataclasses.replace(point, exported=exported), list(files),
                                       feed_record(materialized, example, data))
+                if healed:
+                    record["healing"] = healed
                 write_text_atomic(temporary / POINT_FILE,
                                   json_text(record, repr(str(out / folder / POINT_FILE)), indent=2) + "\n")
                 os.chmod(temporary, 0o777 & ~_umask())

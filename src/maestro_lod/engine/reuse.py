@@ -4,9 +4,9 @@ The sampled pass of a MAESTRO step differs from the full pass only from the firs
 was sampled below its current rank onward: every module that runs before it sees the same input with
 the same weights and produces the same output. With the paper's single-layer sampler most draws land
 in the later, wider layers, so most of the network's costliest work (the early convolutions and
-pooling) would be repeated for nothing. :class:`PrefixReuse` records the outputs of the model's leaf
-modules during the full pass and, during the sampled pass, makes the calls before the first sampled
-layer return their recorded outputs instead of recomputing them. Gradients stay exact: the sampled
+pooling) would be repeated for nothing. :class:`PrefixReuse` records the outputs of the model's
+modules during the full pass and, during the sampled pass, makes the outermost calls that finished
+before the first sampled layer started return their recorded outputs instead of recomputing them. Gradients stay exact: the sampled
 loss backpropagates through the recorded tensors into the full pass's graph of those modules.
 
 It holds only when the model is deterministic (no dropout: the two passes would draw different
@@ -22,7 +22,7 @@ recalibration and MAC counting run the model untouched.
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -69,86 +69,156 @@ def runs_deterministically(model: nn.Module, run: Callable[[], object]) -> bool:
         not isinstance(a, torch.Tensor) or torch.equal(a, b) for a, b in zip(first, second))
 
 
-class _Replay:
-    """Stands in for a module's ``forward`` during the sampled pass: returns its recorded outputs in
-    call order, then computes normally once they run out."""
+class _Call:
+    """One recorded module call: its module, the call it ran inside (an index into the recording,
+    None at the top), when it started and ended (ticks shared by all calls), and its output with
+    the output's version counter at the end of the call (None when the output is not a tensor)."""
 
-    def __init__(self, forward, outputs: list[torch.Tensor]):
+    __slots__ = ("module", "parent", "start", "end", "output", "version")
+
+    def __init__(self, module: nn.Module, parent: int | None, start: int):
+        self.module, self.parent, self.start = module, parent, start
+        self.end: int | None = None
+        self.output: torch.Tensor | None = None
+        self.version: int | None = None
+
+
+class _Replay:
+    """Stands in for a module's ``forward`` during the sampled pass: the module's ``n``-th call
+    returns ``outputs[n]`` where one was recorded for it, and computes normally otherwise."""
+
+    def __init__(self, forward, outputs: list[torch.Tensor | None]):
         self.forward = forward
-        self.outputs = deque(outputs)
+        self.outputs = outputs
+        self.calls = 0
 
     def __call__(self, *args, **kwargs):
-        if self.outputs:
-            return self.outputs.popleft()
+        index, self.calls = self.calls, self.calls + 1
+        if index < len(self.outputs) and self.outputs[index] is not None:
+            return self.outputs[index]
         return self.forward(*args, **kwargs)
 
 
 class PrefixReuse:
-    """Records leaf-module outputs of the full pass and replays the prefix in the sampled pass.
+    """Records module outputs of the full pass and replays the prefix in the sampled pass.
 
     Use ``with reuse.recording(): out_full = model(x)`` then
     ``with reuse.replaying(changed): out_s = model(x)`` where ``changed`` holds the factorised layers
     whose rank the draw lowered. :meth:`close` releases what is still recorded.
+
+    Every module is recorded, not only the leaves, and the replay uses the largest modules that
+    finished before the first changed layer started: a whole Transformer block or residual stage
+    then returns its output at once, and the work its forward does outside any submodule
+    (attention products, activations, residual additions) is not repeated either.
     """
 
     def __init__(self, model: nn.Module):
-        self._calls: list[tuple[nn.Module, torch.Tensor, int]] = []
-        self._modules = list({id(m): m for m in model.modules()
-                              if isinstance(m, LowRankLayer) or not any(m.children())}.values())
+        self._calls: list[_Call] = []
+        self._open: list[int] = []
+        self._ticks = 0
+        self._modules = list({id(m): m for m in model.modules()}.values())
+        self._inside: dict[nn.Module, frozenset[nn.Module]] = {}
         self.replayed = 0
         """Number of module calls replayed so far (for profiling and tests)."""
 
-    def _record(self, module: nn.Module, args: tuple, output: object) -> None:
+    def _tick(self) -> int:
+        self._ticks += 1
+        return self._ticks
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self._calls.append(_Call(module, self._open[-1] if self._open else None, self._tick()))
+        self._open.append(len(self._calls) - 1)
+
+    def _leave(self, module: nn.Module, args: tuple, output: object) -> None:
+        call = self._calls[self._open.pop()]
+        call.end = self._tick()
         if isinstance(output, torch.Tensor):
-            self._calls.append((module, output, output._version))
+            call.output, call.version = output, output._version
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Record the outputs of the modules called inside the block, in call order; the hooks
-        that record exist only inside the block."""
-        self._calls = []
-        handles = [module.register_forward_hook(self._record) for module in self._modules]
+        """Record the calls of the modules inside the block and their outputs, in call order; the
+        hooks that record exist only inside the block."""
+        self._calls, self._open = [], []
+        handles = []
+        for module in self._modules:
+            handles.append(module.register_forward_pre_hook(self._enter))
+            handles.append(module.register_forward_hook(self._leave))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            self._open = []
+
+    def _contains(self, module: nn.Module, changed: set[LowRankLayer]) -> bool:
+        if module not in self._inside:
+            self._inside[module] = frozenset(module.modules())
+        return not changed.isdisjoint(self._inside[module])
+
+    def _replayed_calls(self, changed: set[LowRankLayer]) -> list[_Call] | None:
+        """The recorded calls the sampled pass replays (None when a changed layer was never called
+        through its forward: its position in the computation is unknown). A call qualifies when it
+        ended before the first call of a changed layer started and before the first output changed
+        in place, returned a tensor, and holds no changed layer; of those, only the outermost run."""
+        starts = [call.start for call in self._calls if call.module in changed]
+        if len(changed) > len({call.module for call in self._calls if call.module in changed}):
+            return None
+        limit = min(starts, default=self._ticks + 1)
+        for call in sorted((c for c in self._calls if c.end is not None), key=lambda c: c.end):
+            if call.end >= limit:
+                break
+            if call.output is not None and call.output._version != call.version:
+                limit = call.end
+                break
+        chosen: list[_Call] = []
+        covered = [False] * len(self._calls)  # inside a replayed call: not run at all
+        for index, call in enumerate(self._calls):
+            parent = call.parent
+            if parent is not None and covered[parent]:
+                covered[index] = True
+            elif (call.end is not None and call.end < limit and call.output is not None
+                  and not self._contains(call.module, changed)):
+                covered[index] = True
+                chosen.append(call)
+        return chosen
 
     def prefix(self, changed: set[LowRankLayer]) -> list[tuple[nn.Module, torch.Tensor]]:
-        """The recorded calls the sampled pass can reuse: those before the first call of a changed
-        layer, ending early at an output that was modified in place. Empty when a changed layer was
-        never called through its forward (its position in the computation is unknown)."""
-        called = {module for module, _, _ in self._calls}
-        if any(layer not in called for layer in changed):
-            return []
-        prefix = []
-        for module, output, version in self._calls:
-            if module in changed or output._version != version:
-                break
-            prefix.append((module, output))
-        return prefix
+        """The recorded calls the sampled pass reuses, outermost first in call order: those that
+        end before the first call of a changed layer. Empty when a changed layer was never called
+        through its forward."""
+        return [(call.module, call.output) for call in self._replayed_calls(changed) or []]
 
     @contextmanager
-    def replaying(self, changed: set[LowRankLayer]) -> Iterator[int]:
+    def replaying(self, changed: set[LowRankLayer], keep: bool = False) -> Iterator[int]:
         """Inside the block, the calls of the reusable prefix return their recorded outputs.
-        Yields how many calls are replayed."""
-        prefix = self.prefix(changed)
-        outputs: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
-        for module, output in prefix:
-            outputs[module].append(output)
+        Yields how many calls are replayed. The recording is released afterwards, or kept with
+        ``keep`` (to replay it again for another set of changed layers)."""
+        chosen = set(map(id, self._replayed_calls(changed) or []))
+        executed: dict[nn.Module, list[torch.Tensor | None]] = defaultdict(list)
+        covered = [False] * len(self._calls)
+        for index, call in enumerate(self._calls):
+            if call.parent is not None and covered[call.parent]:
+                covered[index] = True
+                continue
+            replay = id(call) in chosen
+            covered[index] = replay
+            executed[call.module].append(call.output if replay else None)
+        outputs = {module: calls for module, calls in executed.items() if any(o is not None for o in calls)}
         own = {module: module.__dict__.get("forward") for module in outputs}
         try:
             for module, recorded in outputs.items():
                 module.forward = _Replay(module.forward, recorded)
-            yield len(prefix)
+            yield len(chosen)
         finally:
             for module, previous in own.items():
                 if previous is None:
                     del module.forward
                 else:
                     module.forward = previous
-            self.clear()
-        self.replayed += len(prefix)
+            if not keep:
+                self.clear()
+        self.replayed += len(chosen)
 
     def clear(self) -> None:
         """Forget the recorded outputs (they keep the full pass's activations alive)."""

@@ -63,8 +63,18 @@ from .targets import check_target
 
 CALIBRATION_SIZE = 2048
 """Samples drawn from the training data to rank candidate removals (as in the MAESTRO paper)."""
-CALIBRATION_BATCH = 2048
-"""Calibration samples per forward pass (one pass over the default set: the fewest passes per candidate)."""
+CALIBRATION_BATCH = 128
+"""Calibration samples per forward pass. Small enough that a batch's activations stay in memory the
+allocator reuses: at 2,048 samples the char LM's calibration pass took twice as long on a CPU core,
+most of the extra in the kernel mapping fresh pages for every activation."""
+
+SCORING_POSITIONS = 16384
+"""Target positions (a label per image, a token per window position) on which the greedy search
+ranks its candidates by default: the leading calibration batches that hold at least this many. A
+classifier's default 2,048 samples are all used; a language model's 2,048 windows of 64 tokens
+(131,072 positions) are scored on their first 256 windows, which gives the character LM's front
+within noise of scoring on all of them in an eighth of the time (``benchmarks/front_speed.py``).
+The whole calibration set still recomputes BatchNorm statistics."""
 
 Batch = tuple[Any, Any]
 Progress = Callable[[int, int], None]
@@ -93,6 +103,13 @@ def calibration_batches(dataset: Dataset, size: int = CALIBRATION_SIZE, batch_si
         return batches
     move = lambda x: tuple(v.to(device) for v in x) if isinstance(x, (tuple, list)) else x.to(device)  # noqa: E731
     return [(move(inputs), move(targets)) for inputs, targets in batches]
+
+
+def validation_batches(dataset: Dataset, batch_size: int) -> list[Batch]:
+    """Every sample of ``dataset`` once (in an order drawn with seed 0), collated once into batches of at most ``batch_size``
+    samples (and no more than :data:`CALIBRATION_BATCH`, for the same speed), to evaluate every
+    point of a front on the same data."""
+    return calibration_batches(dataset, len(dataset), min(batch_size, CALIBRATION_BATCH), seed=0)
 
 
 def batch_size(inputs: Any) -> int:
@@ -175,21 +192,21 @@ def _candidate_losses(model: nn.Module, batches: list[Batch], candidates: list[t
         if reuse is not None:
             with reuse.recording():
                 forward(model, inputs)
-            recorded = reuse._calls
         for i, (layer, rank, new) in enumerate(candidates):
             layer.active_rank = new
             try:
                 if reuse is None:
                     logits = forward(model, inputs)
                 else:
-                    reuse._calls = list(recorded)
-                    with reuse.replaying({layer}):
+                    with reuse.replaying({layer}, keep=True):
                         logits = forward(model, inputs)
             finally:
                 layer.active_rank = rank
             batch_total, batch_count = _batch_loss(logits, inputs, targets, loss)
             totals[i] += batch_total
         count += batch_count
+        if reuse is not None:
+            reuse.clear()
     if reuse is not None:
         reuse.close()
     return [float(total) / count for total in totals]
@@ -200,6 +217,30 @@ def _check_batches(batches: object, what: str) -> list[Batch]:
         raise ConfigTypeError(f"{what} must be a non-empty list of (inputs, targets) batches "
                               f"(see calibration_batches)")
     return list(batches)
+
+
+def _positions(batch: Batch, loss: Loss | None) -> int:
+    """Target positions a batch's loss averages over: its targets other than ``IGNORE_INDEX``
+    (one per image, one per token), or its samples with a custom ``loss``."""
+    inputs, targets = batch
+    if loss is None and isinstance(targets, torch.Tensor):
+        return int((targets != IGNORE_INDEX).sum())
+    return batch_size(inputs)
+
+
+def scoring_batches(batches: list[Batch], positions: int | None, loss: Loss | None = None) -> list[Batch]:
+    """The leading ``batches`` that together hold at least ``positions`` target positions (all of
+    them with ``positions=None`` or when they hold fewer)."""
+    if positions is None:
+        return batches
+    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 1:
+        raise ConfigError(f"scoring_positions={positions!r} must be a positive int or None")
+    total = 0
+    for index, batch in enumerate(batches, start=1):
+        total += _positions(batch, loss)
+        if total >= positions:
+            return batches[:index]
+    return batches
 
 
 def _first_sample(batches: list[Batch]) -> Any:
@@ -356,7 +397,8 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
                  latency: LatencyTable | None = None, latency_batch_size: int = 32, kind: str = "classification",
                  progress: Callable[..., None] | None = None, search: str = "exhaustive",
                  targets: Mapping[str, float] | None = None, top: int = LAZY_TOP, refresh: int = LAZY_REFRESH,
-                 weighting: str = "measured", points: int = ALLOCATION_POINTS, loss: Loss | None = None) -> Front:
+                 weighting: str = "measured", points: int = ALLOCATION_POINTS, loss: Loss | None = None,
+                 scoring_positions: int | None = SCORING_POSITIONS) -> Front:
     """The accuracy–cost front of ``model`` (factorised and trained; left unchanged) in one greedy pass.
 
     Args:
@@ -381,6 +423,10 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
             raises a ConfigError before any calibration pass. ``max_drop`` is accepted and stops nothing.
         loss: ``loss(output, targets)`` scoring each batch instead of the cross-entropy of the
             logits (:data:`Loss`; for models whose output is not logits over the targets).
+        scoring_positions: the greedy searches score candidates, and record each point's
+            calibration loss, on the leading calibration batches holding at least this many target
+            positions (:func:`scoring_batches`; None: on all of them). BatchNorm statistics are
+            always recomputed on the whole set.
     """
     check_cost(cost)
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
@@ -395,6 +441,7 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
         return allocated_front(model, batches, cost, latency=latency, latency_batch_size=latency_batch_size,
                                kind=kind, progress=progress, targets=targets, weighting=weighting, points=points,
                                step=step, loss=loss)
+    scoring = scoring_batches(batches, scoring_positions, loss)
     setup = _prepare(model, batches, cost, step, latency, latency_batch_size)
     budgets = _check_targets(targets, setup)
     work, layers, visits, objective = setup.work, setup.layers, setup.visits, setup.costs[cost]
@@ -402,9 +449,9 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
     report = _Reporter(progress, setup, budgets, cost, sum(len(ranks) - 1 for ranks in visits.values()))
 
     loss_fn = loss
-    loss = _finite(calibration_loss(work, batches, loss_fn))
+    loss = _finite(calibration_loss(work, scoring, loss_fn))
     found = [setup.point(0, current, loss)]
-    reuse = PrefixReuse(work) if _deterministic(work, batches[0][0]) else None
+    reuse = PrefixReuse(work) if _deterministic(work, scoring[0][0]) else None
     stale: dict[str, tuple] = {}  # lazy: each layer's last score (ranking key) for its current candidate
     round_index = 0
     met = _met(budgets, setup, current)
@@ -428,7 +475,7 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
         measured: dict[str, float] = {}
 
         def score(chosen: list[tuple[str, int, float]]) -> dict[str, tuple]:
-            losses = _candidate_losses(work, batches, [(layers[n], current[n], r) for n, r, _ in chosen], reuse,
+            losses = _candidate_losses(work, scoring, [(layers[n], current[n], r) for n, r, _ in chosen], reuse,
                                       loss_fn)
             report.scored += len(chosen)
             measured.update((n, candidate_loss) for (n, _, _), candidate_loss in zip(chosen, losses))
@@ -453,7 +500,7 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
         stale.pop(name, None)  # its next candidate is another slice
         if setup.has_batchnorm:
             recalibrate(work, batches)
-            loss = calibration_loss(work, batches, loss_fn)
+            loss = calibration_loss(work, scoring, loss_fn)
         found.append(setup.point(round_index, current, loss))
         met |= _met(budgets, setup, current)
         report(round_index, current, loss)

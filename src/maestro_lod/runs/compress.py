@@ -17,10 +17,11 @@ from ..deploy.compress import (CompressResult, ProgressFactory, check_input_batc
                                compress_model, file_sha256, no_progress)
 from ..engine.evaluation import evaluate
 from ..engine.passes import forward
-from ..engine.search import CALIBRATION_SIZE, calibration_batches
+from ..engine.search import CALIBRATION_SIZE, calibration_batches, validation_batches
 from ..errors import UsageError
 from ..models import build_model
 from .directory import CHECKPOINT_FILE
+from .healing import PointHealing, check_epochs, heal_front
 from .loading import build_from_factory, build_torchvision, load_run, load_weights
 
 EVAL_BATCH = 256
@@ -35,9 +36,9 @@ def _check_choices(init: str, order: str) -> None:
 
 
 def _preparation(prepared: dict) -> dict:
-    """What of ``prepare_model``'s record shapes the front: the initialisation of a dense model,
-    the order of a factorised one."""
-    return {key: prepared[key] for key in ("init", "order") if key in prepared}
+    """What of the model's preparation shapes the front: the initialisation of a dense model, the
+    order of a factorised one, and the epochs of MAESTRO that healed it."""
+    return {key: prepared[key] for key in ("init", "order", "heal_maestro") if key in prepared}
 
 
 def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets: Sequence[tuple[str, float]] = (),
@@ -46,7 +47,7 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets:
                  init: str = "whitened", order: str = "svd", search: str = "lazy", full_front: bool = False,
                  remeasure_latency: bool = False, say: Callable[..., None] = lambda *a, **k: None,
                  progress: ProgressFactory = no_progress, data_root: str | Path | None = None,
-                 download: bool = False) -> CompressResult:
+                 download: bool = False, heal: int | None = None, heal_maestro: int | None = None) -> CompressResult:
     """The front of the run in ``run_dir`` and deployable models for ``targets``, written under
     ``out`` (default: ``run_dir``), as ``maestro-lod compress`` does.
 
@@ -67,19 +68,39 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets:
     ``init`` or ``order``, cost, step, search and latency batch, without a new search when the
     front answers them; other inputs are refused, naming what differs, unless ``force``. The
     latency table in ``front.json`` is reused unless ``remeasure_latency`` (see
-    :func:`~maestro_lod.deploy.compress.compress_model`)."""
+    :func:`~maestro_lod.deploy.compress.compress_model`).
+
+    Healing (:mod:`~maestro_lod.runs.healing`), on the run's training data with its recipe at a
+    tenth of its learning rate: ``heal_maestro`` epochs of MAESTRO on the factorised model before
+    the search (ordered dropout with self-distillation, no group lasso, no shrinking), so that the
+    whole front is searched on the healed model (trained from plain SVD factors, then its ranks
+    ordered by ``order``, or for a dense run by ``init``, as the unhealed model's were; trained
+    anew on every call, and part of the inputs a later call must share), and ``heal`` epochs of
+    fine-tuning at fixed ranks for each exported point. Each target's ``point.json`` records its
+    validation figures before and after each healing and the seconds it took."""
     _check_choices(init, order)
+    check_epochs("heal", heal)
+    check_epochs("heal_maestro", heal_maestro)
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir
     check_outputs(out, targets, force, family, reuse=True)
     run = load_run(run_dir, data_root=data_root, download=download)
     config, data = run.config, run.data
     calibration = calibration_batches(data.train, calibration_size, seed=config.seed)
-    validation = calibration_batches(data.val, len(data.val), config.eval_batch_size, seed=0)
+    validation = validation_batches(data.val, config.eval_batch_size)
     model, prepared = prepare_model(run.model.eval(), calibration, init, order)
     dense_accuracy = (run.summary.get("dense_reference") or {}).get("accuracy")
     if dense_accuracy is None and config.method == "dense":
         dense_accuracy = run.summary.get("final_accuracy")
+    unhealed, front_healing = model, None
+    if heal_maestro is not None:
+        say(f"healing the whole front: {heal_maestro} epoch(s) of MAESTRO on the factorised model", flush=True)
+        healed, seconds = heal_front(model, data, config, heal_maestro)
+        model, _ = prepare_model(healed, calibration, init, prepared.get("order", init))
+        front_healing = {"epochs": heal_maestro, "seconds": round(seconds, 2)}
+        prepared = {**prepared, "heal_maestro": heal_maestro}
+    healing = None if heal is None and heal_maestro is None else PointHealing(
+        data, config, validation, calibration, epochs=heal, front=front_healing, unhealed=unhealed)
     return compress_model(model, calibration, validation, out, checks=check_inputs(data.val), targets=targets,
                           cost=cost, step=step, formats=formats, latency_batch=latency_batch, family=family,
                           force=force, architecture=lambda: build_model(config.model, data, **config.model_options),
@@ -90,7 +111,7 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets:
                           inputs={"checkpoint_sha256": file_sha256(run_dir / CHECKPOINT_FILE), "model": config.model,
                                   "data": config.data, "seed": config.seed, "calibration_size": calibration_size,
                                   **_preparation(prepared)},
-                          remeasure_latency=remeasure_latency)
+                          remeasure_latency=remeasure_latency, healing=healing)
 
 
 def compress_files(out: str | Path, *, weights: str | Path, data: str, model_factory: str | None = None,
