@@ -13,7 +13,11 @@ training recipe. Rows:
 * ``MAESTRO, anneal``: with the final ×0.1 phase;
 * ``…, canonical``: each trained factor pair re-factorised by SVD (``canonicalize_``) before the
   search; ``…, canonical (whitened)``: by whitened SVD on the calibration set;
-* ``…, independent sampler``: every layer draws a rank in the sampled pass instead of one layer.
+* ``…, independent sampler``: every layer draws a rank in the sampled pass instead of one layer;
+* ``… 10 epochs``: the run cut to 10 epochs, with the 30-epoch λ_gl or with it scaled to the
+  run length (``lambda_epochs = 30``: λ × 3), against dense + SVD trained as long;
+* ``MAESTRO recipe, group lasso by MACs``: each layer's groups weighted by what one of its ranks
+  costs in MACs (``group_weights = "macs"``).
 
 Prints, per row, the best validation accuracy of the front within each budget (mean ± standard
 error over seeds) and the training and search seconds; writes every front to JSON with the
@@ -55,6 +59,10 @@ TRAININGS = {  # name -> (method, config changes over the preset)
     "maestro": ("maestro", PAPER),
     "maestro-anneal": ("maestro", {**PAPER, **ANNEAL}),
     "maestro-anneal-independent": ("maestro", {**ANNEAL, "sampler": "independent"}),
+    "dense-10": ("dense", {**ANNEAL, "epochs": 10}),
+    "maestro-10": ("maestro", {**ANNEAL, "sampler": "independent", "epochs": 10}),
+    "maestro-10-scaled": ("maestro", {**ANNEAL, "sampler": "independent", "epochs": 10, "lambda_epochs": 30}),
+    "maestro-macs": ("maestro", {**ANNEAL, "sampler": "independent", "group_weights": "macs"}),
 }
 ROWS = {  # row -> (training, how the front's model is prepared)
     "dense + SVD": ("dense", "svd"),
@@ -65,6 +73,10 @@ ROWS = {  # row -> (training, how the front's model is prepared)
     "MAESTRO, anneal, canonical": ("maestro-anneal", "canonical"),
     "MAESTRO, anneal, canonical (whitened)": ("maestro-anneal", "canonical-whitened"),
     "MAESTRO, anneal, independent sampler, canonical": ("maestro-anneal-independent", "canonical"),
+    "dense + SVD, anneal, 10 epochs": ("dense-10", "svd"),
+    "MAESTRO recipe, 10 epochs, λ of 30": ("maestro-10", "canonical"),
+    "MAESTRO recipe, 10 epochs, λ scaled to 10": ("maestro-10-scaled", "canonical"),
+    "MAESTRO recipe, group lasso by MACs": ("maestro-macs", "canonical"),
 }
 
 

@@ -53,10 +53,12 @@ def _rank_norms(factor: torch.Tensor, rank_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def group_lasso_terms(factors: list[Factor], hierarchical: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def group_lasso_terms(factors: list[Factor], hierarchical: bool = True,
+                      scales: list[float] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The group-lasso value of ``factors`` and, per factor, the coefficient tensor ``c`` (shaped to
     broadcast against it) such that the penalty's gradient is ``c · factor``. Factors of rank 0
-    contribute nothing and get an empty coefficient."""
+    contribute nothing and get an empty coefficient. ``scales`` weighs each factor's groups (one
+    number per factor; all 1 when None)."""
     live = [(i, p, dim) for i, (p, dim) in enumerate(factors) if p.shape[dim] > 0]
     coefficients = [p.new_zeros(_rank_view_shape(p, dim)) for p, dim in factors]
     if not live:
@@ -68,28 +70,35 @@ def group_lasso_terms(factors: list[Factor], hierarchical: bool = True) -> tuple
     else:
         terms = norms
         per_rank = torch.where(terms > 0, terms.reciprocal(), 0.0)
+    if scales is not None:
+        weights = torch.tensor([float(scales[i]) for i, _, _ in live], dtype=norms.dtype, device=norms.device)
+        terms, per_rank = terms * weights[:, None], per_rank * weights[:, None]
     for row, (i, p, dim) in enumerate(live):
         coefficients[i] = per_rank[row, :p.shape[dim]].view(_rank_view_shape(p, dim))
     return terms.sum(), coefficients
 
 
 class GroupLassoGradient:
-    """Adds ``weight · ∇GL`` to the gradients of every factor of ``layers``, in place.
+    """Adds ``weight · ∇GL`` to the gradients of every factor of ``layers``, in place; with
+    ``layer_scales`` (one number per layer), each layer's groups weigh its number.
 
     Build it again after the set of layers changes; shrinking (which keeps the Parameters) is fine.
     """
 
-    def __init__(self, layers: list[LowRankLayer], weight: float, hierarchical: bool = True):
+    def __init__(self, layers: list[LowRankLayer], weight: float, hierarchical: bool = True,
+                 layer_scales: list[float] | None = None):
         self.weight = float(weight)
         self.hierarchical = hierarchical
         self.factors = _layer_factors(layers)
+        self.scales = None if layer_scales is None else [s for s in layer_scales for _ in range(2)]
+        """Each factor's weight (a layer's ``up`` and ``down`` share it); None: all 1."""
 
     @torch.no_grad()
     def add_to_grads_(self) -> torch.Tensor:
         """Accumulate ``weight · ∇GL`` into ``.grad`` (created where missing); returns ``weight · GL``.
         The updates of all factors are one ``torch._foreach_addcmul_`` (one fused launch per
         group of tensors on a GPU, instead of one per factor)."""
-        value, coefficients = group_lasso_terms(self.factors, self.hierarchical)
+        value, coefficients = group_lasso_terms(self.factors, self.hierarchical, self.scales)
         grads, factors, scales = [], [], []
         for (p, _), coefficient in zip(self.factors, coefficients):
             if p.numel() == 0:

@@ -91,3 +91,17 @@ def test_the_trainers_group_lasso_gradient_matches_the_formula_for_every_factor_
                 expected = expected + existing
             torch.testing.assert_close(factor.grad, expected, rtol=1e-12, atol=1e-15)
     assert layers[3].up.grad is None and layers[3].down.grad is None
+
+
+def test_layer_scales_weigh_each_layers_value_and_gradient():
+    torch.manual_seed(4)
+    layers = [_layer(4, 5, 3), _layer(6, 3, 2)]
+    plain = [GroupLassoGradient([layer], 0.01).add_to_grads_().item() for layer in layers]
+    plain_grads = [(layer.up.grad.clone(), layer.down.grad.clone()) for layer in layers]
+    for layer in layers:
+        layer.up.grad = layer.down.grad = None
+    value = GroupLassoGradient(layers, 0.01, layer_scales=[2.0, 0.5]).add_to_grads_()
+    assert value.item() == pytest.approx(2.0 * plain[0] + 0.5 * plain[1], rel=1e-12)
+    for layer, scale, (up, down) in zip(layers, (2.0, 0.5), plain_grads):
+        torch.testing.assert_close(layer.up.grad, scale * up, rtol=1e-12, atol=0)
+        torch.testing.assert_close(layer.down.grad, scale * down, rtol=1e-12, atol=0)

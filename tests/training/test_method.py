@@ -17,7 +17,10 @@ from torch import nn
 from torch.utils.data import Subset
 
 import maestro_lod as ml
+from maestro_lod.layers import low_rank_layers
+from maestro_lod.models import build_model
 from maestro_lod.training import TrainConfig, Trainer
+from maestro_lod.training.step_macs import rank_cost_scales
 
 LR = ONE_STEP_LR
 
@@ -185,3 +188,24 @@ def test_a_layer_at_rank_zero_trains_and_outputs_its_bias(digits):
     layer = dict(ml.low_rank_layers(trainer.model))["3"]
     assert layer.rank == 0 and torch.isfinite(torch.tensor(trainer.history[-1].train_loss))
     torch.testing.assert_close(layer(torch.randn(5, 24)), layer.bias.detach().expand(5, 16))
+
+
+def test_lambda_epochs_scales_the_group_lasso_with_the_run_length(digits):
+    base = {"model": "mlp", "data": "digits", "epochs": 4, "lambda_gl": 1e-3, "device": "cpu"}
+    for extra, expected in (({}, 1e-3), ({"lambda_epochs": 12}, 3e-3), ({"lambda_epochs": 12, "warmup_epochs": 2}, 6e-3)):
+        trainer = Trainer(build_model("mlp", digits), digits.train, digits.val, TrainConfig.from_dict({**base, **extra}))
+        assert trainer.method.scheduler.lam == pytest.approx(expected, rel=1e-12), extra
+
+
+def test_group_weights_by_macs_weigh_the_convolutions_by_params_the_wide_layers(digits):
+    model = ml.factorize(build_model("lenet5", digits, padding=2))
+    names = [name for name, _ in low_rank_layers(model)]
+    example = digits.val[0][0][None]
+    by_macs = dict(zip(names, rank_cost_scales(model, example, names, "macs")))
+    by_params = dict(zip(names, rank_cost_scales(model, example, names, "params")))
+    assert sum(by_macs.values()) == pytest.approx(len(names)) and sum(by_params.values()) == pytest.approx(len(names))
+    assert by_macs["conv1"] > by_macs["fc1"] and by_params["fc1"] > by_params["conv1"]
+    layers = dict(low_rank_layers(model))
+    width = {name: sum(layers[name].dense_shape()[:2]) for name in names}  # m + n: one rank's parameters
+    assert by_params["fc1"] / by_params["fc3"] == pytest.approx(width["fc1"] / width["fc3"], rel=1e-12)
+    assert rank_cost_scales(model, example, names, "uniform") is None

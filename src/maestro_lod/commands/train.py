@@ -22,7 +22,7 @@ from ..errors import UsageError
 from ..models import MODELS
 from ..sampling import SAMPLERS
 from ..training.distributed import Distributed, DistributedError, env_rank, launched_by_torchrun
-from ..training.options import REUSE_MODES
+from ..training.options import GROUP_WEIGHTS, REUSE_MODES
 from ..training.train_config import DEVICES, EXECUTION_KEYS, METHODS, REFERENCES, TrainConfig, check_nesting, read_toml
 from ..training.optim import OPTIMIZERS, SCHEDULES
 from ..runs.presets import PRESETS, preset
@@ -123,6 +123,11 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--reuse-prefix", "reuse_prefix", {"choices": REUSE_MODES,
                                         "help": "reuse the full pass's prefix in the sampled pass"}),
     ("--lambda-gl", "lambda_gl", {"type": float, "help": "group-lasso weight"}),
+    ("--lambda-epochs", "lambda_epochs", {"type": int, "help": "the run length --lambda-gl is meant for; other "
+                                          "lengths scale it by LAMBDA_EPOCHS / epochs"}),
+    ("--group-weights", "group_weights", {"choices": GROUP_WEIGHTS,
+                                          "help": "weigh each layer's group lasso by what its rank costs (macs, "
+                                                  "params) or alike (uniform, the default)"}),
     ("--hierarchical", "hierarchical", {"action": argparse.BooleanOptionalAction,
                                         "help": "--no-hierarchical: plain group lasso"}),
     ("--eps-ps", "eps_ps", {"type": float, "help": "progressive-shrinking threshold"}),

@@ -304,15 +304,24 @@ def shrink_proposal(model: nn.Module, threshold: float) -> dict[str, int]:
     return ranks
 
 
+def run_lambda(options: MaestroConfig, factorised_epochs: int) -> float:
+    """The group-lasso weight of a run of ``factorised_epochs``: ``lambda_gl``, scaled by
+    ``lambda_epochs / factorised_epochs`` when ``lambda_epochs`` says which run length it was
+    chosen for."""
+    if options.lambda_epochs is None or factorised_epochs < 1:
+        return options.lambda_gl
+    return options.lambda_gl * options.lambda_epochs / factorised_epochs
+
+
 def lambda_scheduler(options: MaestroConfig, factorised_epochs: int, cut: Cut, floor: Callable[[str], float],
                      what: str) -> LambdaScheduler:
-    """The scheduler ``options`` ask for: :class:`ConstantLambda` at ``lambda_gl``, or with a
+    """The scheduler ``options`` ask for: :class:`ConstantLambda` at :func:`run_lambda`, or with a
     ``target`` a :class:`TargetLambda` starting there, planned over ``factorised_epochs`` and
     cutting with ``cut``. A target below ``floor(kind)`` (the cost with every layer at its minimum
     rank, :func:`reachable_minimum`) is refused, naming ``what`` cannot reach it."""
     target: Target | None = parse_target(options.target)
     if target is None:
-        return ConstantLambda(options.lambda_gl, options.eps_ps, options.shrink_every)
+        return ConstantLambda(run_lambda(options, factorised_epochs), options.eps_ps, options.shrink_every)
     minimum = floor(target.kind)
     if target.value < minimum * (1 - 1e-9):
         raise ConfigError(f"target={options.target!r} is below what {what} can reach: every layer at its minimum "

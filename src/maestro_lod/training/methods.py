@@ -31,6 +31,7 @@ from . import budget
 from .options import MaestroConfig, MethodConfig
 from .protocols import TrainerView
 from .registries import METHODS
+from .step_macs import rank_cost_scales
 from .steps import DenseStep, MaestroStep, Step
 from .train_config import TrainConfig
 
@@ -172,7 +173,9 @@ class MaestroMethod(TrainingMethod):
         options = trainer.config.method_options
         self._penalty = None
         if options.lambda_gl > 0:
-            self._penalty = GroupLassoGradient([layer for _, layer in layers], self.scheduler.lam, options.hierarchical)
+            self._penalty = GroupLassoGradient([layer for _, layer in layers], self.scheduler.lam, options.hierarchical,
+                                               rank_cost_scales(trainer.model, trainer.example_inputs,
+                                                                [name for name, _ in layers], options.group_weights))
         return self._penalty
 
     def _prefix_reuse(self, trainer: TrainerView) -> PrefixReuse | None:

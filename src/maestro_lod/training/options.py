@@ -27,6 +27,8 @@ FLOAT_LIMIT = 1e6
 any useful value, and small enough that products of two stay finite in float32, where tensors hold them."""
 EPOCH_LIMIT = 1_000_000
 REUSE_MODES = ("auto", "on", "off")
+GROUP_WEIGHTS = ("uniform", "macs", "params")
+"""How the group lasso weighs each layer's groups: alike (the paper), or by what one rank costs."""
 
 
 def is_int(value: Any) -> bool:
@@ -105,6 +107,14 @@ class MaestroConfig(MethodConfig):
             first layer whose rank was sampled (identical computation). ``auto`` turns it on when
             the model has no dropout, which would make the two passes differ.
         lambda_gl, hierarchical: weight of the group lasso, hierarchical (nested tails) or plain.
+        group_weights: ``uniform`` (the paper): every layer's groups weigh alike; ``macs`` or
+            ``params``: each layer's groups weigh what one of its ranks costs (its factor pair's
+            MACs per example, or parameters, per rank), divided by the mean over the layers, so
+            that the penalty shrinks what is expensive (by MACs: the convolutions).
+        lambda_epochs: the run length (factorised epochs) ``lambda_gl`` was chosen for; a run of
+            another length uses ``lambda_gl × lambda_epochs / its factorised epochs``, so that the
+            penalty pushes as hard over the whole run and a shorter run still shrinks (a 10-epoch
+            LeNet-5 run at the 30-epoch λ barely cut a rank). None: ``lambda_gl`` as given.
         eps_ps, shrink_every: progressive-shrinking threshold and period in epochs.
         warmup_epochs: dense (unfactorised) epochs before factorising.
         target, target_by: ask for a size instead of a λ: ``"params=0.3"`` / ``"macs=0.3"`` is the
@@ -120,6 +130,8 @@ class MaestroConfig(MethodConfig):
     full_pass: bool = True
     reuse_prefix: str = "auto"
     lambda_gl: float = 1e-3
+    lambda_epochs: int | None = None
+    group_weights: str = "uniform"
     hierarchical: bool = True
     eps_ps: float = 1e-3
     shrink_every: int = 1
@@ -134,6 +146,9 @@ class MaestroConfig(MethodConfig):
         check_number("sample_fraction", self.sample_fraction, 0.0, strict=True, high=1.0)
         check_choice("reuse_prefix", self.reuse_prefix, REUSE_MODES)
         check_number("lambda_gl", self.lambda_gl, 0.0)
+        if self.lambda_epochs is not None:
+            check_int("lambda_epochs", self.lambda_epochs, 1)
+        check_choice("group_weights", self.group_weights, GROUP_WEIGHTS)
         check_number("eps_ps", self.eps_ps, 0.0)
         check_int("shrink_every", self.shrink_every, 1)
         check_int("warmup_epochs", self.warmup_epochs, 0)

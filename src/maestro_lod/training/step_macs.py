@@ -86,3 +86,19 @@ class PassCost:
         """Training MACs of one step that ran ``passes`` (see :attr:`~.steps.Step.passes`) on
         ``examples`` examples."""
         return (1 + BACKWARD_FACTOR) * examples * sum(self.forward_of(lowered) for lowered in passes)
+
+
+def rank_cost_scales(model: nn.Module, example_inputs, names: list[str], weighting: str) -> list[float] | None:
+    """Per layer of ``names`` (in order), what one of its ranks costs divided by the mean over
+    them: by ``macs`` (the factor pair's MACs per example, ``P·(m + n)``) or ``params``
+    (``m + n``); None for ``uniform``. The weights of a cost-aware group lasso."""
+    if weighting == "uniform":
+        return None
+    layers = dict(low_rank_layers(model))
+    if weighting == "macs":
+        per_rank = PassCost.measure(model, example_inputs).per_rank
+        costs = [float(per_rank[name]) for name in names]
+    else:
+        costs = [float(sum(layers[name].dense_shape()[:2])) for name in names]
+    mean = sum(costs) / len(costs) if costs else 0.0
+    return [cost / mean if mean > 0 else 1.0 for cost in costs]
