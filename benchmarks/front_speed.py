@@ -139,6 +139,8 @@ def methods(large: bool) -> dict[str, Any]:
         table[REFERENCE] = lambda m, c, p: greedy_front(m, c, "params", progress=p, scoring_positions=None)
         table["exhaustive"] = lambda m, c, p: greedy_front(m, c, "params", progress=p)
         table["lazy"] = lambda m, c, p: greedy_front(m, c, "params", search="lazy", progress=p)
+        table["lazy, 16,384 positions"] = lambda m, c, p: greedy_front(m, c, "params", search="lazy", progress=p,
+                                                                       scoring_positions=16384)
     table["lazy, stop at params=0.5"] = lambda m, c, p: greedy_front(m, c, "params", search="lazy",
                                                                       targets={"params": 0.5}, progress=p)
     table["allocate (measured), target params=0.5"] = lambda m, c, p: allocated_front(

@@ -68,13 +68,15 @@ CALIBRATION_BATCH = 128
 allocator reuses: at 2,048 samples the char LM's calibration pass took twice as long on a CPU core,
 most of the extra in the kernel mapping fresh pages for every activation."""
 
-SCORING_POSITIONS = 16384
+SCORING_POSITIONS = 32768
 """Target positions (a label per image, a token per window position) on which the greedy search
 ranks its candidates by default: the leading calibration batches that hold at least this many. A
 classifier's default 2,048 samples are all used; a language model's 2,048 windows of 64 tokens
-(131,072 positions) are scored on their first 256 windows, which gives the character LM's front
-within noise of scoring on all of them in an eighth of the time (``benchmarks/front_speed.py``).
-The whole calibration set still recomputes BatchNorm statistics."""
+(131,072 positions) are scored on their first 512 windows. On the character LM that gave the same
+front as scoring on all of them at every budget from 0.15 to 1.0× the parameters, in a sixth of the
+time; 16,384 positions were faster again but chose other points, up to 3.9 % higher perplexity
+(``benchmarks/front_speed.py``). The whole calibration set still recomputes BatchNorm
+statistics."""
 
 Batch = tuple[Any, Any]
 Progress = Callable[[int, int], None]
@@ -106,9 +108,9 @@ def calibration_batches(dataset: Dataset, size: int = CALIBRATION_SIZE, batch_si
 
 
 def validation_batches(dataset: Dataset, batch_size: int) -> list[Batch]:
-    """Every sample of ``dataset`` once (in an order drawn with seed 0), collated once into batches of at most ``batch_size``
-    samples (and no more than :data:`CALIBRATION_BATCH`, for the same speed), to evaluate every
-    point of a front on the same data."""
+    """Every sample of ``dataset`` once (in an order drawn with seed 0), collated once into batches
+    of at most ``batch_size`` samples (and no more than :data:`CALIBRATION_BATCH`, for the same
+    speed), to evaluate every point of a front on the same data."""
     return calibration_batches(dataset, len(dataset), min(batch_size, CALIBRATION_BATCH), seed=0)
 
 
