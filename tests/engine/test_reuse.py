@@ -43,6 +43,15 @@ def _model():
     return ml.factorize(Net()).eval()
 
 
+def _recorded():
+    """A model, an input and a PrefixReuse holding the record of one forward on it."""
+    model, x = _model(), torch.randn(3, 12)
+    reuse = PrefixReuse(model)
+    with torch.no_grad(), reuse.recording():
+        model(x)
+    return model, x, reuse
+
+
 def test_whole_blocks_are_replayed_and_outputs_are_unchanged(one_thread):
     model = _model()
     x = torch.randn(7, 12)
@@ -67,11 +76,7 @@ def test_whole_blocks_are_replayed_and_outputs_are_unchanged(one_thread):
 
 
 def test_a_shared_module_replays_only_its_calls_before_the_change(one_thread):
-    model = _model()
-    x = torch.randn(3, 12)
-    reuse = PrefixReuse(model)
-    with torch.no_grad(), reuse.recording():
-        model(x)
+    model, x, reuse = _recorded()
     model.second.inner.active_rank = 1  # between the two calls of `shared`: its second call computes
     with torch.no_grad():
         expected = model(x)
@@ -85,11 +90,7 @@ def test_a_shared_module_replays_only_its_calls_before_the_change(one_thread):
 
 
 def test_the_first_of_several_changed_layers_ends_the_prefix(one_thread):
-    model = _model()
-    x = torch.randn(3, 12)
-    reuse = PrefixReuse(model)
-    with torch.no_grad(), reuse.recording():
-        model(x)
+    model, x, reuse = _recorded()
     assert [m for m, _ in reuse.prefix({model.head, model.second.inner})] == [model.first, model.shared]
     assert reuse.prefix({model.head, model.first.inner}) == []
     assert reuse.prefix({model.head, nn.Linear(2, 2)}) == []  # a layer never called: no position known
