@@ -288,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its notes on optional operator sets are noise here
+    for name in ("torch.onnx", "onnxscript"):  # notes on operator sets and constant folding: noise here
+        logging.getLogger(name).setLevel(logging.ERROR)
     if args.hf is not None:
         _check_hf_options(args)
         return _run_hf(args)
