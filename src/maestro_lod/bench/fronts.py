@@ -59,11 +59,11 @@ TASKS: tuple[Task, ...] = (
          metric="perplexity"),
 )
 SEEDS = 3
-DURATION = ("on 2 CPU cores, one training at a time: LeNet-5 about 6 minutes per seed, the MLP under 1, cnn4 and "
-            "the character LM 1.5-2 hours each per seed, mostly their greedy searches on 2,048 calibration samples; "
-            "about 10 hours for the default 4 tasks x 3 seeds")
-"""How long the default tasks and seeds take (measured for LeNet-5 and the MLP; for cnn4 and the
-character LM estimated from their training times and the first cnn4 search)."""
+DURATION = ("on 2 CPU cores, one training at a time: LeNet-5 about 6 minutes per seed, the MLP under 1, cnn4 "
+            "about 40 minutes per seed, mostly its six greedy searches, the character LM about half an hour per seed; "
+            "about 4 hours for the default 4 tasks x 3 seeds")
+"""How long the default tasks and seeds take (measured for LeNet-5, the MLP and cnn4; for the
+character LM estimated from its training time and its searches in ``benchmarks/front_speed.py``)."""
 
 PUFFERFISH = (0.5, 0.25, 0.125)
 SEPARATE = (0.7, 0.4, 0.2)
