@@ -34,8 +34,7 @@ import torch
 from ..canonical import canonicalize_
 from ..engine.costs import deployable
 from ..engine.counting import count_macs, count_params
-from ..engine.evaluation import evaluate
-from ..engine.passes import forward
+from ..engine.evaluation import evaluate_batches
 from ..engine.search import (CALIBRATION_SIZE, calibration_batches, evaluate_front, greedy_front,
                              validation_batches)
 from ..files import write_json_atomic
@@ -95,7 +94,7 @@ def dense_costs(run: LoadedRun, example: Any) -> dict[str, int]:
 
 
 def _score(model: torch.nn.Module, inputs: Inputs) -> dict[str, float | None]:
-    metrics = evaluate(model, inputs.validation, lambda batch: (forward(model, batch[0]), batch[1]), inputs.kind)
+    metrics = evaluate_batches(model, inputs.validation, inputs.kind)
     return {"accuracy": metrics["accuracy"], "perplexity": metrics.get("perplexity")}
 
 

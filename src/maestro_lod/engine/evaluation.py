@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data import IGNORE_INDEX
 from ..errors import ConfigError
+from .passes import forward
 
 LANGUAGE_KINDS = ("language-model", "seq2seq")
 
@@ -51,3 +52,9 @@ def evaluate(model: nn.Module, batches: Iterable, run: Callable[[object], tuple[
     if kind in LANGUAGE_KINDS:
         metrics["perplexity"] = math.exp(loss) if loss < 700 else math.inf  # exp overflows beyond ~709
     return metrics
+
+
+def evaluate_batches(model: nn.Module, batches: Iterable, kind: str) -> dict[str, float]:
+    """:func:`evaluate` on ``(inputs, targets)`` batches held in memory: the model runs on each
+    batch's inputs (a tensor or a tuple of them), its output scored against the batch's targets."""
+    return evaluate(model, batches, lambda batch: (forward(model, batch[0]), batch[1]), kind)

@@ -156,15 +156,16 @@ class PrefixReuse:
             self._inside[module] = frozenset(module.modules())
         return not changed.isdisjoint(self._inside[module])
 
-    def _replayed_calls(self, changed: set[LowRankLayer]) -> list[_Call] | None:
-        """The recorded calls the sampled pass replays (None when a changed layer was never called
-        through its forward: its position in the computation is unknown). A call qualifies when it
-        ended before the first call of a changed layer started and before the first output changed
-        in place, returned a tensor, and holds no changed layer; of those, only the outermost run."""
-        starts = [call.start for call in self._calls if call.module in changed]
-        if len(changed) > len({call.module for call in self._calls if call.module in changed}):
-            return None
-        limit = min(starts, default=self._ticks + 1)
+    def _replay_plan(self, changed: set[LowRankLayer]) -> tuple[list[_Call], dict[nn.Module, list]]:
+        """The recorded calls the sampled pass replays, and per module that still runs the outputs of
+        its calls in order (None: computed). A call is replayed when it ended before the first call
+        of a changed layer started and before the first output changed in place, returned a tensor,
+        and holds no changed layer, and no call around it is replayed. Nothing is replayed when a
+        changed layer was never called through its forward (its position is unknown)."""
+        called = {call.module for call in self._calls if call.module in changed}
+        if len(changed) > len(called):
+            return [], {}
+        limit = min((call.start for call in self._calls if call.module in changed), default=self._ticks + 1)
         for call in sorted((c for c in self._calls if c.end is not None), key=lambda c: c.end):
             if call.end >= limit:
                 break
@@ -172,39 +173,32 @@ class PrefixReuse:
                 limit = call.end
                 break
         chosen: list[_Call] = []
+        outputs: dict[nn.Module, list] = defaultdict(list)
         covered = [False] * len(self._calls)  # inside a replayed call: not run at all
         for index, call in enumerate(self._calls):
-            parent = call.parent
-            if parent is not None and covered[parent]:
+            if call.parent is not None and covered[call.parent]:
                 covered[index] = True
-            elif (call.end is not None and call.end < limit and call.output is not None
-                  and not self._contains(call.module, changed)):
-                covered[index] = True
+                continue
+            replay = (call.end is not None and call.end < limit and call.output is not None
+                      and not self._contains(call.module, changed))
+            covered[index] = replay
+            outputs[call.module].append(call.output if replay else None)
+            if replay:
                 chosen.append(call)
-        return chosen
+        return chosen, {module: calls for module, calls in outputs.items() if any(o is not None for o in calls)}
 
     def prefix(self, changed: set[LowRankLayer]) -> list[tuple[nn.Module, torch.Tensor]]:
         """The recorded calls the sampled pass reuses, outermost first in call order: those that
         end before the first call of a changed layer. Empty when a changed layer was never called
         through its forward."""
-        return [(call.module, call.output) for call in self._replayed_calls(changed) or []]
+        return [(call.module, call.output) for call in self._replay_plan(changed)[0]]
 
     @contextmanager
     def replaying(self, changed: set[LowRankLayer], keep: bool = False) -> Iterator[int]:
         """Inside the block, the calls of the reusable prefix return their recorded outputs.
         Yields how many calls are replayed. The recording is released afterwards, or kept with
         ``keep`` (to replay it again for another set of changed layers)."""
-        chosen = set(map(id, self._replayed_calls(changed) or []))
-        executed: dict[nn.Module, list[torch.Tensor | None]] = defaultdict(list)
-        covered = [False] * len(self._calls)
-        for index, call in enumerate(self._calls):
-            if call.parent is not None and covered[call.parent]:
-                covered[index] = True
-                continue
-            replay = id(call) in chosen
-            covered[index] = replay
-            executed[call.module].append(call.output if replay else None)
-        outputs = {module: calls for module, calls in executed.items() if any(o is not None for o in calls)}
+        chosen, outputs = self._replay_plan(changed)
         own = {module: module.__dict__.get("forward") for module in outputs}
         try:
             for module, recorded in outputs.items():

@@ -15,18 +15,13 @@ from ..deploy.api import INITS, ORDERS, prepare_model
 from ..deploy.artifacts import FORMATS
 from ..deploy.compress import (CompressResult, ProgressFactory, check_input_batches, check_inputs, check_outputs,
                                compress_model, file_sha256, no_progress)
-from ..engine.evaluation import evaluate
-from ..engine.passes import forward
+from ..engine.evaluation import evaluate_batches
 from ..engine.search import CALIBRATION_SIZE, calibration_batches, validation_batches
 from ..errors import UsageError
 from ..models import build_model
 from .directory import CHECKPOINT_FILE
 from .healing import PointHealing, check_epochs, heal_front
 from .loading import build_from_factory, build_torchvision, load_run, load_weights
-
-EVAL_BATCH = 256
-"""Validation samples per forward pass for a model that is not a run."""
-
 
 def _check_choices(init: str, order: str) -> None:
     if init not in INITS:
@@ -143,10 +138,10 @@ def compress_files(out: str | Path, *, weights: str | Path, data: str, model_fac
         (lambda: build_torchvision(torchvision, task.num_classes))
     dense = load_weights(build(), weights)
     calibration = calibration_batches(task.train, calibration_size, seed=seed)
-    validation = calibration_batches(task.val, len(task.val), EVAL_BATCH, seed=0)
+    validation = validation_batches(task.val)
     check_input_batches(dense, calibration, "calibration")
     check_input_batches(dense, validation, "validation")
-    dense_accuracy = evaluate(dense, validation, lambda batch: (forward(dense, batch[0]), batch[1]), task.kind)["accuracy"]
+    dense_accuracy = evaluate_batches(dense, validation, task.kind)["accuracy"]
     architecture = copy.deepcopy(dense)
     model, prepared = prepare_model(dense, calibration, init, order)
     source = {"model_factory": model_factory} if model_factory is not None else {"torchvision": torchvision}

@@ -30,7 +30,7 @@ from .. import __version__
 from ..errors import RunDirectoryError
 from ..deploy.compress import FRONT_FILE, PLOT_FILE, POINT_FILE
 from ..deploy.family import FAMILY_FILE
-from ..files import check_output_directory, json_text, remove_stale_temporaries, write_json_atomic, write_text_atomic
+from ..files import json_text, remove_stale_temporaries, write_json_atomic, write_text_atomic
 from ..training.checkpoint import save_checkpoint
 from ..training.train_config import check_nesting
 from ..training.loop import Callback, Trainer

@@ -28,9 +28,8 @@ from torch import nn
 from ..canonical import canonicalize_
 from ..data import TaskData
 from ..engine.costs import deployable
-from ..engine.evaluation import evaluate
+from ..engine.evaluation import evaluate_batches
 from ..engine.front import FrontPoint
-from ..engine.passes import forward
 from ..engine.search import Batch, materialize
 from ..errors import ConfigError
 from ..training import TrainConfig, fit
@@ -82,7 +81,7 @@ def fine_tune(model: nn.Module, data: TaskData, config: TrainConfig, epochs: int
 
 def _scores(model: nn.Module, validation: list[Batch], kind: str) -> dict[str, float]:
     deployed = deployable(model, validation[0][0][:1])
-    metrics = evaluate(deployed, validation, lambda batch: (forward(deployed, batch[0]), batch[1]), kind)
+    metrics = evaluate_batches(deployed, validation, kind)
     return {key: metrics[key] for key in ("accuracy", "loss", "perplexity") if metrics.get(key) is not None}
 
 
