@@ -50,10 +50,12 @@ re-factorised by SVD or whitened SVD at its rank (same function), or as trained.
 CHECK_SAMPLES = 64
 
 
-def _choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
-    return value
+def check_preparation(init: str, order: str) -> None:
+    """A one-line ConfigError naming ``init`` or ``order`` when it is not one of :data:`INITS` /
+    :data:`ORDERS`."""
+    for name, value, choices in (("init", init, INITS), ("order", order, ORDERS)):
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
 def prepare_model(model: nn.Module, calibration: Sequence[Batch], init: str = "whitened",
@@ -62,8 +64,7 @@ def prepare_model(model: nn.Module, calibration: Sequence[Batch], init: str = "w
     front's metadata). A model without low-rank layers is factorised at full rank with ``init``
     (:data:`INITS`; whitened on the inputs of ``calibration``); one with low-rank layers has its
     ranks ordered by ``order`` (:data:`ORDERS`). Either way the model computes what it did."""
-    _choice("init", init, INITS)
-    _choice("order", order, ORDERS)
+    check_preparation(init, order)
     model.eval()
     if not any(True for _ in low_rank_layers(model)):
         model = factorize(model, FactorizeConfig(init=init), calibration=calibration if init == "whitened" else None)
@@ -198,8 +199,7 @@ def compress(model: nn.Module, calibration: Iterable, validation: Iterable | Non
         raise ConfigTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if loss is not None and not callable(loss):
         raise ConfigTypeError(f"loss must be a function loss(output, batch) -> tensor, got {type(loss).__name__}")
-    _choice("init", init, INITS)
-    _choice("order", order, ORDERS)
+    check_preparation(init, order)
     if targets and out is None:
         raise ConfigError("targets are exported into out=<directory>: pass out, or choose points with front.select")
     if out is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 from ..data import load_data
-from ..deploy.api import INITS, ORDERS, prepare_model
+from ..deploy.api import check_preparation, prepare_model
 from ..deploy.artifacts import FORMATS
 from ..deploy.compress import (CompressResult, ProgressFactory, check_input_batches, check_inputs, check_outputs,
                                compress_model, file_sha256, no_progress)
@@ -22,13 +22,6 @@ from ..models import build_model
 from .directory import CHECKPOINT_FILE
 from .healing import PointHealing, check_epochs, heal_front
 from .loading import build_from_factory, build_torchvision, load_run, load_weights
-
-def _check_choices(init: str, order: str) -> None:
-    if init not in INITS:
-        raise UsageError(f"init {init!r} is not one of {', '.join(INITS)}")
-    if order not in ORDERS:
-        raise UsageError(f"order {order!r} is not one of {', '.join(ORDERS)}")
-
 
 def _preparation(prepared: dict) -> dict:
     """What of the model's preparation shapes the front: the initialisation of a dense model, the
@@ -73,7 +66,7 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, *, targets:
     anew on every call, and part of the inputs a later call must share), and ``heal`` epochs of
     fine-tuning at fixed ranks for each exported point. Each target's ``point.json`` records its
     validation figures before and after each healing and the seconds it took."""
-    _check_choices(init, order)
+    check_preparation(init, order)
     check_epochs("heal", heal)
     check_epochs("heal_maestro", heal_maestro)
     run_dir = Path(run_dir)
@@ -127,7 +120,7 @@ def compress_files(out: str | Path, *, weights: str | Path, data: str, model_fac
     weights against the model, the model on a calibration batch) before anything is written. As
     with :func:`compress_run`, a second call into ``out`` adds its targets to the front of the
     same inputs (the weights file's sha256 in place of the checkpoint's)."""
-    _check_choices(init, order)
+    check_preparation(init, order)
     if (model_factory is None) == (torchvision is None):
         raise UsageError("give exactly one of a model factory (--model-factory) and a torchvision architecture "
                          "(--torchvision)")
