@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..checks import check_positive_int
 from ..errors import ConfigError
 from ..layers import LowRankConv, LowRankLayer
 from ..whitening import SecondMoment, _conv_patches
@@ -184,8 +185,7 @@ def knapsack(costs: Sequence[Sequence[float]], errors: Sequence[Sequence[float]]
     rounded up to a cell, so answers never exceed their budget but may miss a better one that
     the rounding pushes over."""
     _check_options(costs, errors)
-    if isinstance(cells, bool) or not isinstance(cells, int) or cells < 1:
-        raise ConfigError(f"cells={cells!r} must be a positive int")
+    check_positive_int("cells", cells)
     floors = [min(c) for c in costs]
     minimum = sum(floors)
     top = max(budgets, default=minimum) - minimum

@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import Dataset, default_collate
 
+from ..checks import check_positive_int
 from ..data import IGNORE_INDEX
 from ..errors import ConfigError, ConfigTypeError
 from ..export import export
@@ -92,8 +93,7 @@ def calibration_batches(dataset: Dataset, size: int = CALIBRATION_SIZE, batch_si
     data. Augmentations the dataset applies draw from a generator seeded with ``seed`` too; the
     global random state is left as it was."""
     for what, value in (("calibration size", size), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{what}={value!r} must be a positive int")
+        check_positive_int(what, value)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=generator)[:size].tolist()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -436,8 +436,7 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
     if search not in SEARCHES:
         raise ConfigError(f"search={search!r} is not one of {', '.join(SEARCHES)}")
     for what, value in (("top", top), ("refresh", refresh)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{what}={value!r} must be a positive int")
+        check_positive_int(what, value)
     batches = _check_batches(calibration, "calibration")
     if search == "allocate":
         return allocated_front(model, batches, cost, latency=latency, latency_batch_size=latency_batch_size,
@@ -620,8 +619,7 @@ def allocated_front(model: nn.Module, calibration: Sequence[Batch], cost: str = 
         raise ConfigError(f"weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}")
     if errors not in ("truncation", "spectrum"):
         raise ConfigError(f"errors={errors!r} is not one of truncation, spectrum")
-    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
-        raise ConfigError(f"points={points!r} must be a positive int")
+    check_positive_int("points", points)
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
         raise ConfigError(f"step={step!r} must be a fraction in (0, 1]")
     batches = _check_batches(calibration, "calibration")

@@ -51,6 +51,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("maestro_lod.integrations.hf_folder needs the hf extra: pip install 'maestro-lod[hf]'") from error
 
+from ..checks import check_positive_int
 from ..config import FactorizeConfig
 from ..data.text import pydoc_corpus
 from ..engine.counting import count_params
@@ -500,8 +501,7 @@ def _targets(targets: Sequence[str | tuple[str, float]]) -> list[Target]:
 
 def _check_positive(**values: Any) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}={value!r} must be a positive int")
+        check_positive_int(name, value)
 
 
 def target_folder(target: Target) -> str:
