@@ -35,7 +35,7 @@ from ..canonical import canonicalize_
 from ..engine.costs import deployable
 from ..engine.counting import count_macs, count_params
 from ..engine.evaluation import evaluate_batches
-from ..engine.search import (CALIBRATION_SIZE, calibration_batches, evaluate_front, greedy_front,
+from ..engine.search import (CALIBRATION_SIZE, calibration_batches, evaluate_front, first_sample, greedy_front,
                              validation_batches)
 from ..files import write_json_atomic
 from ..inject import factorize
@@ -82,9 +82,7 @@ def run_inputs(run: LoadedRun) -> Inputs:
     config, data = run.config, run.data
     calibration = calibration_batches(data.train, CALIBRATION_SIZE, seed=config.seed)
     validation = validation_batches(data.val, config.eval_batch_size)
-    example = calibration[0][0]
-    example = tuple(x[:1] for x in example) if isinstance(example, (tuple, list)) else example[:1]
-    return Inputs(calibration, validation, example, data.kind)
+    return Inputs(calibration, validation, first_sample(calibration), data.kind)
 
 
 def dense_costs(run: LoadedRun, example: Any) -> dict[str, int]:

@@ -40,7 +40,8 @@ from ..engine.costs import deployable, layer_floor, measure_latency, repeat_batc
 from ..engine.front import Front, FrontPoint
 from ..data import TaskData
 from ..engine.passes import forward
-from ..engine.search import Batch, Loss, calibration_batches, evaluate_front, greedy_front, materialize
+from ..engine.search import (Batch, Loss, calibration_batches, evaluate_front, first_sample, greedy_front,
+                             materialize)
 from ..engine.targets import check_target
 from ..errors import ConfigError, ConfigTypeError, MaestroError, RunDirectoryError, UsageError
 from ..files import TEMPORARY_SUFFIX, check_output_directory, json_text, write_text_atomic
@@ -490,8 +491,7 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
             say(f"note: {', '.join(missing)} (exported before) no longer exist; front.json stops marking them",
                 flush=True)
             earlier = [t for t in earlier if target_folder(*t) not in missing]
-    example = calibration[0][0]
-    example = tuple(x[:1] for x in example) if isinstance(example, (tuple, list)) else example[:1]
+    example = first_sample(calibration)
     front = None
     if reuse:
         why = "the latency table is measured again (--remeasure-latency)" if remeasure_latency else \

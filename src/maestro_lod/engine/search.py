@@ -245,7 +245,8 @@ def scoring_batches(batches: list[Batch], positions: int | None, loss: Loss | No
     return batches
 
 
-def _first_sample(batches: list[Batch]) -> Any:
+def first_sample(batches: Sequence[Batch]) -> Any:
+    """The first sample of the first batch's inputs, batch dimension kept (a tensor or a tuple)."""
     inputs = batches[0][0]
     return tuple(x[:1] for x in inputs) if isinstance(inputs, (tuple, list)) else inputs[:1]
 
@@ -329,7 +330,7 @@ def _prepare(model: nn.Module, batches: list[Batch], cost: str, step: float, lat
     for layer in layers.values():
         layer.active_rank = None
     current = rank_pattern(work)
-    example = _first_sample(batches)
+    example = first_sample(batches)
     readers = read_layers(work, example)
     dense_layers = readers[0]  # multiplied by from outside: dense in every artifact, never cut
     visits = {}
@@ -731,7 +732,7 @@ def evaluate_front(front: Front, model: nn.Module, val_batches: Sequence[Batch],
     the same model the artifacts are made from, so an exported point reproduces its figure. With
     ``loss`` (see :func:`greedy_front`), ``val_loss`` is its mean and there is no accuracy."""
     val = _check_batches(val_batches, "val_batches")
-    example = _first_sample(val)
+    example = first_sample(val)
     for done, point in enumerate(front.points, start=1):
         deployed = deployable(materialize(model, point, calibration), example)
         if loss is not None:

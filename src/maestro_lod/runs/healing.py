@@ -30,7 +30,7 @@ from ..data import TaskData
 from ..engine.costs import deployable
 from ..engine.evaluation import evaluate_batches
 from ..engine.front import FrontPoint
-from ..engine.search import Batch, materialize
+from ..engine.search import Batch, first_sample, materialize
 from ..errors import ConfigError
 from ..training import TrainConfig, fit
 
@@ -80,7 +80,7 @@ def fine_tune(model: nn.Module, data: TaskData, config: TrainConfig, epochs: int
 
 
 def _scores(model: nn.Module, validation: list[Batch], kind: str) -> dict[str, float]:
-    deployed = deployable(model, validation[0][0][:1])
+    deployed = deployable(model, first_sample(validation))
     metrics = evaluate_batches(deployed, validation, kind)
     return {key: metrics[key] for key in ("accuracy", "loss", "perplexity") if metrics.get(key) is not None}
 
