@@ -1,7 +1,7 @@
 """How long ``maestro-lod compress`` takes, end to end, as a user runs it.
 
 Trains a run (default: the character LM, ``--preset char-lm-pydoc --epochs 1``), then times, as
-separate processes with ``OMP_NUM_THREADS=1``:
+separate processes with ``OMP_NUM_THREADS=1`` (``--threads``; 0 leaves torch's default, every core):
 
 * ``first``: ``maestro-lod compress RUN --target params=0.5 --force`` (load, latency table, lazy
   search stopped at the target, evaluation of every point, the default formats, family file);
@@ -13,6 +13,7 @@ version and date) to ``benchmarks/results/compress_time.json``.
 
     python benchmarks/compress_time.py                    # char LM, 3 repeats: about 5 minutes
     python benchmarks/compress_time.py --train "--preset lenet5-mnist5k" --name lenet5
+    python benchmarks/compress_time.py --threads 0 --name charlm-all-cores  # as a user runs it (an idle machine)
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ def main() -> None:
     parser.add_argument("--train", default="--preset char-lm-pydoc --epochs 1", help="maestro-lod train options")
     parser.add_argument("--name", default="charlm")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS of the timed commands (0: torch's default, all cores; what a user gets)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "compress_time.json")
     args = parser.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     cli = [sys.executable, "-m", "maestro_lod"]
     work = Path(tempfile.mkdtemp(prefix="compress-time-"))
     run = work / "run"
@@ -59,7 +64,8 @@ def main() -> None:
         first.append(timed([*cli, "compress", str(run), "--target", "params=0.5", "--force", "--quiet"], env))
         second.append(timed([*cli, "compress", str(run), "--target", "params=0.6", "--quiet"], env))
     front = json.loads((run / "front.json").read_text())
-    result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": 1},
+    result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                          "threads": args.threads or torch.get_num_threads()},
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "train": args.train,
               "train_s": train_s, "first_s": first, "second_s": second, "points": len(front["points"])}
     print(f"{args.name}: trained in {train_s:.1f} s; compress --target params=0.5: median "

@@ -57,6 +57,7 @@ BUDGETS = (0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 REFERENCE = "exhaustive, every position"
 """The quality reference: every candidate scored every round on the whole calibration set."""
 LENGTH = 64
+ONE_PER_ROUND = "lazy, one removal per round, stop at params=0.5"
 
 
 class LogitsOnly(nn.Module):
@@ -138,9 +139,13 @@ def methods(large: bool) -> dict[str, Any]:
     if not large:
         table[REFERENCE] = lambda m, c, p: greedy_front(m, c, "params", progress=p, scoring_positions=None)
         table["exhaustive"] = lambda m, c, p: greedy_front(m, c, "params", progress=p)
+        table["lazy, one removal per round"] = lambda m, c, p: greedy_front(m, c, "params", search="lazy", share=0,
+                                                                            progress=p)
         table["lazy"] = lambda m, c, p: greedy_front(m, c, "params", search="lazy", progress=p)
         table["lazy, 16,384 positions"] = lambda m, c, p: greedy_front(m, c, "params", search="lazy", progress=p,
                                                                        scoring_positions=16384)
+    table[ONE_PER_ROUND] = lambda m, c, p: greedy_front(
+        m, c, "params", search="lazy", share=0, targets={"params": 0.5}, progress=p)
     table["lazy, stop at params=0.5"] = lambda m, c, p: greedy_front(m, c, "params", search="lazy",
                                                                       targets={"params": 0.5}, progress=p)
     table["allocate (measured), target params=0.5"] = lambda m, c, p: allocated_front(
@@ -162,6 +167,9 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=2048, help="calibration samples (LeNet-5, char LM)")
     parser.add_argument("--gpt2-calibration", type=int, default=16, help="64-character windows")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--methods", default=None,
+                        help="only these methods, separated by ';' (the setup's other methods measured earlier on "
+                             "the same trained model stay in the JSON)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "front_speed.json")
     args = parser.parse_args()
     if args.threads:
@@ -174,12 +182,19 @@ def main() -> None:
     for name in args.setups.split(","):
         setup = gpt2(args.gpt2_calibration) if name == "gpt2" else trained(
             name, args.charlm_epochs if name == "charlm" else args.epochs, args.threads, args.calibration)
-        entry = results["setups"][name] = {"train_s": setup["train_s"], "methods": {},
+        earlier = results["setups"].get(name, {}).get("methods", {}) if args.methods else {}
+        entry = results["setups"][name] = {"train_s": setup["train_s"], "methods": dict(earlier),
                                            "date": results["date"], "calibration_batches": len(setup["calibration"]),
                                            "calibration_samples": sum(len(t) for _, t in setup["calibration"])}
         cache: dict = {}
         fronts = {}
-        for method, run in methods(name == "gpt2").items():
+        chosen = methods(name == "gpt2")
+        if args.methods:
+            unknown = set(args.methods.split(";")) - set(chosen)
+            if unknown:
+                parser.error(f"unknown method(s) {sorted(unknown)}; choose from {'; '.join(chosen)}")
+            chosen = {method: run for method, run in chosen.items() if method in args.methods.split(";")}
+        for method, run in chosen.items():
             front, seconds, scored = timed(lambda p: run(setup["model"], setup["calibration"], p))
             fronts[method] = front
             if method == "lazy" and REFERENCE in fronts:  # where the lazy path leaves the reference
@@ -191,14 +206,19 @@ def main() -> None:
                 print(f"{name}: the lazy path follows the exhaustive one for {max(0, same - 1)} rounds; "
                       f"{shared} of its {len(paths[1])} points are exhaustive points", flush=True)
             entry["methods"][method] = {"seconds": seconds, "scored": scored, "points": len(front.points),
-                                        "budgets": quality(setup, front, cache)}
+                                        "trained_loss": front.points[0].calibration_loss,
+                                        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "budgets": quality(setup, front, cache)}
+            same = {m: e["trained_loss"] for m, e in earlier.items() if "trained_loss" in e}
+            if any(abs(loss - front.points[0].calibration_loss) > 1e-9 for loss in same.values()):
+                print(f"{name}: warning: the trained model differs from the one earlier rows were measured on "
+                      f"(calibration loss {front.points[0].calibration_loss:.6f} vs {same})", flush=True)
             print(f"{name}: {method}: {seconds:.1f} s, {len(front.points)} points, {scored} candidates scored",
                   flush=True)
-        if name == "gpt2":  # one exhaustive round, extrapolated over the lazy front's rounds
+        if name == "gpt2" and ONE_PER_ROUND in fronts:  # one exhaustive round, extrapolated over that search's rounds
             front, seconds, scored = timed(lambda p: greedy_front(
                 setup["model"], setup["calibration"], "params", progress=p,
                 targets={"params": front_start(fronts) * (1 - 1e-9)}))
-            rounds = entry["methods"]["lazy, stop at params=0.5"]["points"] - 1
+            rounds = entry["methods"][ONE_PER_ROUND]["points"] - 1
             entry["methods"]["exhaustive (estimated)"] = {
                 "seconds": seconds / max(1, len(front.points) - 1) * rounds, "scored": None, "points": rounds + 1,
                 "budgets": {}, "measured_rounds": len(front.points) - 1, "measured_s": seconds}

@@ -17,7 +17,11 @@ training recipe. Rows:
 * ``… 10 epochs``: the run cut to 10 epochs, with the 30-epoch λ_gl or with it scaled to the
   run length (``lambda_epochs = 30``: λ × 3), against dense + SVD trained as long;
 * ``MAESTRO recipe, group lasso by MACs``: each layer's groups weighted by what one of its ranks
-  costs in MACs (``group_weights = "macs"``).
+  costs in MACs (``group_weights = "macs"``);
+* ``MAESTRO recipe, dense warm-up``: the first quarter of the epochs trained dense (Pufferfish's
+  share), then factorised by SVD (``warmup_epochs``);
+* ``MAESTRO recipe, suffix sampler``: the sampled pass truncates every layer from a randomly
+  drawn one on (``sampler = "suffix"``), so it reuses the full pass's leading layers.
 
 Prints, per row, the best validation accuracy of the front within each budget (mean ± standard
 error over seeds) and the training and search seconds; writes every front to JSON with the
@@ -63,7 +67,10 @@ TRAININGS = {  # name -> (method, config changes over the preset)
     "maestro-10": ("maestro", {**ANNEAL, "sampler": "independent", "epochs": 10}),
     "maestro-10-scaled": ("maestro", {**ANNEAL, "sampler": "independent", "epochs": 10, "lambda_epochs": 30}),
     "maestro-macs": ("maestro", {**ANNEAL, "sampler": "independent", "group_weights": "macs"}),
+    "maestro-warmup": ("maestro", {**ANNEAL, "sampler": "independent", "warmup_share": 0.25}),
+    "maestro-suffix": ("maestro", {**ANNEAL, "sampler": "suffix"}),
 }
+"""``warmup_share``: that share of the epochs trained dense before factorising (``warmup_epochs``)."""
 ROWS = {  # row -> (training, how the front's model is prepared)
     "dense + SVD": ("dense", "svd"),
     "dense + SVD, anneal": ("dense-anneal", "svd"),
@@ -77,6 +84,8 @@ ROWS = {  # row -> (training, how the front's model is prepared)
     "MAESTRO recipe, 10 epochs, λ of 30": ("maestro-10", "canonical"),
     "MAESTRO recipe, 10 epochs, λ scaled to 10": ("maestro-10-scaled", "canonical"),
     "MAESTRO recipe, group lasso by MACs": ("maestro-macs", "canonical"),
+    "MAESTRO recipe, dense warm-up (first quarter of the epochs)": ("maestro-warmup", "canonical"),
+    "MAESTRO recipe, suffix sampler": ("maestro-suffix", "canonical"),
 }
 
 
@@ -102,6 +111,9 @@ def run_seed(seed: int, epochs: int, rows: list[str]) -> dict[str, Any]:
     trained, seconds = {}, {}
     for name in sorted({ROWS[row][0] for row in rows}):
         method, changes = TRAININGS[name]
+        changes = dict(changes)
+        if "warmup_share" in changes:
+            changes["warmup_epochs"] = round(changes.pop("warmup_share") * epochs)
         seed_everything(seed)
         model = build_model("lenet5", data)
         started = time.perf_counter()

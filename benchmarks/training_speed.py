@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import platform
 import pstats
@@ -81,10 +82,22 @@ TASKS = {
 }
 
 
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` → (key, value): VALUE read as JSON where it is JSON, else kept as a string."""
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def make_trainer(data, method: str, seed: int, args: argparse.Namespace) -> Trainer:
     recipe = TASKS[args.task].recipe
+    changes = dict(args.maestro) if method == "maestro" else {}
     config = TrainConfig.from_dict({**recipe, "epochs": args.epochs, "threads": args.threads, "method": method,
-                                    "seed": seed, "reuse_prefix": args.reuse_prefix})
+                                    "seed": seed, "reuse_prefix": args.reuse_prefix, **changes})
     torch.manual_seed(seed)
     return Trainer(build_model(recipe["model"], data), data.train, data.val, config, kind=data.kind)
 
@@ -161,6 +174,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the task's recipe")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both methods (default 1)")
     parser.add_argument("--reuse-prefix", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--maestro", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                        help="a MAESTRO option over the recipe (repeatable; VALUE in JSON, or a plain string): "
+                             "--maestro sampler=suffix --maestro warmup_epochs=2")
     parser.add_argument("--profile", action="store_true", help="cProfile one epoch of each method and stop")
     parser.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/<the task's file>")
     parser.add_argument("--quiet", action="store_true")
@@ -189,7 +205,7 @@ def main() -> None:
     verdict = task.targets(median)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"\n{args.task}, {args.epochs} epochs; {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {machine}, "
-          f"{args.threads} thread(s)")
+          f"{args.threads} thread(s){''.join(f', {k}={v}' for k, v in args.maestro)}")
     perplexity = (f", perplexity MAESTRO {median['maestro_perplexity']:.2f} (dense {median['dense_perplexity']:.2f})"
                   if "dense_perplexity" in median else "")
     print(f"median over {len(rows)} seed(s): time ratio {median['ratio']:.2f}, MAESTRO accuracy "
@@ -200,7 +216,8 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.json, {
         "task": args.task, "recipe": task.recipe | {"epochs": args.epochs}, "threads": args.threads,
-        "reuse_prefix": args.reuse_prefix, "seeds": args.seeds, "per_seed": rows, "median": median, "targets": verdict,
+        "reuse_prefix": args.reuse_prefix, "maestro": dict(args.maestro), "seeds": args.seeds, "per_seed": rows,
+        "median": median, "targets": verdict,
         "histories": {str(seed): {m: r[m]["history"] for m in r} for seed, r in results.items()},
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
                     "cpu_count": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"),

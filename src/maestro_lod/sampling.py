@@ -87,6 +87,23 @@ class IndependentSampler(RankSampler):
         return {name: pick + 1 for (name, _), pick in zip(live, picks)}
 
 
+@SAMPLERS.register("suffix")
+class SuffixSampler(RankSampler):
+    """A first layer drawn uniformly, then it and every later layer draw their own rank uniformly
+    from 1 … r_i; the layers before it keep full rank. "Later" is the order the model lists its
+    layers in, for most models that of the forward pass. Sub-models are truncated in several layers
+    at once, as ``independent``'s are, while the sampled pass can reuse the full pass's outputs of
+    the untouched leading layers (``reuse_prefix``) instead of recomputing the whole model."""
+
+    def draw(self, layers: list[tuple[str, LowRankLayer]]) -> dict[str, int]:
+        live = [(name, layer.rank) for name, layer in layers if layer.rank > 0]
+        if not live:
+            return {}
+        live = live[self._uniform_int(len(live)):]
+        picks = self._uniform_ints([rank for _, rank in live])
+        return {name: pick + 1 for (name, _), pick in zip(live, picks)}
+
+
 @SAMPLERS.register("fixed")
 class FixedFractionSampler(RankSampler):
     """Every layer at ``ceil(fraction · r_i)`` (Pufferfish-style fixed sub-model); deterministic."""

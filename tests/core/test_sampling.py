@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from maestro_lod import (FixedFractionSampler, IndependentSampler, SingleLayerSampler, factorize, low_rank_layers,
-                         sampled_ranks, truncate_)
+from maestro_lod import (FixedFractionSampler, IndependentSampler, SingleLayerSampler, SuffixSampler, factorize,
+                         low_rank_layers, sampled_ranks, truncate_)
 
 
 def _model() -> nn.Module:
@@ -23,7 +23,8 @@ def _manual_forward(model: nn.Module, x: torch.Tensor, ranks: dict[str, int]) ->
     return x
 
 
-@pytest.mark.parametrize("sampler", [SingleLayerSampler(0), IndependentSampler(0), FixedFractionSampler(0.5)])
+@pytest.mark.parametrize("sampler", [SingleLayerSampler(0), IndependentSampler(0), SuffixSampler(0),
+                                     FixedFractionSampler(0.5)])
 def test_outputs_follow_the_draw_inside_the_scope_and_the_full_model_after(sampler):
     model = _model()
     x = torch.randn(8, 6)
@@ -57,7 +58,7 @@ def test_full_rank_is_restored_after_an_exception():
     assert all(layer.active_rank is None for _, layer in low_rank_layers(model))
 
 
-@pytest.mark.parametrize("cls", [SingleLayerSampler, IndependentSampler])
+@pytest.mark.parametrize("cls", [SingleLayerSampler, IndependentSampler, SuffixSampler])
 def test_same_seed_same_draws_and_generator_seeds_work(cls):
     layers = list(low_rank_layers(_model()))
     assert cls(seed=123).draw(layers) == cls(seed=123).draw(layers)
@@ -87,7 +88,7 @@ def test_samplers_read_the_current_ranks_after_shrinking():
     model = _model()
     truncate_(model, {"0": 1, "2": 2})
     layers = list(low_rank_layers(model))
-    for sampler in (SingleLayerSampler(1), IndependentSampler(1)):
+    for sampler in (SingleLayerSampler(1), IndependentSampler(1), SuffixSampler(1)):
         for _ in range(200):
             for name, rank in sampler.draw(layers).items():
                 assert 1 <= rank <= dict(layers)[name].rank
@@ -120,6 +121,27 @@ def test_independent_sampler_is_uniform_over_each_layers_ranks():
     pairs = torch.bincount(torch.tensor([4 * (d["2"] - 1) + d["0"] - 1 for d in draws]), minlength=12)
     expected = len(draws) / 12
     assert float(((pairs - expected) ** 2 / expected).sum()) < 31.26  # 99.9% quantile, 11 degrees of freedom
+
+
+def test_suffix_sampler_draws_every_layer_from_a_uniform_first_one_on():
+    model = factorize(nn.Sequential(nn.Linear(9, 5), nn.ReLU(), nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)))
+    truncate_(model, {"0": 4})
+    layers = list(low_rank_layers(model))  # ranks 4, 3, 2
+    names = [name for name, _ in layers]
+    sampler = SuffixSampler(seed=7)
+    draws = [sampler.draw(layers) for _ in range(3000)]
+    starts = torch.zeros(3)
+    for draw in draws:  # the draw names a suffix of the layers: a first one and all after it
+        first = names.index(next(iter(draw)))
+        assert list(draw) == names[first:]
+        starts[first] += 1
+    expected = len(draws) / 3
+    assert float(((starts - expected) ** 2 / expected).sum()) < 13.82  # 99.9% quantile, 2 degrees of freedom
+    for name, layer in layers:  # within a draw each layer's rank is uniform over 1 … r
+        counts = torch.bincount(torch.tensor([d[name] for d in draws if name in d]), minlength=layer.rank + 1)
+        assert counts[0] == 0 and len(counts) == layer.rank + 1
+        expected = float(counts.sum()) / layer.rank
+        assert float(((counts[1:] - expected) ** 2 / expected).sum()) < 16.27  # 99.9% quantile, 3 d.o.f. (the most)
 
 
 def test_a_scope_given_the_layers_matches_one_that_walks_the_model_and_restores_what_the_block_changed():

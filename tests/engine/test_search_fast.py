@@ -1,6 +1,7 @@
 """Fast fronts: rank allocation without search, the lazy greedy search, targets that stop a
 search, and progress reports."""
 
+import copy
 import itertools
 import random
 
@@ -14,6 +15,7 @@ from maestro_lod.engine.allocate import (knapsack, lagrangian_path, layer_moment
                                          truncation_errors)
 from maestro_lod.engine.search import SearchStatus, allocated_front
 from maestro_lod.errors import ConfigError
+from maestro_lod.layers import low_rank_layers
 
 from conftest import SmallConvNet
 
@@ -153,6 +155,52 @@ def test_lazy_front_is_close_on_a_small_cnn(digits):
     for point in exhaustive.points:  # at every cost of the exhaustive front the lazy one is about as good
         best = min(p.calibration_loss for p in lazy.points if p.params <= point.params)
         assert best <= point.calibration_loss * 1.1 + 0.05
+
+
+def _loss_at(model, ranks, batches):
+    """The calibration loss of ``model`` with its layers set to ``ranks`` (a copy; nothing cached)."""
+    work = copy.deepcopy(model)
+    for name, layer in low_rank_layers(work):
+        layer.active_rank = ranks[name]
+    return calibration_loss(work, batches)
+
+
+def test_lazy_rounds_cut_several_layers_within_their_share_and_record_the_true_loss():
+    torch.manual_seed(0)
+    model = ml.factorize(TwoLayers(width=32, depth=8), ml.FactorizeConfig(min_rank=1)).eval()
+    x = torch.randn(512, 32)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    batches = [(x[:256], y[:256]), (x[256:], y[256:])]
+    one = greedy_front(model, batches, "params", search="lazy", share=0)
+    several = greedy_front(model, batches, "params", search="lazy", share=0.1)
+    assert all(sum(a != b for a, b in zip(p.ranks.values(), q.ranks.values())) == 1
+               for p, q in zip(one.points, one.points[1:]))
+    changed = [sum(a != b for a, b in zip(p.ranks.values(), q.ranks.values()))
+               for p, q in zip(several.points, several.points[1:])]
+    assert max(changed) >= 3 and len(several.points) < len(one.points) / 2
+    for before, after, count in zip(several.points, several.points[1:], changed):
+        if count > 1:  # together within the share of the cost, and the point's loss is its own model's
+            assert before.params - after.params <= 0.1 * before.params
+            assert after.calibration_loss == pytest.approx(_loss_at(model, after.ranks, batches), rel=1e-9)
+    assert several.points[-1].ranks == one.points[-1].ranks  # both end with every layer at its floor
+    for point in one.points:  # at every cost of the one-by-one front the batched one is about as good
+        best = min(p.calibration_loss for p in several.points if p.params <= point.params)
+        assert best <= point.calibration_loss * 1.1 + 0.05
+
+
+def test_lazy_rounds_near_a_target_cut_one_layer_at_a_time():
+    torch.manual_seed(0)
+    model = ml.factorize(TwoLayers(width=32, depth=8), ml.FactorizeConfig(min_rank=1)).eval()
+    x = torch.randn(256, 32)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    front = greedy_front(model, [(x, y)], "params", search="lazy", share=0.2, targets={"params": 0.5})
+    goal = 0.5 * front.dense_params
+    for before, after in zip(front.points, front.points[1:]):
+        if sum(a != b for a, b in zip(before.ranks.values(), after.ranks.values())) > 1:
+            assert before.params - after.params <= (before.params - goal) / 4 + 1e-9
+    assert front.fraction(front.points[-1], "params") <= 0.5 < front.fraction(front.points[-2], "params")
 
 
 class Counting(nn.Module):

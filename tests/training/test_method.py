@@ -81,6 +81,32 @@ def test_a_step_is_the_full_pass_plus_one_lower_rank_sub_model_distilled_from_it
         torch.testing.assert_close(delta, -LR * expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_the_suffix_sampler_reuses_the_layers_before_its_first_draw(digits):
+    """With ``sampler="suffix"``, the sampled pass starts at the first drawn layer: the layers
+    before it run once per step (in the full pass) and the update is that of the plain formula."""
+    data = Subset(digits.train, range(64))
+    model = ml.factorize(digits_mlp())
+    layers = list(ml.low_rank_layers(model))
+    seed = next(s for s in range(100) if next(iter(ml.SuffixSampler(s).draw(layers))) != layers[0][0])
+    expected = _expected_maestro_gradients(model, ml.SuffixSampler(seed), *_batch(data))
+    trainer = Trainer(model, data, data, one_step_config(), sampler=ml.SuffixSampler(seed))
+    trained = list(ml.low_rank_layers(trainer.model))
+    first, factors = trained[0][1], trained[0][1].factors
+    in_sampled_pass = []  # computations of the first layer while a draw is applied (a replay computes nothing)
+
+    def counted():
+        if any(layer.active_rank is not None for _, layer in trained):
+            in_sampled_pass.append(1)
+        return factors()
+
+    first.factors = counted
+    before = _snapshot(trainer.model)
+    trainer.train_epoch()
+    assert not in_sampled_pass, "the first layer runs in the full pass only"
+    for name, delta in _update(before, trainer.model).items():
+        torch.testing.assert_close(delta, -LR * expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_group_lasso_gradient_is_added_after_unscaling_the_mixed_precision_gradients(digits):
     data = Subset(digits.train, range(64))
     model = ml.factorize(digits_mlp())

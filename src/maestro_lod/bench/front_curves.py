@@ -35,8 +35,8 @@ from ..canonical import canonicalize_
 from ..engine.costs import deployable
 from ..engine.counting import count_macs, count_params
 from ..engine.evaluation import evaluate_batches
-from ..engine.search import (CALIBRATION_SIZE, calibration_batches, evaluate_front, first_sample, greedy_front,
-                             validation_batches)
+from ..engine.search import (CALIBRATION_SIZE, LAZY_SHARE, calibration_batches, evaluate_front, first_sample,
+                             greedy_front, validation_batches)
 from ..files import write_json_atomic
 from ..inject import factorize
 from ..layers import low_rank_layers
@@ -47,6 +47,9 @@ from ..runs.loading import LoadedRun, load_run
 FORMAT = 1
 STEP = 0.25
 SEARCH = "lazy"
+SHARE = LAZY_SHARE
+"""The search a front is cached for (its step, kind and the share of a lazy round); a front cached
+for another search is computed again."""
 PREPARATIONS = ("canonical", "svd", "whitened")
 """How a front's model is prepared: ``canonical`` (MAESTRO's trained pairs re-factorised by SVD),
 ``svd`` and ``whitened`` (a dense model factorised at full rank by SVD / by whitened SVD)."""
@@ -112,7 +115,7 @@ def front_curve(directory: Path, path: Path, how: str, cost: str, say: Callable[
     from ``path`` when it holds this front of this training, else computed and written there
     (and ``path`` appended to ``computed``)."""
     key = {"format": FORMAT, "source": source_digest(directory), "prepare": how, "cost": cost, "step": STEP,
-           "search": SEARCH, "calibration": CALIBRATION_SIZE}
+           "search": SEARCH, "share": SHARE, "calibration": CALIBRATION_SIZE}
     cached = read_cached(path, key)
     if cached is not None:
         return cached
@@ -121,7 +124,7 @@ def front_curve(directory: Path, path: Path, how: str, cost: str, say: Callable[
     inputs = run_inputs(run)
     started = time.perf_counter()
     model = prepared(run, how, inputs)
-    front = greedy_front(model, inputs.calibration, cost, STEP, kind=inputs.kind, search=SEARCH)
+    front = greedy_front(model, inputs.calibration, cost, STEP, kind=inputs.kind, search=SEARCH, share=SHARE)
     searched = time.perf_counter() - started
     evaluate_front(front, model, inputs.validation, inputs.calibration)
     points = [{"params": p.params, "macs": p.macs, "accuracy": p.accuracy, "perplexity": p.perplexity,

@@ -183,17 +183,18 @@ def _deterministic(model: nn.Module, inputs: Any) -> bool:
 
 @torch.no_grad()
 def _candidate_losses(model: nn.Module, batches: list[Batch], candidates: list[tuple[nn.Module, int, int]],
-                      reuse: PrefixReuse | None, loss: Loss | None = None) -> list[float]:
+                      reuse: PrefixReuse | None, loss: Loss | None = None) -> tuple[list[float], float | None]:
     """Calibration loss of the model with each ``(layer, current rank, candidate rank)`` applied
-    alone. With ``reuse``, each batch runs once at the current ranks while the outputs of its
-    modules are recorded, and each candidate recomputes only from its layer onward (the modules
-    before it see the same inputs and weights)."""
-    totals = [torch.zeros((), dtype=torch.float64) for _ in candidates]
+    alone, and that of the model at its current ranks where it came for free (else None). With
+    ``reuse``, each batch runs once at the current ranks while the outputs of its modules are
+    recorded (that pass gives the current loss), and each candidate recomputes only from its layer
+    onward (the modules before it see the same inputs and weights)."""
+    totals = [torch.zeros((), dtype=torch.float64) for _ in range(len(candidates) + (reuse is not None))]
     count = 0
     for inputs, targets in batches:
         if reuse is not None:
             with reuse.recording():
-                forward(model, inputs)
+                totals[-1] += _batch_loss(forward(model, inputs), inputs, targets, loss)[0]
         for i, (layer, rank, new) in enumerate(candidates):
             layer.active_rank = new
             try:
@@ -211,7 +212,8 @@ def _candidate_losses(model: nn.Module, batches: list[Batch], candidates: list[t
             reuse.clear()
     if reuse is not None:
         reuse.close()
-    return [float(total) / count for total in totals]
+    losses = [float(total) / count for total in totals]
+    return (losses[:-1], losses[-1]) if reuse is not None else (losses, None)
 
 
 def _check_batches(batches: object, what: str) -> list[Batch]:
@@ -258,6 +260,12 @@ LAZY_TOP = 3
 """Candidates a lazy round re-scores at least (besides the layer just cut)."""
 LAZY_REFRESH = 8
 """A lazy search re-scores every candidate once in this many rounds."""
+LAZY_SHARE = 0.02
+"""A lazy round keeps several removals (in different layers, best scores first) while together
+they save at most this share of the current cost, and at most a quarter of the cost still to go
+to the hardest target: far from the target a round cuts several layers at once, near it one. The
+rounds then grow with the cost to remove (about 35 to halve a model), not with layers × rank.
+0 keeps one removal per round."""
 ALLOCATION_POINTS = 24
 """Points an allocated front has besides the trained one (and the targets), evenly spread in cost."""
 
@@ -383,6 +391,19 @@ def _check_targets(targets: Mapping[str, float] | None, setup: _Setup) -> dict[s
     return budgets
 
 
+def _kept(candidates: list[tuple[str, int, float]], keys: Mapping[str, tuple], allowance: float) -> list[str]:
+    """The removals one round keeps: the best-ranked candidate by ``keys`` (lower is better), then
+    the next ones that save cost while the savings together stay within ``allowance``."""
+    ranked = sorted((c for c in candidates if c[0] in keys), key=lambda c: keys[c[0]])
+    kept, saved = [ranked[0][0]], ranked[0][2]
+    for name, _, saving in ranked[1:]:
+        if saving <= 0 or saved + saving > allowance:
+            break
+        kept.append(name)
+        saved += saving
+    return kept
+
+
 def _met(budgets: dict[str, float], setup: _Setup, ranks: dict[str, int]) -> set[str]:
     return {key for key, value in budgets.items() if setup.fraction(key, ranks) <= value + 1e-12}
 
@@ -400,8 +421,8 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
                  latency: LatencyTable | None = None, latency_batch_size: int = 32, kind: str = "classification",
                  progress: Callable[..., None] | None = None, search: str = "exhaustive",
                  targets: Mapping[str, float] | None = None, top: int = LAZY_TOP, refresh: int = LAZY_REFRESH,
-                 weighting: str = "measured", points: int = ALLOCATION_POINTS, loss: Loss | None = None,
-                 scoring_positions: int | None = SCORING_POSITIONS) -> Front:
+                 share: float = LAZY_SHARE, weighting: str = "measured", points: int = ALLOCATION_POINTS,
+                 loss: Loss | None = None, scoring_positions: int | None = SCORING_POSITIONS) -> Front:
     """The accuracy–cost front of ``model`` (factorised and trained; left unchanged) in one greedy pass.
 
     Args:
@@ -417,8 +438,11 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
             arguments; ``rounds`` is an estimate that can change between calls.
         search: ``"exhaustive"`` scores a removal in every layer each round; ``"lazy"`` keeps each
             layer's last score and re-scores only the ``top`` most promising candidates (and the
-            layer just cut), more while a stale score still looks better than every fresh one, and
-            all of them every ``refresh`` rounds; ``"allocate"`` chooses ranks without a search
+            layers just cut), more while a stale score still ranks among the removals the round
+            keeps, and all of them every ``refresh`` rounds; a lazy round keeps the best-scored
+            removals of several layers while together they save at most ``share`` of the current
+            cost and a quarter of the cost left to the hardest target (at least one removal; 0:
+            one per round, as the exhaustive search); ``"allocate"`` chooses ranks without a search
             (:func:`allocated_front`, with its ``weighting`` and ``points``; ``step`` there sets
             only the probe of ``weighting="probe"``).
         targets: budgets such as ``{"params": 0.5}`` (fractions of the dense model's cost): the
@@ -438,6 +462,8 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
         raise ConfigError(f"search={search!r} is not one of {', '.join(SEARCHES)}")
     for what, value in (("top", top), ("refresh", refresh)):
         check_positive_int(what, value)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+        raise ConfigError(f"share={share!r} must be a fraction in [0, 1)")
     batches = _check_batches(calibration, "calibration")
     if search == "allocate":
         return allocated_front(model, batches, cost, latency=latency, latency_batch_size=latency_batch_size,
@@ -448,15 +474,26 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
     budgets = _check_targets(targets, setup)
     work, layers, visits, objective = setup.work, setup.layers, setup.visits, setup.costs[cost]
     current = dict(setup.start)
-    report = _Reporter(progress, setup, budgets, cost, sum(len(ranks) - 1 for ranks in visits.values()))
+    goals = budgets or ({cost: setup.cheapest(cost)} if search == "lazy" and share else {})  # what the rounds approach
+    report = _Reporter(progress, setup, goals, cost, sum(len(ranks) - 1 for ranks in visits.values()))
 
     loss_fn = loss
-    loss = _finite(calibration_loss(work, scoring, loss_fn))
-    found = [setup.point(0, current, loss)]
+    found: list[FrontPoint] = []
     reuse = PrefixReuse(work) if _deterministic(work, scoring[0][0]) else None
+
+    def record(value: float) -> float:
+        """The current ranks become the next point, with calibration loss ``value``."""
+        found.append(setup.point(len(found), current, _finite(value)))
+        if len(found) > 1:
+            report(len(found) - 1, current, value)
+        return value
+
+    # the current point's loss; None while it waits for the next round's recorded pass to measure it
+    loss: float | None = None if reuse is not None else record(calibration_loss(work, scoring, loss_fn))
     stale: dict[str, tuple] = {}  # lazy: each layer's last score (ranking key) for its current candidate
     round_index = 0
     met = _met(budgets, setup, current)
+    goal = budgets[cost] * setup.dense[cost] if cost in budgets else setup.cheapest(cost) * setup.dense[cost]
     while any(current[name] != ranks[-1] for name, ranks in visits.items()) and not (budgets and met == set(budgets)):
         round_index += 1
         current_cost = objective(current)
@@ -477,35 +514,45 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
         measured: dict[str, float] = {}
 
         def score(chosen: list[tuple[str, int, float]]) -> dict[str, tuple]:
-            losses = _candidate_losses(work, scoring, [(layers[n], current[n], r) for n, r, _ in chosen], reuse,
-                                      loss_fn)
+            nonlocal loss
+            if not chosen:
+                return {}
+            losses, at_current = _candidate_losses(work, scoring, [(layers[n], current[n], r) for n, r, _ in chosen],
+                                                   reuse, loss_fn)
+            if loss is None:
+                loss = record(at_current)
             report.scored += len(chosen)
             measured.update((n, candidate_loss) for (n, _, _), candidate_loss in zip(chosen, losses))
             return {n: key(n, saved, candidate_loss - loss) for (n, _, saved), candidate_loss in zip(chosen, losses)}
 
         full = search == "exhaustive" or (round_index - 1) % refresh == 0 or candidates[0][2] <= 0
+        allowance = 0.0 if search == "exhaustive" else min(share * current_cost, (current_cost - goal) / 4)
         if full:
             fresh = score(candidates)
         else:
             waiting = sorted((c for c in candidates if c[0] in stale), key=lambda c: stale[c[0]])
-            first = [c for c in candidates if c[0] not in stale] + waiting[:top]
-            fresh, waiting = score(first), waiting[top:]
-            while waiting and stale[waiting[0][0]] < min(fresh.values()):  # a stale score still looks better
-                fresh.update(score(waiting[:top]))
-                waiting = waiting[top:]
+            fresh = score([c for c in candidates if c[0] not in stale] + waiting[:top])
+            while True:  # re-score the stale candidates the round would keep, until it keeps fresh ones only
+                unsure = [c for c in candidates if c[0] in _kept(candidates, {**stale, **fresh}, allowance)
+                          and c[0] not in fresh]
+                if not unsure:
+                    break
+                fresh.update(score(unsure))
         stale.update(fresh)
-        name = min(fresh, key=fresh.get)
-        new = next(r for n, r, _ in candidates if n == name)
-        loss = measured[name]
-        current[name] = new
-        layers[name].active_rank = new
-        stale.pop(name, None)  # its next candidate is another slice
+        kept = _kept(candidates, stale, allowance)
+        for name in kept:
+            current[name] = next(r for n, r, _ in candidates if n == name)
+            layers[name].active_rank = current[name]
+            stale.pop(name, None)  # its next candidate is another slice
         if setup.has_batchnorm:
             recalibrate(work, batches)
-            loss = calibration_loss(work, scoring, loss_fn)
-        found.append(setup.point(round_index, current, loss))
+        if len(kept) == 1 and not setup.has_batchnorm:
+            loss = record(measured[kept[0]])
+        else:  # measured by the next round's recorded pass, or now when there is none
+            loss = None if reuse is not None else record(calibration_loss(work, scoring, loss_fn))
         met |= _met(budgets, setup, current)
-        report(round_index, current, loss)
+    if loss is None:
+        loss = record(calibration_loss(work, scoring, loss_fn))
     report.finish(round_index, current, loss)
     return Front(cost, float(step), sum(batch_size(inputs) for inputs, _ in batches), round(setup.dense["macs"]),
                  round(setup.dense["params"]), found, {name: layer.max_rank for name, layer in layers.items()},
@@ -646,7 +693,7 @@ def allocated_front(model: nn.Module, calibration: Sequence[Batch], cost: str = 
     curves: dict[str, Callable[[float], float]] = {}
     if weighting == "probe":
         probes = {name: _probe_rank(setup, name, step) for name in cut}
-        losses = _candidate_losses(work, batches, [(layers[n], setup.start[n], probes[n]) for n in cut], reuse,
+        losses, _ = _candidate_losses(work, batches, [(layers[n], setup.start[n], probes[n]) for n in cut], reuse,
                                    loss_fn)
         report.scored += len(cut)
         rises = {name: candidate - loss for name, candidate in zip(cut, losses)}
@@ -656,7 +703,7 @@ def allocated_front(model: nn.Module, calibration: Sequence[Batch], cost: str = 
     elif weighting == "measured":
         probes = {name: _probe_ranks(setup, name) for name in cut}
         tries = [(n, r) for n in cut for r in probes[n]]
-        losses = _candidate_losses(work, batches, [(layers[n], setup.start[n], r) for n, r in tries], reuse,
+        losses, _ = _candidate_losses(work, batches, [(layers[n], setup.start[n], r) for n, r in tries], reuse,
                                    loss_fn)
         report.scored += len(tries)
         for name in cut:

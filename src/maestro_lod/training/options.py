@@ -100,8 +100,10 @@ class MaestroConfig(MethodConfig):
     Attributes:
         sampler, sample_fraction: rank sampler of the sampled pass (``independent``, the default:
             every layer draws a rank, so sub-models truncated in several layers at once are
-            trained; ``single``: one (layer, rank) pair per step, the paper's sampler; ``fixed``:
-            every layer at ``ceil(sample_fraction · rank)``).
+            trained; ``single``: one (layer, rank) pair per step, the paper's sampler; ``suffix``:
+            every layer from a randomly drawn one on draws a rank, the earlier ones stay whole, so
+            the sampled pass reuses their outputs from the full pass; ``fixed``: every layer at
+            ``ceil(sample_fraction · rank)``).
         full_pass: False = only the sampled pass, on hard labels (``--no-full-pass``).
         reuse_prefix: let the sampled pass reuse the full pass's outputs of the layers before the
             first layer whose rank was sampled (identical computation). ``auto`` turns it on when
