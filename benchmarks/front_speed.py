@@ -1,6 +1,7 @@
 """How fast the accuracy–cost front comes, and how good it is: the exhaustive greedy search
 scoring every candidate on every calibration position (the reference), against the exhaustive and
-lazy searches scoring on the default ``scoring_positions`` and rank allocation without search
+lazy searches scoring on the default ``scoring_positions`` (the lazy one also with one removal
+per round, ``share=0``, as before rounds cut several layers) and rank allocation without search
 (``greedy_front(search=...)``).
 
 Setups (parameters as the cost throughout):
@@ -11,9 +12,10 @@ Setups (parameters as the cost throughout):
 * ``gpt2``: a GPT-2-style model (12 blocks, width 256, 4 heads; ``transformers.GPT2LMHeadModel`` from
   a config, random weights) factorised at full rank, calibrated on windows of the pydoc text
   (``--gpt2-calibration`` windows of 64 characters). Random weights have no low-rank structure:
-  this setup measures speed, and its perplexities say little. Its full fronts would take hours
-  (48 layers of rank 256): the searches stop at ``params=0.5``, and one exhaustive round is timed and
-  extrapolated over the rounds the lazy search needed to get there.
+  this setup measures speed, and its perplexities say little. Its exhaustive front would take
+  hours (48 layers of rank 256): the searches stop at ``params=0.5``, one exhaustive round is timed
+  and extrapolated over the rounds the one-removal lazy search needed to get there, and the default
+  lazy search also walks the whole front.
 
 For every method: the search time, the number of calibration evaluations (candidates scored), and
 at budgets 0.1, 0.15, 0.2, 0.3, 0.5 and 1.0 of the dense model's parameters the point of least
@@ -25,11 +27,13 @@ date) to ``benchmarks/results/front_speed.json``.
     python benchmarks/front_speed.py                         # lenet5 and gpt2 (minutes)
     python benchmarks/front_speed.py --setups lenet5,charlm,gpt2 --threads 1
     python benchmarks/front_speed.py --setups charlm --calibration 512  # the char LM's exhaustive front in minutes
+    python benchmarks/front_speed.py --setups charlm --methods "lazy;lazy, stop at params=0.5"  # some rows again
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -148,6 +152,8 @@ def methods(large: bool) -> dict[str, Any]:
         m, c, "params", search="lazy", share=0, targets={"params": 0.5}, progress=p)
     table["lazy, stop at params=0.5"] = lambda m, c, p: greedy_front(m, c, "params", search="lazy",
                                                                       targets={"params": 0.5}, progress=p)
+    if large:
+        table["lazy, the whole front"] = lambda m, c, p: greedy_front(m, c, "params", search="lazy", progress=p)
     table["allocate (measured), target params=0.5"] = lambda m, c, p: allocated_front(
         m, c, "params", weighting="measured", targets={"params": 0.5}, progress=p)
     for weighting in ("measured", "probe", "relative", "none"):
@@ -182,8 +188,15 @@ def main() -> None:
     for name in args.setups.split(","):
         setup = gpt2(args.gpt2_calibration) if name == "gpt2" else trained(
             name, args.charlm_epochs if name == "charlm" else args.epochs, args.threads, args.calibration)
-        earlier = results["setups"].get(name, {}).get("methods", {}) if args.methods else {}
-        entry = results["setups"][name] = {"train_s": setup["train_s"], "methods": dict(earlier),
+        digest = model_digest(setup["model"])
+        before = results["setups"].get(name, {})
+        earlier = before.get("methods", {}) if args.methods else {}
+        if earlier and before.get("model_digest", digest) != digest:
+            print(f"{name}: the trained model differs from the one the earlier rows were measured on: they are "
+                  f"dropped", flush=True)
+            earlier = {}
+        entry = results["setups"][name] = {"train_s": setup["train_s"], "model_digest": digest,
+                                           "methods": dict(earlier),
                                            "date": results["date"], "calibration_batches": len(setup["calibration"]),
                                            "calibration_samples": sum(len(t) for _, t in setup["calibration"])}
         cache: dict = {}
@@ -206,12 +219,7 @@ def main() -> None:
                 print(f"{name}: the lazy path follows the exhaustive one for {max(0, same - 1)} rounds; "
                       f"{shared} of its {len(paths[1])} points are exhaustive points", flush=True)
             entry["methods"][method] = {"seconds": seconds, "scored": scored, "points": len(front.points),
-                                        "trained_loss": front.points[0].calibration_loss,
                                         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "budgets": quality(setup, front, cache)}
-            same = {m: e["trained_loss"] for m, e in earlier.items() if "trained_loss" in e}
-            if any(abs(loss - front.points[0].calibration_loss) > 1e-9 for loss in same.values()):
-                print(f"{name}: warning: the trained model differs from the one earlier rows were measured on "
-                      f"(calibration loss {front.points[0].calibration_loss:.6f} vs {same})", flush=True)
             print(f"{name}: {method}: {seconds:.1f} s, {len(front.points)} points, {scored} candidates scored",
                   flush=True)
         if name == "gpt2" and ONE_PER_ROUND in fronts:  # one exhaustive round, extrapolated over that search's rounds
@@ -227,6 +235,15 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out, results)
     print(f"\nwrote {args.out}")
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's weights: rows measured in separate calls compare only on the same model."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def front_start(fronts: dict[str, Any]) -> float:

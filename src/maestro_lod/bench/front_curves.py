@@ -48,8 +48,9 @@ FORMAT = 1
 STEP = 0.25
 SEARCH = "lazy"
 SHARE = LAZY_SHARE
-"""The search a front is cached for (its step, kind and the share of a lazy round); a front cached
-for another search is computed again."""
+"""The search a front is cached for (its step, kind and the share of a lazy round; a front cached
+without a share was searched with one removal per round, share 0); a front cached for another
+search is computed again."""
 PREPARATIONS = ("canonical", "svd", "whitened")
 """How a front's model is prepared: ``canonical`` (MAESTRO's trained pairs re-factorised by SVD),
 ``svd`` and ``whitened`` (a dense model factorised at full rank by SVD / by whitened SVD)."""
@@ -115,7 +116,7 @@ def front_curve(directory: Path, path: Path, how: str, cost: str, say: Callable[
     from ``path`` when it holds this front of this training, else computed and written there
     (and ``path`` appended to ``computed``)."""
     key = {"format": FORMAT, "source": source_digest(directory), "prepare": how, "cost": cost, "step": STEP,
-           "search": SEARCH, "share": SHARE, "calibration": CALIBRATION_SIZE}
+           "search": SEARCH, **({"share": SHARE} if SHARE else {}), "calibration": CALIBRATION_SIZE}
     cached = read_cached(path, key)
     if cached is not None:
         return cached

@@ -102,9 +102,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "self-distillation, no group lasso, no shrinking): one training heals the whole front")
     parser.add_argument("--cost", choices=COSTS, default="macs", help="what a removal saves (default macs)")
     parser.add_argument("--search", choices=SEARCHES, default="lazy",
-                        help="lazy (default): re-score only the most promising removals each round, the exhaustive "
-                             "front in far fewer passes; exhaustive: score every layer every round; allocate: ranks "
-                             "from each layer's error curve, no search (fastest, less accurate)")
+                        help="lazy (default): re-score only the most promising removals each round and cut several "
+                             "layers per round far from the target, the exhaustive front in far fewer passes; "
+                             "exhaustive: score every layer every round, cut one; allocate: ranks from each layer's "
+                             "error curve, no search (fastest, less accurate)")
     parser.add_argument("--full-front", action="store_true",
                         help="search down to every layer's smallest rank even when --target is met earlier")
     parser.add_argument("--step", type=float, default=0.25,

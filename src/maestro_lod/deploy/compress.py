@@ -429,8 +429,9 @@ def compress_model(model: nn.Module, calibration: Sequence[Batch], validation: S
     (:func:`feed_record`; with ``data``, its normalisation and labels or vocabulary).
 
     ``search``: how the front is found (``lazy``, the default: re-scores only the most promising
-    removals each round and gives the exhaustive search's front on the models measured in
-    ``benchmarks/front_speed.py``; ``exhaustive``; ``allocate``: ranks chosen from each layer's
+    removals each round, cuts several layers per round far from the target, and gives the
+    exhaustive search's front on the models measured in ``benchmarks/front_speed.py``;
+    ``exhaustive``; ``allocate``: ranks chosen from each layer's
     error curve, no search). With ``targets`` the search stops once every cost target is met,
     and an unreachable one is refused before it starts; ``full_front`` walks on to every layer's
     smallest rank all the same (the whole front in ``front.json`` and the family file).

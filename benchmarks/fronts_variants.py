@@ -1,0 +1,113 @@
+"""MAESTRO's front on a ``fronts``-suite task with one recipe change, beside the suite's own.
+
+Trains the task's MAESTRO cell with ``--set KEY=VALUE`` options over the task's recipe into
+``OUT/<task>/<name>/seed<k>`` (resumed or skipped like the suite's cells), searches its fronts by
+parameters and by MACs exactly as ``maestro-lod bench --suite fronts`` does (cached beside the
+suite's curves), and prints, per budget, the mean ± standard error over the seeds of the variant
+and of the suite's ``maestro`` cell (trained and searched first when missing), with each one's
+trained model (accuracy, size, training seconds). ``--no-fronts`` compares the trained models only
+(minutes instead of the searches' tens of minutes). Writes the figures, options, machine, torch
+version and date to JSON (``benchmarks/results/fronts_variants-<task>-<name>.json``).
+
+    python benchmarks/fronts_variants.py --task cnn4-mnist5k --name maestro-e12 --set epochs=12 --share 0
+    python benchmarks/fronts_variants.py --task cnn4-mnist5k --name maestro-nogl --set lambda_gl=0 --no-fronts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import maestro_lod.bench.front_curves as front_curves
+from maestro_lod.bench.fronts import TASKS, FrontsResult, _Runner
+from maestro_lod.bench.front_tables import BUDGETS, best_within, lower_is_better, normalised
+from maestro_lod.files import write_json_atomic
+from maestro_lod.tables import format_table
+
+
+def option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` → (key, value): VALUE read as JSON where it is JSON, else kept as a string."""
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def mean_se(values: list[float], scale: float) -> str:
+    mean = statistics.fmean(values) * scale
+    se = statistics.stdev(values) * scale / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {se:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=[t.name for t in TASKS], default="cnn4-mnist5k")
+    parser.add_argument("--name", required=True, help="the variant's cell name (a folder under OUT/<task>)")
+    parser.add_argument("--set", action="append", type=option, default=[], metavar="KEY=VALUE",
+                        help="an option over the task's recipe (repeatable)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-fronts"))
+    parser.add_argument("--share", type=float, default=None,
+                        help="the lazy search's share per round (default: the search's; 0: one removal per round)")
+    parser.add_argument("--no-fronts", action="store_true", help="compare the trained models only")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default: benchmarks/results/fronts_variants-<task>-<name>.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.share is not None:
+        front_curves.SHARE = args.share
+    task = next(t for t in TASKS if t.name == args.task)
+    metric = task.metric
+    scale = 1.0 if lower_is_better(metric) else 100.0
+    runner = _Runner(args.out, None, False, print, FrontsResult(args.out))
+    result: dict[str, Any] = {"task": task.name, "variant": args.name, "options": dict(args.set),
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+                              "machine": platform.platform(), "share": front_curves.SHARE, "cells": {}}
+    for name, options in (("maestro", {}), (args.name, dict(args.set))):
+        trained, curves = [], {axis: [] for axis in ("params", "macs")}
+        for seed in range(args.seeds):
+            cell = runner.cell(task, name, "maestro", seed, 2 * args.seeds, options)
+            trained.append(json.loads((cell.directory / "summary.json").read_text()))
+            if args.no_fronts:
+                continue
+            for axis in curves:
+                curve = front_curves.front_curve(cell.directory, runner.curve_path(task, seed, f"{name}-{axis}"),
+                                                 "canonical", axis)
+                curves[axis].append([best_within(normalised(curve, metric), axis, b, metric) for b in BUDGETS])
+        final = "final_perplexity" if lower_is_better(metric) else "final_accuracy"
+        result["cells"][name] = {
+            "trained": [t[final] for t in trained], "params": [t["params_ratio"] for t in trained],
+            "train_s": [t["train_time"] for t in trained], "fronts": curves}
+    rows = [("cell", f"trained {metric}", "params (× dense)", "training s (median)")]
+    for name, cell in result["cells"].items():
+        rows.append((name, mean_se(cell["trained"], scale), f"{statistics.fmean(cell['params']):.3f}",
+                     f"{statistics.median(cell['train_s']):.0f}"))
+    print(f"\n{task.name}, {args.seeds} seed(s): the trained models")
+    print(format_table(rows))
+    if not args.no_fronts:
+        for axis in ("params", "macs"):
+            rows = [(f"{axis} ≤ (× dense)", *(f"{b:g}" for b in BUDGETS))]
+            for name, cell in result["cells"].items():
+                rows.append((name, *(mean_se([seed[i] for seed in cell["fronts"][axis]], scale)
+                                     if all(seed[i] is not None for seed in cell["fronts"][axis]) else "-"
+                                     for i in range(len(BUDGETS)))))
+            print(f"\nbest val {metric} within a {axis} budget, mean ± s.e. over seeds")
+            print(format_table(rows))
+    path = args.json or Path(__file__).parent / "results" / f"fronts_variants-{task.name}-{args.name}.json"
+    write_json_atomic(path, result)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
