@@ -25,23 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cli_options import key_value
 
 import maestro_lod.bench.front_curves as front_curves
 from maestro_lod.bench.fronts import TASKS, FrontsResult, _Runner
 from maestro_lod.bench.front_tables import BUDGETS, best_within, lower_is_better, normalised
 from maestro_lod.files import write_json_atomic
 from maestro_lod.tables import format_table
-
-
-def option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` → (key, value): VALUE read as JSON where it is JSON, else kept as a string."""
-    key, separator, value = text.partition("=")
-    if not separator or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def mean_se(values: list[float], scale: float) -> str:
@@ -54,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=[t.name for t in TASKS], default="cnn4-mnist5k")
     parser.add_argument("--name", required=True, help="the variant's cell name (a folder under OUT/<task>)")
-    parser.add_argument("--set", action="append", type=option, default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                         help="an option over the task's recipe (repeatable)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-fronts"))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import platform
 import pstats
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cli_options import key_value
 
 from maestro_lod.data import load_data
 from maestro_lod.files import write_json_atomic
@@ -80,17 +80,6 @@ TASKS = {
                   "momentum": 0.9, "lambda_gl": 1e-3, "eps_ps": 1e-3}, _cnn4_targets, "training_speed-cnn4.json"),
     "char-lm": Task(preset("char-lm-pydoc"), _char_lm_targets, "training_speed-char-lm.json"),
 }
-
-
-def _option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` → (key, value): VALUE read as JSON where it is JSON, else kept as a string."""
-    key, separator, value = text.partition("=")
-    if not separator or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def make_trainer(data, method: str, seed: int, args: argparse.Namespace) -> Trainer:
@@ -174,7 +163,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the task's recipe")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both methods (default 1)")
     parser.add_argument("--reuse-prefix", choices=("auto", "on", "off"), default="auto")
-    parser.add_argument("--maestro", action="append", type=_option, default=[], metavar="KEY=VALUE",
+    parser.add_argument("--maestro", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                         help="a MAESTRO option over the recipe (repeatable; VALUE in JSON, or a plain string): "
                              "--maestro sampler=suffix --maestro warmup_epochs=2")
     parser.add_argument("--profile", action="store_true", help="cProfile one epoch of each method and stop")

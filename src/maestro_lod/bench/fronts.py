@@ -60,10 +60,10 @@ TASKS: tuple[Task, ...] = (
 )
 SEEDS = 3
 DURATION = ("on 2 CPU cores, one training at a time: LeNet-5 about 6 minutes per seed, the MLP under 1, cnn4 "
-            "about 40 minutes per seed, mostly its six greedy searches, the character LM about half an hour per seed; "
-            "about 4 hours for the default 4 tasks x 3 seeds")
-"""How long the default tasks and seeds take (measured for LeNet-5, the MLP and cnn4; for the
-character LM estimated from its training time and its searches in ``benchmarks/front_speed.py``)."""
+            "about 40 minutes per seed, mostly its six greedy searches, the character LM about 15 minutes per seed; "
+            "about 3 hours for the default 4 tasks x 3 seeds")
+"""How long the default tasks and seeds take (measured; cnn4's with searches of one removal per
+round, where the default search now cuts several layers per round far from its goal)."""
 
 PUFFERFISH = (0.5, 0.25, 0.125)
 SEPARATE = (0.7, 0.4, 0.2)
