@@ -9,6 +9,9 @@ Setups (parameters as the cost throughout):
 * ``lenet5``: LeNet-5 trained with MAESTRO on mnist5k (the ``lenet5-mnist5k`` preset, ``--epochs``);
 * ``charlm``: the character Transformer LM trained with MAESTRO on pydoc-text (``char-lm-pydoc``,
   ``--charlm-epochs``);
+* ``cnn4``: the four-convolution CNN with BatchNorm trained with MAESTRO on mnist5k (the ``fronts``
+  suite's ``cnn4-mnist5k`` recipe, ``--cnn4-epochs``); BatchNorm statistics are recomputed at
+  every point;
 * ``gpt2``: a GPT-2-style model (12 blocks, width 256, 4 heads; ``transformers.GPT2LMHeadModel`` from
   a config, random weights) factorised at full rank, calibrated on windows of the pydoc text
   (``--gpt2-calibration`` windows of 64 characters). Random weights have no low-rank structure:
@@ -45,6 +48,7 @@ import torch
 from torch import nn
 
 import maestro_lod as ml
+from maestro_lod.bench.fronts import TASKS as FRONT_TASKS
 from maestro_lod.data import load_data
 from maestro_lod.data.text import pydoc_corpus
 from maestro_lod.deploy import calibration_batches, deployable, materialize
@@ -75,9 +79,15 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=ids).logits
 
 
+def recipe(name: str) -> dict[str, Any]:
+    """The training options of a trained setup: a preset, or the ``fronts`` suite's cnn4 task."""
+    if name == "cnn4":
+        return dict(next(task for task in FRONT_TASKS if task.name == "cnn4-mnist5k").options)
+    return preset({"lenet5": "lenet5-mnist5k", "charlm": "char-lm-pydoc"}[name])
+
+
 def trained(name: str, epochs: int, threads: int | None, calibration: int) -> dict[str, Any]:
-    recipe = {"lenet5": ("lenet5-mnist5k", "classification"), "charlm": ("char-lm-pydoc", "language-model")}[name]
-    options = preset(recipe[0])
+    options = recipe(name)
     data = load_data(options["data"])
     config = TrainConfig.from_dict({**options, "epochs": epochs, "device": "cpu", "threads": threads})
     seed_everything(0)
@@ -170,6 +180,7 @@ def main() -> None:
     parser.add_argument("--setups", default="lenet5,gpt2")
     parser.add_argument("--epochs", type=int, default=4, help="LeNet-5 epochs")
     parser.add_argument("--charlm-epochs", type=int, default=1)
+    parser.add_argument("--cnn4-epochs", type=int, default=8)
     parser.add_argument("--calibration", type=int, default=2048, help="calibration samples (LeNet-5, char LM)")
     parser.add_argument("--gpt2-calibration", type=int, default=16, help="64-character windows")
     parser.add_argument("--threads", type=int, default=None)
@@ -186,8 +197,8 @@ def main() -> None:
     if args.out.is_file():  # setups measured earlier (other --setups) stay, each with its own date
         results["setups"] = json.loads(args.out.read_text()).get("setups", {})
     for name in args.setups.split(","):
-        setup = gpt2(args.gpt2_calibration) if name == "gpt2" else trained(
-            name, args.charlm_epochs if name == "charlm" else args.epochs, args.threads, args.calibration)
+        epochs = {"charlm": args.charlm_epochs, "cnn4": args.cnn4_epochs}.get(name, args.epochs)
+        setup = gpt2(args.gpt2_calibration) if name == "gpt2" else trained(name, epochs, args.threads, args.calibration)
         digest = model_digest(setup["model"])
         before = results["setups"].get(name, {})
         earlier = before.get("methods", {}) if args.methods else {}
