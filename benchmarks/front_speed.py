@@ -156,6 +156,8 @@ def methods(large: bool) -> dict[str, Any]:
         table["lazy, one removal per round"] = lambda m, c, p: greedy_front(m, c, "params", search="lazy", share=0,
                                                                             progress=p)
         table["lazy"] = lambda m, c, p: greedy_front(m, c, "params", search="lazy", progress=p)
+        table["lazy, share 0.04"] = lambda m, c, p: greedy_front(m, c, "params", search="lazy", share=0.04,
+                                                                 progress=p)
         table["lazy, 16,384 positions"] = lambda m, c, p: greedy_front(m, c, "params", search="lazy", progress=p,
                                                                        scoring_positions=16384)
     table[ONE_PER_ROUND] = lambda m, c, p: greedy_front(

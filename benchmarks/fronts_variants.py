@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import time
@@ -28,16 +27,10 @@ import torch
 from cli_options import key_value
 
 import maestro_lod.bench.front_curves as front_curves
-from maestro_lod.bench.fronts import TASKS, FrontsResult, _Runner
-from maestro_lod.bench.front_tables import BUDGETS, best_within, lower_is_better, normalised
+from maestro_lod.bench.fronts import TASKS, FrontsResult, Runner
+from maestro_lod.bench.front_tables import BUDGETS, best_within, lower_is_better, normalised, shown
 from maestro_lod.files import write_json_atomic
 from maestro_lod.tables import format_table
-
-
-def mean_se(values: list[float], scale: float) -> str:
-    mean = statistics.fmean(values) * scale
-    se = statistics.stdev(values) * scale / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {se:.2f}"
 
 
 def main() -> None:
@@ -60,7 +53,7 @@ def main() -> None:
     task = next(t for t in TASKS if t.name == args.task)
     metric = task.metric
     scale = 1.0 if lower_is_better(metric) else 100.0
-    runner = _Runner(args.out, None, False, print, FrontsResult(args.out))
+    runner = Runner(args.out, None, False, print, FrontsResult(args.out))
     result: dict[str, Any] = {"task": task.name, "variant": args.name, "options": dict(args.set),
                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
                               "machine": platform.platform(), "share": front_curves.SHARE, "cells": {}}
@@ -81,7 +74,7 @@ def main() -> None:
             "train_s": [t["train_time"] for t in trained], "fronts": curves}
     rows = [("cell", f"trained {metric}", "params (× dense)", "training s (median)")]
     for name, cell in result["cells"].items():
-        rows.append((name, mean_se(cell["trained"], scale), f"{statistics.fmean(cell['params']):.3f}",
+        rows.append((name, shown(cell["trained"], scale=scale), f"{statistics.fmean(cell['params']):.3f}",
                      f"{statistics.median(cell['train_s']):.0f}"))
     print(f"\n{task.name}, {args.seeds} seed(s): the trained models")
     print(format_table(rows))
@@ -89,8 +82,7 @@ def main() -> None:
         for axis in ("params", "macs"):
             rows = [(f"{axis} ≤ (× dense)", *(f"{b:g}" for b in BUDGETS))]
             for name, cell in result["cells"].items():
-                rows.append((name, *(mean_se([seed[i] for seed in cell["fronts"][axis]], scale)
-                                     if all(seed[i] is not None for seed in cell["fronts"][axis]) else "-"
+                rows.append((name, *(shown([seed[i] for seed in cell["fronts"][axis]], scale=scale)
                                      for i in range(len(BUDGETS)))))
             print(f"\nbest val {metric} within a {axis} budget, mean ± s.e. over seeds")
             print(format_table(rows))

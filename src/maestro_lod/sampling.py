@@ -80,15 +80,16 @@ class IndependentSampler(RankSampler):
     """Every layer draws its own rank uniformly from 1 … r_i."""
 
     def draw(self, layers: list[tuple[str, LowRankLayer]]) -> dict[str, int]:
-        live = [(name, layer.rank) for name, layer in layers if layer.rank > 0]
-        if not live:
-            return {}
-        picks = self._uniform_ints([rank for _, rank in live])
+        return self._draw_each([(name, layer.rank) for name, layer in layers if layer.rank > 0])
+
+    def _draw_each(self, live: list[tuple[str, int]]) -> dict[str, int]:
+        """A rank uniform in 1 … r for each ``(name, r)`` of ``live``, from one tensor draw."""
+        picks = self._uniform_ints([rank for _, rank in live]) if live else []
         return {name: pick + 1 for (name, _), pick in zip(live, picks)}
 
 
 @SAMPLERS.register("suffix")
-class SuffixSampler(RankSampler):
+class SuffixSampler(IndependentSampler):
     """A first layer drawn uniformly, then it and every later layer draw their own rank uniformly
     from 1 … r_i; the layers before it keep full rank. "Later" is the order the model lists its
     layers in, for most models that of the forward pass. Sub-models are truncated in several layers
@@ -97,11 +98,7 @@ class SuffixSampler(RankSampler):
 
     def draw(self, layers: list[tuple[str, LowRankLayer]]) -> dict[str, int]:
         live = [(name, layer.rank) for name, layer in layers if layer.rank > 0]
-        if not live:
-            return {}
-        live = live[self._uniform_int(len(live)):]
-        picks = self._uniform_ints([rank for _, rank in live])
-        return {name: pick + 1 for (name, _), pick in zip(live, picks)}
+        return self._draw_each(live[self._uniform_int(len(live)):] if live else [])
 
 
 @SAMPLERS.register("fixed")

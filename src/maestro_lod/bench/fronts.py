@@ -122,7 +122,7 @@ def separate_ranks(curve: dict[str, Any]) -> list[dict[str, int]]:
     return patterns
 
 
-class _Runner:
+class Runner:
     """Trains and measures one task's cells and curves, in order, skipping what is done."""
 
     def __init__(self, out: Path, epochs: int | None, force: bool, say: Callable[..., None], result: FrontsResult):
@@ -251,7 +251,7 @@ def run_fronts(out: str | Path | None = None, *, tasks: list[str] | None = None,
     seed_list = list(range(seeds if seeds is not None else SEEDS))
     out = Path(out or "runs/bench-fronts")
     result = FrontsResult(out)
-    runner = _Runner(out, epochs, force, say, result)
+    runner = Runner(out, epochs, force, say, result)
     total = len(selected) * len(seed_list) * (2 + len(PUFFERFISH) + len(SEPARATE))
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "torch": torch.__version__}

@@ -189,12 +189,13 @@ def _candidate_losses(model: nn.Module, batches: list[Batch], candidates: list[t
     ``reuse``, each batch runs once at the current ranks while the outputs of its modules are
     recorded (that pass gives the current loss), and each candidate recomputes only from its layer
     onward (the modules before it see the same inputs and weights)."""
-    totals = [torch.zeros((), dtype=torch.float64) for _ in range(len(candidates) + (reuse is not None))]
+    totals = [torch.zeros((), dtype=torch.float64) for _ in candidates]
+    at_current = torch.zeros((), dtype=torch.float64)
     count = 0
     for inputs, targets in batches:
         if reuse is not None:
             with reuse.recording():
-                totals[-1] += _batch_loss(forward(model, inputs), inputs, targets, loss)[0]
+                at_current += _batch_loss(forward(model, inputs), inputs, targets, loss)[0]
         for i, (layer, rank, new) in enumerate(candidates):
             layer.active_rank = new
             try:
@@ -212,8 +213,7 @@ def _candidate_losses(model: nn.Module, batches: list[Batch], candidates: list[t
             reuse.clear()
     if reuse is not None:
         reuse.close()
-    losses = [float(total) / count for total in totals]
-    return (losses[:-1], losses[-1]) if reuse is not None else (losses, None)
+    return [float(total) / count for total in totals], float(at_current) / count if reuse is not None else None
 
 
 def _check_batches(batches: object, what: str) -> list[Batch]:
@@ -266,7 +266,7 @@ they save at most this share of the current cost, and at most a quarter of the c
 to the hardest target: far from the target a round cuts several layers at once, near it one. The
 rounds then grow with the cost to remove, not with layers × rank (the character LM to half the
 dense parameters: 51 rounds against 99; a 12-block GPT-2-style model: 45 against 236). 0 keeps
-one removal per round. At 4 % the character LM's front lost up to 10 % of perplexity at 0.2× the
+one removal per round. At 4 % the character LM's front lost 9.7 % of perplexity at 0.2× the
 parameters; at 2 % it is the exhaustive search's (``benchmarks/front_speed.py``)."""
 ALLOCATION_POINTS = 24
 """Points an allocated front has besides the trained one (and the targets), evenly spread in cost."""
@@ -515,35 +515,31 @@ def greedy_front(model: nn.Module, calibration: Sequence[Batch], cost: str = "ma
 
         measured: dict[str, float] = {}
 
-        def score(chosen: list[tuple[str, int, float]]) -> dict[str, tuple]:
+        def score(chosen: list[tuple[str, int, float]]) -> set[str]:
+            """Score ``chosen`` (their keys into ``stale``); the names scored."""
             nonlocal loss
-            if not chosen:
-                return {}
             losses, at_current = _candidate_losses(work, scoring, [(layers[n], current[n], r) for n, r, _ in chosen],
                                                    reuse, loss_fn)
             if loss is None:
                 loss = record(at_current)
             report.scored += len(chosen)
-            measured.update((n, candidate_loss) for (n, _, _), candidate_loss in zip(chosen, losses))
-            return {n: key(n, saved, candidate_loss - loss) for (n, _, saved), candidate_loss in zip(chosen, losses)}
+            for (name, _, saved), candidate_loss in zip(chosen, losses):
+                measured[name] = candidate_loss
+                stale[name] = key(name, saved, candidate_loss - loss)
+            return {name for name, _, _ in chosen}
 
         full = search == "exhaustive" or (round_index - 1) % refresh == 0 or candidates[0][2] <= 0
         allowance = 0.0 if search == "exhaustive" else min(share * current_cost, (current_cost - goal) / 4)
-        if full:
-            fresh = score(candidates)
-        else:
-            waiting = sorted((c for c in candidates if c[0] in stale), key=lambda c: stale[c[0]])
-            fresh = score([c for c in candidates if c[0] not in stale] + waiting[:top])
-            while True:  # re-score the stale candidates the round would keep, until it keeps fresh ones only
-                unsure = [c for c in candidates if c[0] in _kept(candidates, {**stale, **fresh}, allowance)
-                          and c[0] not in fresh]
-                if not unsure:
-                    break
-                fresh.update(score(unsure))
-        stale.update(fresh)
-        kept = _kept(candidates, stale, allowance)
+        waiting = [] if full else sorted((c for c in candidates if c[0] in stale), key=lambda c: stale[c[0]])
+        chosen = candidates if full else [c for c in candidates if c[0] not in stale] + waiting[:top]
+        fresh: set[str] = set()
+        while chosen:  # score, then re-score the stale scores the round would keep until it keeps fresh ones only
+            fresh |= score(chosen)
+            kept = _kept(candidates, stale, allowance)
+            chosen = [c for c in candidates if c[0] in kept and c[0] not in fresh]
+        ranks = {name: rank for name, rank, _ in candidates}
         for name in kept:
-            current[name] = next(r for n, r, _ in candidates if n == name)
+            current[name] = ranks[name]
             layers[name].active_rank = current[name]
             stale.pop(name, None)  # its next candidate is another slice
         if setup.has_batchnorm:
