@@ -21,7 +21,11 @@ training recipe. Rows:
 * ``MAESTRO recipe, dense warm-up``: the first quarter of the epochs trained dense (Pufferfish's
   share), then factorised by SVD (``warmup_epochs``);
 * ``MAESTRO recipe, suffix sampler``: the sampled pass truncates every layer from a randomly
-  drawn one on (``sampler = "suffix"``), so it reuses the full pass's leading layers.
+  drawn one on (``sampler = "suffix"``), so it reuses the full pass's leading layers;
+* ``MAESTRO recipe, sampled pass on half / a quarter of each batch``: the sampled pass trains on
+  that share of each batch's examples (``sampled_batch``), so it costs that share of a full pass;
+* ``MAESTRO recipe, budget sampler``: the sampled sub-model's size drawn uniformly, every layer's
+  ranks near it (``sampler = "budget"``).
 
 Prints, per row, the best validation accuracy of the front within each budget (mean ± standard
 error over seeds) and the training and search seconds; writes every front to JSON with the
@@ -69,6 +73,9 @@ TRAININGS = {  # name -> (method, config changes over the preset)
     "maestro-macs": ("maestro", {**ANNEAL, "sampler": "independent", "group_weights": "macs"}),
     "maestro-warmup": ("maestro", {**ANNEAL, "sampler": "independent", "warmup_share": 0.25}),
     "maestro-suffix": ("maestro", {**ANNEAL, "sampler": "suffix"}),
+    "maestro-half-batch": ("maestro", {**ANNEAL, "sampler": "independent", "sampled_batch": 0.5}),
+    "maestro-quarter-batch": ("maestro", {**ANNEAL, "sampler": "independent", "sampled_batch": 0.25}),
+    "maestro-budget": ("maestro", {**ANNEAL, "sampler": "budget"}),
 }
 """``warmup_share``: that share of the epochs trained dense before factorising (``warmup_epochs``)."""
 ROWS = {  # row -> (training, how the front's model is prepared)
@@ -86,6 +93,9 @@ ROWS = {  # row -> (training, how the front's model is prepared)
     "MAESTRO recipe, group lasso by MACs": ("maestro-macs", "canonical"),
     "MAESTRO recipe, dense warm-up (first quarter of the epochs)": ("maestro-warmup", "canonical"),
     "MAESTRO recipe, suffix sampler": ("maestro-suffix", "canonical"),
+    "MAESTRO recipe, sampled pass on half of each batch": ("maestro-half-batch", "canonical"),
+    "MAESTRO recipe, sampled pass on a quarter of each batch": ("maestro-quarter-batch", "canonical"),
+    "MAESTRO recipe, budget sampler": ("maestro-budget", "canonical"),
 }
 
 

@@ -16,8 +16,8 @@ from .layers import (ComputedWeight, Factorized, LowRankConv, LowRankLayer, LowR
                      low_rank_layers, rank_pattern)
 from .engine.counting import count_macs, count_params, layer_summary
 from .regularization import group_lasso, importances
-from .sampling import (FixedFractionSampler, IndependentSampler, RankSampler, SingleLayerSampler, SuffixSampler,
-                       sampled_ranks)
+from .sampling import (BudgetSampler, FixedFractionSampler, IndependentSampler, RankSampler, SingleLayerSampler,
+                       SuffixSampler, sampled_ranks)
 from .shrinking import shrink_, truncate_
 
 __version__ = "0.1.0"
@@ -27,7 +27,7 @@ __all__ = [
     "FactorizeConfig", "factorize", "plan", "Plan", "PlanEntry", "LeftDense", "PlanTotals", "LayerHandler",
     "Component", "BuildSpec", "register_layer", "low_rank_layers", "rank_pattern", "Factorized", "ComputedWeight",
     "LowRankLayer", "LowRankLinear", "LowRankConv", "LowRankMultiheadAttention",
-    "RankSampler", "SingleLayerSampler", "IndependentSampler", "SuffixSampler", "FixedFractionSampler",
+    "RankSampler", "SingleLayerSampler", "IndependentSampler", "SuffixSampler", "BudgetSampler", "FixedFractionSampler",
     "sampled_ranks",
     "group_lasso", "importances", "shrink_", "truncate_", "canonicalize_", "export", "count_params", "count_macs", "layer_summary",
     "compress", "CompressedFront",

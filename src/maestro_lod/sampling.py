@@ -101,6 +101,29 @@ class SuffixSampler(IndependentSampler):
         return self._draw_each(live[self._uniform_int(len(live)):] if live else [])
 
 
+@SAMPLERS.register("budget")
+class BudgetSampler(RankSampler):
+    """A size drawn first, then ranks near it: a fraction ``f`` uniform in (0, 1], and every layer
+    keeps about ``f`` of its ranks, ``ceil(f · e^(σ·z) · r_i)`` clipped to 1 … r_i with ``z``
+    standard normal per layer (``σ`` = :attr:`SPREAD`). Since a factor pair's cost is linear in its
+    rank, the sub-model costs about ``f`` of the model, so every size from the deepest cut to the
+    whole model is trained equally often, each with unequal allocations around it; the
+    ``independent`` sampler's sub-models, the mean of one uniform draw per layer, mostly cost
+    about half the model."""
+
+    SPREAD = 0.5
+    """The standard deviation of a layer's log-fraction around the drawn size."""
+
+    def draw(self, layers: list[tuple[str, LowRankLayer]]) -> dict[str, int]:
+        live = [(name, layer.rank) for name, layer in layers if layer.rank > 0]
+        if not live:
+            return {}
+        size = 1.0 - float(torch.rand((), generator=self.generator, dtype=torch.float64))  # uniform in (0, 1]
+        spread = torch.randn(len(live), generator=self.generator, dtype=torch.float64).mul_(self.SPREAD).exp_()
+        fractions = (spread * size).clamp_(max=1.0).tolist()
+        return {name: max(1, math.ceil(fraction * rank - 1e-9)) for (name, rank), fraction in zip(live, fractions)}
+
+
 @SAMPLERS.register("fixed")
 class FixedFractionSampler(RankSampler):
     """Every layer at ``ceil(fraction · r_i)`` (Pufferfish-style fixed sub-model); deterministic."""

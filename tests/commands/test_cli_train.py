@@ -146,6 +146,8 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     (["--model-option", "depth=3"], "has no option(s) depth"),
     (["--method", "dense", "--amp"], "amp=true needs a CUDA device"),
     (["--config", "/nonexistent/run.toml"], "cannot read config file '/nonexistent/run.toml'"),
+    (["--sampled-batch", "0"], "sampled_batch=0.0 must be a number in (0, 1]"),
+    (["--sampled-batch", "0.5", "--reuse-prefix", "on"], "sampled_batch=0.5 cannot reuse the full pass's prefix"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     line = one_line_error(capsys, train(*FAST, "--epochs", "1", "--out", str(tmp_path / "run"), *args))

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from maestro_lod import (FixedFractionSampler, IndependentSampler, SingleLayerSampler, SuffixSampler, factorize,
-                         low_rank_layers, sampled_ranks, truncate_)
+from maestro_lod import (BudgetSampler, FixedFractionSampler, IndependentSampler, SingleLayerSampler, SuffixSampler,
+                         factorize, low_rank_layers, sampled_ranks, truncate_)
 
 
 def _model() -> nn.Module:
@@ -23,7 +23,7 @@ def _manual_forward(model: nn.Module, x: torch.Tensor, ranks: dict[str, int]) ->
     return x
 
 
-@pytest.mark.parametrize("sampler", [SingleLayerSampler(0), IndependentSampler(0), SuffixSampler(0),
+@pytest.mark.parametrize("sampler", [SingleLayerSampler(0), IndependentSampler(0), SuffixSampler(0), BudgetSampler(0),
                                      FixedFractionSampler(0.5)])
 def test_outputs_follow_the_draw_inside_the_scope_and_the_full_model_after(sampler):
     model = _model()
@@ -58,7 +58,7 @@ def test_full_rank_is_restored_after_an_exception():
     assert all(layer.active_rank is None for _, layer in low_rank_layers(model))
 
 
-@pytest.mark.parametrize("cls", [SingleLayerSampler, IndependentSampler, SuffixSampler])
+@pytest.mark.parametrize("cls", [SingleLayerSampler, IndependentSampler, SuffixSampler, BudgetSampler])
 def test_same_seed_same_draws_and_generator_seeds_work(cls):
     layers = list(low_rank_layers(_model()))
     assert cls(seed=123).draw(layers) == cls(seed=123).draw(layers)
@@ -88,7 +88,7 @@ def test_samplers_read_the_current_ranks_after_shrinking():
     model = _model()
     truncate_(model, {"0": 1, "2": 2})
     layers = list(low_rank_layers(model))
-    for sampler in (SingleLayerSampler(1), IndependentSampler(1), SuffixSampler(1)):
+    for sampler in (SingleLayerSampler(1), IndependentSampler(1), SuffixSampler(1), BudgetSampler(1)):
         for _ in range(200):
             for name, rank in sampler.draw(layers).items():
                 assert 1 <= rank <= dict(layers)[name].rank
@@ -158,3 +158,22 @@ def test_a_scope_given_the_layers_matches_one_that_walks_the_model_and_restores_
     with sampled_ranks(model, SingleLayerSampler(0), layers):
         model[4].active_rank = 1
     assert [layer.active_rank for _, layer in layers] == [None, 2, None]
+
+
+def test_budget_sampler_trains_every_size_with_ranks_near_it():
+    model = factorize(nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 10)))
+    layers = list(low_rank_layers(model))  # ranks 30, 20, 10
+
+    def sizes(sampler):
+        draws = [sampler.draw(layers) for _ in range(4000)]
+        assert all(1 <= draw[name] <= layer.rank for draw in draws for name, layer in layers)
+        shares = torch.tensor([[draw[name] / layer.rank for name, layer in layers] for draw in draws])
+        return shares, shares.mean(1)  # the sub-model's share of the ranks, each layer alike
+
+    shares, size = sizes(BudgetSampler(seed=7))
+    deciles = torch.histc(size.clamp(max=1 - 1e-9), bins=10, min=0, max=1) / len(size)
+    assert deciles.min() > 0.05  # every size, from the deepest cuts to the whole model, is trained
+    spread = (shares - size[:, None]).abs().mean()
+    assert 0.05 < spread < 0.2  # the layers keep unequal shares around the drawn size, not one fixed fraction
+    _, independent = sizes(IndependentSampler(seed=7))  # the mean of one uniform draw per layer: about half
+    assert (independent < 0.1).float().mean() < 0.01 and (independent > 0.9).float().mean() < 0.01

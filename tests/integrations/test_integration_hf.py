@@ -123,14 +123,15 @@ def test_bf16_mixed_precision_trains_shrinks_logs_and_keeps_float32_factors(wind
             assert isinstance(factor, torch.nn.Parameter) and factor.dtype == torch.float32, name
 
 
-def test_one_step_equals_the_repo_maestro_step(windows, tmp_path):
+@pytest.mark.parametrize("sampled_batch", [1.0, 0.25])
+def test_one_step_equals_the_repo_maestro_step(windows, tmp_path, sampled_batch):
     vocab, data = windows
     model = gpt2(vocab)
     reference = ml.factorize(copy.deepcopy(model))
     args = arguments(tmp_path, max_steps=1, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
                      max_grad_norm=0.0, per_device_train_batch_size=len(data))
     trainer = MaestroTrainer(model, args, train_dataset=data, lambda_gl=1e-2, shrink_every=None, sampler_seed=5,
-                             sampler="single")
+                             sampler="single", sampled_batch=sampled_batch)
     trainer.train()
 
     class Logits(torch.nn.Module):  # the repo's step reads logits and targets: shift them here
@@ -144,8 +145,8 @@ def test_one_step_equals_the_repo_maestro_step(windows, tmp_path):
     wrapped = Logits(reference).train()
     layers = list(ml.low_rank_layers(wrapped))
     step = MaestroStep(wrapped, layers, ml.SingleLayerSampler(5), contextlib.nullcontext, masked=True,
-                       penalty=GroupLassoGradient([layer for _, layer in layers], 1e-2))
-    x = torch.stack([row["input_ids"] for row in data])
+                       penalty=GroupLassoGradient([layer for _, layer in layers], 1e-2), sampled_batch=sampled_batch)
+    x = next(iter(trainer.get_train_dataloader()))["input_ids"]  # the shuffled order the first examples come from
     step(x, x[:, 1:], lambda loss: loss.backward())
     step.add_penalty_gradients_()
     torch.optim.SGD(wrapped.parameters(), lr=0.1).step()

@@ -95,18 +95,20 @@ def test_two_epochs_shrink_log_and_resume_restores_ranks(mnist, tmp_path):
     assert callback2.sampler.generator.get_state().tolist() != callback.sampler.generator.get_state().tolist()
 
 
-def test_one_step_equals_the_repo_maestro_step(mnist):
+@pytest.mark.parametrize("sampled_batch", [1.0, 0.25])
+def test_one_step_equals_the_repo_maestro_step(mnist, sampled_batch):
     data, train, _ = mnist
     torch.manual_seed(1)
     module = LeNet(data, lr=0.1, momentum=0.0)
     reference = copy.deepcopy(module.net)
-    callback = MaestroCallback(lambda_gl=1e-2, eps_ps=0.0, shrink_every=0, seed=7, bn_recal_batches=0, sampler="single")
+    callback = MaestroCallback(lambda_gl=1e-2, eps_ps=0.0, shrink_every=0, seed=7, bn_recal_batches=0, sampler="single",
+                               sampled_batch=sampled_batch)
     trainer(callback, max_steps=1).fit(module, loader(train))
 
     model = ml.factorize(reference)
     layers = list(ml.low_rank_layers(model))
     step = MaestroStep(model, layers, ml.SingleLayerSampler(7), contextlib.nullcontext, masked=True,
-                       penalty=GroupLassoGradient([layer for _, layer in layers], 1e-2))
+                       penalty=GroupLassoGradient([layer for _, layer in layers], 1e-2), sampled_batch=sampled_batch)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = next(iter(loader(train)))
     model.train()

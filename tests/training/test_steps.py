@@ -14,6 +14,7 @@ import maestro_lod as ml
 from maestro_lod.data import IGNORE_INDEX
 from maestro_lod.regularization import GroupLassoGradient
 from maestro_lod.engine.reuse import PrefixReuse, prefix_reuse_supported
+from maestro_lod.training import MaestroConfig
 from maestro_lod.training.steps import MaestroStep
 from maestro_lod.engine.passes import soft_loss
 
@@ -150,3 +151,47 @@ def test_training_macs_count_the_pairs_where_a_layer_runs_the_composed_product()
     cost = PassCost.measure(model, x)
     assert cost.forward_macs == 64 * 4 * (4 + 9) + 10 * (256 + 10)  # the pairs, as the paper counts
     assert cost.forward_of({"0": 2}) == 64 * 2 * (4 + 9) + 10 * (256 + 10)
+
+
+def test_a_sampled_pass_on_part_of_the_batch_distils_those_examples_only():
+    torch.manual_seed(0)
+    model = ml.factorize(SmallConvNet())
+    inputs, targets = torch.randn(10, 1, 8, 8), torch.randint(0, 10, (10,))
+    reference = copy.deepcopy(model)
+    full = reference(inputs)
+    with ml.sampled_ranks(reference, ml.IndependentSampler(3)) as draw:
+        assert any(rank < dict(ml.low_rank_layers(reference))[name].rank for name, rank in draw.items())
+        sampled = reference(inputs[:3])  # ceil(0.25 · 10) examples
+        loss_sampled = soft_loss(sampled, full[:3], targets[:3], False)
+        (torch.nn.functional.cross_entropy(full, targets) + loss_sampled).backward()
+
+    step = MaestroStep(model, list(ml.low_rank_layers(model)), ml.IndependentSampler(3), contextlib.nullcontext,
+                       sampled_batch=0.25)
+    numbers = step(inputs, targets, lambda loss: loss.backward())
+    assert step.shares == [1.0, 0.3]
+    assert numbers[2].item() == pytest.approx(loss_sampled.item(), rel=1e-5)
+    for (name, p), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_sampled_pass_on_part_of_the_batch_is_counted_at_its_share():
+    from maestro_lod.training.step_macs import PassCost
+    model = ml.factorize(nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10)))
+    cost = PassCost.measure(model, torch.randn(1, 1, 8, 8))
+    full, lowered = cost.forward_macs, cost.forward_of({"1": 4})
+    assert cost.step_macs([{}, {"1": 4}], 64) == 3 * 64 * (full + lowered)
+    assert cost.step_macs([{}, {"1": 4}], 64, [1.0, 0.25]) == 3 * (64 * full + 16 * lowered)
+
+
+def test_a_sampled_pass_on_part_of_the_batch_refuses_what_it_cannot_run():
+    with pytest.raises(ml.ConfigError, match=r"sampled_batch=0 must be a number in \(0, 1\]"):
+        MaestroConfig(sampled_batch=0)
+    with pytest.raises(ml.ConfigError, match="sampled_batch=0.5 needs the full pass"):
+        MaestroConfig(sampled_batch=0.5, full_pass=False)
+    with pytest.raises(ml.ConfigError, match="sampled_batch=0.5 cannot reuse"):
+        MaestroConfig(sampled_batch=0.5, reuse_prefix="on")
+    model = ml.factorize(nn.Sequential(nn.Linear(4, 4)))
+    step = MaestroStep(model, list(ml.low_rank_layers(model)), ml.IndependentSampler(0), contextlib.nullcontext,
+                       sampled_batch=0.5)
+    with pytest.raises(ValueError, match=r"outputs of shape \(6, 4\) for targets of shape \(3, 2\)"):
+        step(torch.randn(6, 4), torch.zeros(3, 2, dtype=torch.long), lambda loss: loss.backward())  # flattened outputs

@@ -49,12 +49,15 @@ from .suites import SUITES, Task
 ANNEAL = {"schedule": "multistep", "milestones": [0.9], "gamma": 0.1}
 RECIPE = {**ANNEAL, "sampler": "independent", "threads": 1}
 """What the ``lenet5-mnist5k`` preset's recipe changed (the final ×0.1 phase, the independent
-sampler), applied to the tasks without a preset; one thread per training everywhere."""
+sampler), applied to the tasks without a preset; one thread per training everywhere. The MLP
+trains at half the ``cpu`` suite's learning rate, 0.025, for every family: at 0.05 MAESTRO's
+summed loss (full plus sampled pass, about twice the gradient of one) swung its validation
+accuracy between 86 and 97 % from epoch to epoch and ended 1.6 points below dense."""
 _CPU = {task.name: task for task in SUITES["cpu"].tasks}
 TASKS: tuple[Task, ...] = (
     Task("lenet5-mnist5k", {**preset("lenet5-mnist5k"), "threads": 1}),
     Task("cnn4-mnist5k", {**_CPU["cnn4-mnist5k"].options, **RECIPE}),
-    Task("mlp-digits", {**_CPU["mlp-digits"].options, **RECIPE}),
+    Task("mlp-digits", {**_CPU["mlp-digits"].options, **RECIPE, "lr": 0.025}),
     Task("char-lm-pydoc", {**preset("char-lm-pydoc"), "epochs": 2, "sampler": "independent", "threads": 1},
          metric="perplexity"),
 )

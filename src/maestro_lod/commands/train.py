@@ -118,6 +118,9 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--amp", "amp", {"action": argparse.BooleanOptionalAction, "help": "mixed precision (CUDA only)"}),
     ("--sampler", "sampler", {"choices": SAMPLERS, "help": "rank sampler"}),
     ("--sample-fraction", "sample_fraction", {"type": float, "help": "rank fraction of the fixed sampler"}),
+    ("--sampled-batch", "sampled_batch", {"type": float, "metavar": "SHARE",
+                                          "help": "share of each batch the sampled pass trains on (1: all; 0.25 "
+                                                  "makes a step cost about 1.25 passes instead of 2)"}),
     ("--full-pass", "full_pass", {"action": argparse.BooleanOptionalAction,
                                   "help": "--no-full-pass: only the sampled pass, on hard labels"}),
     ("--reuse-prefix", "reuse_prefix", {"choices": REUSE_MODES,

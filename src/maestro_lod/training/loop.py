@@ -300,7 +300,7 @@ class Trainer:
             self.scheduler.step()
             totals.add(stats)
             items = self.distributed.global_items(self.train_loader, index - 1, len(targets))
-            train_macs += cost.step_macs(self._step.passes, items)
+            train_macs += cost.step_macs(self._step.passes, items, self._step.shares)
             if self.callbacks:
                 metrics = {"loss": stats.objective, "accuracy": totals.accuracy, "total_rank": total_rank}
                 for callback in self.callbacks:

@@ -165,7 +165,7 @@ class MaestroMethod(TrainingMethod):
         layers = list(low_rank_layers(trainer.model))
         return MaestroStep(trainer.model, layers, trainer.sampler, trainer.autocast, full_pass=options.full_pass,
                            masked=trainer.kind in LANGUAGE_KINDS, reuse=self._prefix_reuse(trainer),
-                           penalty=self._group_lasso(trainer, layers))
+                           penalty=self._group_lasso(trainer, layers), sampled_batch=options.sampled_batch)
 
     def _group_lasso(self, trainer: TrainerView, layers: list) -> GroupLassoGradient | None:
         """The step's group-lasso gradient over ``layers`` at the scheduler's weight (None for
@@ -180,9 +180,10 @@ class MaestroMethod(TrainingMethod):
 
     def _prefix_reuse(self, trainer: TrainerView) -> PrefixReuse | None:
         """Reuse the full pass's prefix only where it is exact: asked for (``on``), or (``auto``)
-        the modules allow it and the model gives identical outputs twice on a training batch."""
+        the modules allow it and the model gives identical outputs twice on a training batch; never
+        when the sampled pass sees only part of the batch."""
         options, model = trainer.config.method_options, trainer.model
-        if not options.full_pass or options.reuse_prefix == "off":
+        if not options.full_pass or options.reuse_prefix == "off" or options.sampled_batch < 1:
             return None
         if options.reuse_prefix == "auto":
             if prefix_reuse_supported(model) is not None:

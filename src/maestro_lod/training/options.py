@@ -104,6 +104,12 @@ class MaestroConfig(MethodConfig):
             every layer from a randomly drawn one on draws a rank, the earlier ones stay whole, so
             the sampled pass reuses their outputs from the full pass; ``fixed``: every layer at
             ``ceil(sample_fraction · rank)``).
+        sampled_batch: the share of each batch the sampled pass trains on (its first
+            ``ceil(sampled_batch · batch)`` examples; 1, the default: all of them). The sampled
+            pass costs about this share of a full one, so 0.25 makes a step cost about 1.25 full
+            passes instead of 2; its gradient is an unbiased estimate from fewer examples. Needs
+            outputs whose first dimension is the batch, and no prefix reuse (the full pass's
+            recorded outputs are the whole batch's).
         full_pass: False = only the sampled pass, on hard labels (``--no-full-pass``).
         reuse_prefix: let the sampled pass reuse the full pass's outputs of the layers before the
             first layer whose rank was sampled (identical computation). ``auto`` turns it on when
@@ -129,6 +135,7 @@ class MaestroConfig(MethodConfig):
 
     sampler: str = "independent"
     sample_fraction: float = 0.5
+    sampled_batch: float = 1.0
     full_pass: bool = True
     reuse_prefix: str = "auto"
     lambda_gl: float = 1e-3
@@ -146,7 +153,14 @@ class MaestroConfig(MethodConfig):
         check_bool("hierarchical", self.hierarchical)
         check_choice("sampler", self.sampler, SAMPLERS)
         check_number("sample_fraction", self.sample_fraction, 0.0, strict=True, high=1.0)
+        check_number("sampled_batch", self.sampled_batch, 0.0, strict=True, high=1.0)
         check_choice("reuse_prefix", self.reuse_prefix, REUSE_MODES)
+        if self.sampled_batch < 1 and not self.full_pass:
+            raise ConfigError(f"sampled_batch={self.sampled_batch!r} needs the full pass: without it the sampled "
+                              f"pass is the only one and trains on the whole batch")
+        if self.sampled_batch < 1 and self.reuse_prefix == "on":
+            raise ConfigError(f"sampled_batch={self.sampled_batch!r} cannot reuse the full pass's prefix (its "
+                              f"recorded outputs are the whole batch's); use reuse_prefix='auto' or 'off'")
         check_number("lambda_gl", self.lambda_gl, 0.0)
         if self.lambda_epochs is not None:
             check_int("lambda_epochs", self.lambda_epochs, 1)

@@ -3,9 +3,10 @@
 Convention: one training pass over one example costs 3× its forward MACs (forward 1×, backward
 ≈ 2×: the gradients with respect to the inputs and to the weights each cost about one forward).
 A step's passes are reported by the step (:attr:`~.steps.Step.passes`): MAESTRO runs the full model
-and a sampled sub-model, dense training one pass. A sampled pass is counted as a whole forward at
-the drawn ranks, also when prefix reuse skips the layers before the first sampled one (the count
-is then an upper bound). Optimiser updates, the group-lasso gradient, BatchNorm recalibration and
+and a sampled sub-model (on all of the batch, or on the share of it that ``sampled_batch`` asks
+for, :attr:`~.steps.Step.shares`), dense training one pass. A sampled pass is counted as a whole
+forward at the drawn ranks, also when prefix reuse skips the layers before the first sampled one
+(the count is then an upper bound). Optimiser updates, the group-lasso gradient, BatchNorm recalibration and
 evaluation are not counted.
 
 The forward MACs of a sub-model follow from the model's at its current ranks: a factorised layer
@@ -82,10 +83,12 @@ class PassCost:
         saved = sum(self.per_rank[name] * (self.ranks[name] - rank) for name, rank in lowered.items())
         return self.forward_macs - saved
 
-    def step_macs(self, passes: list[dict[str, int]], examples: int) -> int:
+    def step_macs(self, passes: list[dict[str, int]], examples: int, shares: list[float] | None = None) -> int:
         """Training MACs of one step that ran ``passes`` (see :attr:`~.steps.Step.passes`) on
-        ``examples`` examples."""
-        return (1 + BACKWARD_FACTOR) * examples * sum(self.forward_of(lowered) for lowered in passes)
+        ``examples`` examples, each pass on its share of them (``shares``; all of them when None)."""
+        shares = [1.0] * len(passes) if shares is None else shares
+        return round((1 + BACKWARD_FACTOR) * examples
+                     * sum(share * self.forward_of(lowered) for lowered, share in zip(passes, shares, strict=True)))
 
 
 def rank_cost_scales(model: nn.Module, example_inputs, names: list[str], weighting: str) -> list[float] | None:

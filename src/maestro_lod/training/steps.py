@@ -9,6 +9,7 @@ synchronises once per step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -40,6 +41,8 @@ class Step:
     """
 
     passes: list[dict[str, int]] = [{}]
+    shares: list[float] = [1.0]
+    """For each of :attr:`passes`, the share of the batch's examples it ran on."""
 
     def __call__(self, inputs, targets: torch.Tensor, backward: Backward) -> torch.Tensor:
         raise NotImplementedError
@@ -79,22 +82,50 @@ class PenalisedDenseStep(DenseStep):
         return torch.zeros(()) if self.penalty is None else self.penalty.add_to_grads_()
 
 
+def first_examples(inputs, outputs: torch.Tensor, targets: torch.Tensor, share: float):
+    """The first ``ceil(share · batch)`` examples of a batch: of ``inputs`` (a tensor, or each tensor
+    of a tuple or dict whose first dimension is the batch), of the model's ``outputs`` and of
+    ``targets``, and the share of the batch they are. Refuses outputs whose first dimension is not
+    the batch's."""
+    batch = targets.shape[0]
+    if outputs.shape[0] != batch:
+        raise ValueError(f"sampled_batch={share!r} needs the model's outputs to have the batch first: outputs of "
+                         f"shape {tuple(outputs.shape)} for targets of shape {tuple(targets.shape)}")
+    count = math.ceil(share * batch)
+
+    def first(value):
+        return value[:count] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch else value
+
+    if isinstance(inputs, dict):
+        kept = {key: first(value) for key, value in inputs.items()}
+    elif isinstance(inputs, (tuple, list)):
+        kept = tuple(first(value) for value in inputs)
+    else:
+        kept = first(inputs)
+    return kept, outputs[:count], targets[:count], count / batch
+
+
 class MaestroStep(Step):
     """The MAESTRO step: the full model learns from the labels and one sampled sub-model (a draw of
     ``sampler``) learns from the full model,
 
     ``loss = CE(full(x), y) + CE(sampled(x), softmax(full(x)).detach())``, backward inside the
     sampled-rank scope (without ``reuse``, ``backward`` is called twice: on the full loss before
-    the sampled pass, then on the sampled loss); ``penalty`` (the group lasso) adds its closed-form
-    gradient when the trainer asks. With ``full_pass=False`` only the sampled pass runs, on the hard labels. ``reuse`` (a
-    :class:`PrefixReuse`) skips recomputing the layers before the first sampled one; a draw that
-    lowers no rank makes the sampled pass identical to the full pass, whose distillation gradient is
-    exactly zero, so the second pass is skipped altogether.
+    the sampled pass, then on the sampled loss). With ``sampled_batch`` below 1 the sampled pass
+    runs on the batch's first ``ceil(sampled_batch · batch)`` examples only (the loader shuffles,
+    so they are a random subset), distilled from the full pass's outputs for them. ``penalty``
+    (the group lasso) adds its closed-form gradient when the trainer asks. With ``full_pass=False``
+    only the sampled pass runs, on the hard labels. ``reuse`` (a :class:`PrefixReuse`) skips
+    recomputing the layers before the first sampled one; a draw that lowers no rank makes the
+    sampled pass identical to the full pass, whose distillation gradient is exactly zero, so the
+    second pass is skipped altogether.
     """
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, LowRankLayer]], sampler: RankSampler,
                  autocast: Autocast, *, full_pass: bool = True, masked: bool = False, reuse: PrefixReuse | None = None,
-                 penalty: GroupLassoGradient | None = None):
+                 penalty: GroupLassoGradient | None = None, sampled_batch: float = 1.0):
+        if sampled_batch < 1 and (reuse is not None or not full_pass):
+            raise ValueError(f"sampled_batch={sampled_batch!r} needs the full pass and no prefix reuse")
         self.model = model
         self.penalty = penalty
         self.layers = list(layers)
@@ -104,13 +135,14 @@ class MaestroStep(Step):
         self.full_pass = full_pass
         self.masked = masked
         self.reuse = reuse
+        self.sampled_batch = sampled_batch
         self.second_passes_skipped = 0
         """Steps whose draw lowered no rank (no second pass needed); for profiling and tests."""
 
     def __call__(self, inputs, targets: torch.Tensor, backward: Backward) -> torch.Tensor:
         if not self.full_pass:
             with sampled_ranks(self.model, self.sampler, self.layers) as draw:
-                self.passes = [dict(draw)]
+                self.passes, self.shares = [dict(draw)], [1.0]
                 with self.autocast():
                     logits = forward(self.model, inputs)
                     loss = hard_loss(logits, targets)
@@ -130,9 +162,13 @@ class MaestroStep(Step):
             # half the peak activation memory), and the gradients add up to those of the sum.
             backward(loss_full)
             loss_full = loss_full.detach()
+        sampled_inputs, teacher, sampled_targets, share = inputs, full, targets, 1.0
+        if self.sampled_batch < 1:
+            sampled_inputs, teacher, sampled_targets, share = first_examples(inputs, full, targets, self.sampled_batch)
         with sampled_ranks(self.model, self.sampler, self.layers) as draw:
             changed = {self.by_name[name] for name, rank in draw.items() if rank < self.by_name[name].rank}
             self.passes = [{}, dict(draw)] if changed or self.reuse is None else [{}]
+            self.shares = [1.0, share][:len(self.passes)]
             with self.autocast():
                 if self.reuse is not None and not changed:
                     self.second_passes_skipped += 1
@@ -143,8 +179,8 @@ class MaestroStep(Step):
                         sampled = forward(self.model, inputs)
                     loss_sampled = soft_loss(sampled, full, targets, self.masked)
                 else:
-                    sampled = forward(self.model, inputs)
-                    loss_sampled = soft_loss(sampled, full, targets, self.masked)
+                    sampled = forward(self.model, sampled_inputs)
+                    loss_sampled = soft_loss(sampled, teacher, sampled_targets, self.masked)
                 loss = loss_full + loss_sampled
             backward(loss if self.reuse is not None else loss_sampled)
         return _numbers(loss, loss_full, loss_sampled, *count_correct(full, targets))
