@@ -130,6 +130,26 @@ def test_gradient_clipping_bounds_the_whole_update(digits):
     assert norm.item() == pytest.approx(LR * clip, rel=1e-4)
 
 
+def test_without_recalibration_the_same_training_evaluates_with_the_full_passes_statistics(digits):
+    """Recalibration changes no weight, and the sampled passes leave the running averages alone, so
+    with ``bn_recal_batches = 0`` they are those of the full passes (as in dense training)."""
+    data = Subset(digits.train, range(256))
+    trainers = {}
+    for batches in (0, 3):
+        config = TrainConfig.from_dict(dict(epochs=2, batch_size=64, lr=0.05, lambda_gl=5e-3, eps_ps=0.2,
+                                            bn_recal_batches=batches))
+        torch.manual_seed(0)
+        trainers[batches] = Trainer(SmallConvNet(), data, digits.val, config)
+        trainers[batches].train_epoch()
+    plain, recalibrated = trainers[0].model, trainers[3].model
+    for (name, p), (_, q) in zip(plain.named_parameters(), recalibrated.named_parameters()):
+        assert torch.equal(p, q), name
+    norms = [m for m in plain.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [norm.num_batches_tracked.item() for norm in norms] == [len(data) // 64] * 2  # one per full pass
+    recalibrated_norms = [m for m in recalibrated.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert not torch.equal(norms[0].running_mean, recalibrated_norms[0].running_mean)
+
+
 def test_recalibration_sets_batchnorm_statistics_to_those_of_the_current_ranks(digits):
     config = TrainConfig.from_dict(dict(epochs=1, batch_size=128, lr=0.05, lambda_gl=5e-3, eps_ps=0.2, bn_recal_batches=3))
     torch.manual_seed(0)

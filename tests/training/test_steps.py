@@ -195,3 +195,20 @@ def test_a_sampled_pass_on_part_of_the_batch_refuses_what_it_cannot_run():
                        sampled_batch=0.5)
     with pytest.raises(ValueError, match=r"outputs of shape \(6, 4\) for targets of shape \(3, 2\)"):
         step(torch.randn(6, 4), torch.zeros(3, 2, dtype=torch.long), lambda loss: loss.backward())  # flattened outputs
+
+
+@pytest.mark.parametrize("sampled_batch", [1.0, 0.5])
+def test_the_sampled_pass_leaves_batchnorm_statistics_to_the_full_model(sampled_batch):
+    torch.manual_seed(0)
+    model = ml.factorize(SmallConvNet())
+    inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    reference = copy.deepcopy(model).train()
+    with torch.no_grad():
+        reference(inputs)  # the full pass alone
+    step = MaestroStep(model, list(ml.low_rank_layers(model)), ml.IndependentSampler(3), contextlib.nullcontext,
+                       sampled_batch=sampled_batch)
+    model.train()
+    step(inputs, targets, lambda loss: loss.backward())
+    assert step.passes[1]  # a sub-model ran through the BatchNorm layers
+    for (name, got), (_, want) in zip(model.named_buffers(), reference.named_buffers()):
+        assert torch.equal(got, want), name

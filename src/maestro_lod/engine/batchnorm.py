@@ -1,14 +1,18 @@
-"""Re-estimate BatchNorm running statistics for the model as it is now.
+"""BatchNorm running statistics of a model whose layers change: kept out of the sampled pass,
+re-estimated for the model as it is now.
 
-Sampled passes run sub-models through the BatchNorm layers and shrinking changes the layers
-before them, so after an epoch the running statistics describe none of the models actually
-evaluated. Recalibration resets them and forwards training batches at full rank with
-``momentum=None`` (an exact cumulative average over the batches), without gradients.
+MAESTRO's sampled pass runs a sub-model through the BatchNorm layers; it runs inside
+:func:`running_statistics_kept`, so the running statistics average the full model's batches only,
+as a dense training's do. Shrinking then changes the layers they were measured behind, and they
+average over an epoch of changing weights, so before evaluation :func:`recalibrate_batchnorm`
+resets them and forwards training batches at full rank with ``momentum=None`` (an exact cumulative
+average over the batches), without gradients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -47,3 +51,19 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, run: Callable[[ob
             layer.momentum = momentum
         model.train(was_training)
     return used
+
+
+@contextmanager
+def running_statistics_kept(layers: list[nn.Module]) -> Iterator[None]:
+    """Leave the running statistics of the BatchNorm ``layers`` as they were before the block:
+    a forward pass inside it normalises with its batch's statistics as usual, but its batch does
+    not enter the running averages. MAESTRO's sampled pass runs in it, so that the running
+    statistics follow the full model (as a dense training's do) instead of a mix of sub-models."""
+    saved = [[buffer.clone() for buffer in layer.buffers()] for layer in layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, buffers in zip(layers, saved):
+                for buffer, value in zip(layer.buffers(), buffers):
+                    buffer.copy_(value)

@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
+from ..engine.batchnorm import batchnorm_layers, running_statistics_kept
 from ..engine.passes import count_correct, forward, hard_loss, soft_loss
 from ..engine.reuse import PrefixReuse
 from ..layers import LowRankLayer
@@ -113,7 +114,8 @@ class MaestroStep(Step):
     sampled-rank scope (without ``reuse``, ``backward`` is called twice: on the full loss before
     the sampled pass, then on the sampled loss). With ``sampled_batch`` below 1 the sampled pass
     runs on the batch's first ``ceil(sampled_batch · batch)`` examples only (the loader shuffles,
-    so they are a random subset), distilled from the full pass's outputs for them. ``penalty``
+    so they are a random subset), distilled from the full pass's outputs for them. The sampled
+    pass leaves BatchNorm running statistics as the full pass left them. ``penalty``
     (the group lasso) adds its closed-form gradient when the trainer asks. With ``full_pass=False``
     only the sampled pass runs, on the hard labels. ``reuse`` (a :class:`PrefixReuse`) skips
     recomputing the layers before the first sampled one; a draw that lowers no rank makes the
@@ -136,6 +138,7 @@ class MaestroStep(Step):
         self.masked = masked
         self.reuse = reuse
         self.sampled_batch = sampled_batch
+        self.batchnorms = batchnorm_layers(model)
         self.second_passes_skipped = 0
         """Steps whose draw lowered no rank (no second pass needed); for profiling and tests."""
 
@@ -165,7 +168,9 @@ class MaestroStep(Step):
         sampled_inputs, teacher, sampled_targets, share = inputs, full, targets, 1.0
         if self.sampled_batch < 1:
             sampled_inputs, teacher, sampled_targets, share = first_examples(inputs, full, targets, self.sampled_batch)
-        with sampled_ranks(self.model, self.sampler, self.layers) as draw:
+        # the running statistics are restored after the backward pass, which checks that the
+        # tensors it saved (BatchNorm's running statistics among them) were not changed since
+        with running_statistics_kept(self.batchnorms), sampled_ranks(self.model, self.sampler, self.layers) as draw:
             changed = {self.by_name[name] for name, rank in draw.items() if rank < self.by_name[name].rank}
             self.passes = [{}, dict(draw)] if changed or self.reuse is None else [{}]
             self.shares = [1.0, share][:len(self.passes)]
