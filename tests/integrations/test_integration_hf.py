@@ -154,6 +154,26 @@ def test_one_step_equals_the_repo_maestro_step(windows, tmp_path, sampled_batch)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_the_sampled_pass_leaves_batchnorm_statistics_to_the_full_pass(tmp_path):
+    """A vision model with BatchNorm (a small ResNet): after one step the running statistics are
+    those of one training-mode forward of the model as it was, i.e. the full pass's batch alone."""
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       num_labels=3)
+    model = transformers.ResNetForImageClassification(config)
+    reference = copy.deepcopy(model).train()
+    data = [{"pixel_values": torch.randn(1, 16, 16), "labels": torch.tensor(i % 3)} for i in range(32)]
+    trainer = MaestroTrainer(model, arguments(tmp_path, max_steps=1, per_device_train_batch_size=len(data)),
+                             train_dataset=data, lambda_gl=1e-2, shrink_every=None)
+    trainer.train()
+    with torch.no_grad():
+        reference(pixel_values=next(iter(trainer.get_train_dataloader()))["pixel_values"])
+    buffers = dict(reference.named_buffers())
+    assert any(name.endswith("running_mean") for name in buffers)
+    for name, got in trainer.model.named_buffers():
+        torch.testing.assert_close(got, buffers[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_masked_positions_are_ignored(windows, tmp_path):
     vocab, data = windows
     trainer = MaestroTrainer(gpt2(vocab), arguments(tmp_path), train_dataset=data, sampler="fixed", sample_fraction=0.5)

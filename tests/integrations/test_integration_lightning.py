@@ -28,9 +28,9 @@ def mnist():
 
 
 class LeNet(pl.LightningModule):
-    def __init__(self, data, lr=0.05, momentum=0.9):
+    def __init__(self, data, lr=0.05, momentum=0.9, model="lenet5"):
         super().__init__()
-        self.net = build_model("lenet5", data)
+        self.net = build_model(model, data)
         self.lr, self.momentum = lr, momentum
 
     def forward(self, x):
@@ -96,10 +96,11 @@ def test_two_epochs_shrink_log_and_resume_restores_ranks(mnist, tmp_path):
 
 
 @pytest.mark.parametrize("sampled_batch", [1.0, 0.25])
-def test_one_step_equals_the_repo_maestro_step(mnist, sampled_batch):
+@pytest.mark.parametrize("architecture", ["lenet5", "cnn4"])  # cnn4 has BatchNorm: its running statistics too
+def test_one_step_equals_the_repo_maestro_step(mnist, sampled_batch, architecture):
     data, train, _ = mnist
     torch.manual_seed(1)
-    module = LeNet(data, lr=0.1, momentum=0.0)
+    module = LeNet(data, lr=0.1, momentum=0.0, model=architecture)
     reference = copy.deepcopy(module.net)
     callback = MaestroCallback(lambda_gl=1e-2, eps_ps=0.0, shrink_every=0, seed=7, bn_recal_batches=0, sampler="single",
                                sampled_batch=sampled_batch)
@@ -116,6 +117,8 @@ def test_one_step_equals_the_repo_maestro_step(mnist, sampled_batch):
     step.add_penalty_gradients_()
     optimizer.step()
     for (name, got), (_, want) in zip(module.net.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+    for (name, got), (_, want) in zip(module.net.named_buffers(), model.named_buffers()):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
 
 

@@ -58,12 +58,22 @@ def running_statistics_kept(layers: list[nn.Module]) -> Iterator[None]:
     """Leave the running statistics of the BatchNorm ``layers`` as they were before the block:
     a forward pass inside it normalises with its batch's statistics as usual, but its batch does
     not enter the running averages. MAESTRO's sampled pass runs in it, so that the running
-    statistics follow the full model (as a dense training's do) instead of a mix of sub-models."""
-    saved = [[buffer.clone() for buffer in layer.buffers()] for layer in layers]
+    statistics follow the full model (as a dense training's do) instead of a mix of sub-models.
+
+    The layers run with momentum 0, so their update ``(1 - 0)·running + 0·batch`` writes back the
+    same values, and only the batch counter is put back at the end. Nothing is restored that the
+    backward pass reads (BatchNorm's backward saves the running buffers and would refuse ones
+    changed in place since), so the backward may run inside the block or after it, as in the
+    Lightning and Hugging Face integrations, where the framework runs it after the loss returns."""
+    saved = [(layer.momentum, None if layer.num_batches_tracked is None else layer.num_batches_tracked.clone())
+             for layer in layers]
     try:
+        for layer in layers:
+            layer.momentum = 0.0
         yield
     finally:
         with torch.no_grad():
-            for layer, buffers in zip(layers, saved):
-                for buffer, value in zip(layer.buffers(), buffers):
-                    buffer.copy_(value)
+            for layer, (momentum, batches) in zip(layers, saved):
+                layer.momentum = momentum
+                if batches is not None:
+                    layer.num_batches_tracked.copy_(batches)

@@ -30,7 +30,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
                       "pip install 'maestro-lod[lightning]'") from error
 
 from ..config import FactorizeConfig
-from ..engine.batchnorm import recalibrate_batchnorm
+from ..engine.batchnorm import batchnorm_layers, recalibrate_batchnorm, running_statistics_kept
 from ..engine.counting import count_macs, count_params
 from ..engine.passes import forward, soft_loss
 from ..errors import CheckpointError, ConfigError
@@ -113,6 +113,7 @@ class MaestroCallback(pl.Callback):
             ensure_factorized(pl_module, self.factorize)
         self.penalty = GroupLassoGradient([layer for _, layer in low_rank_layers(pl_module)], self.config.lambda_gl,
                                           self.config.hierarchical)
+        self.batchnorms = batchnorm_layers(pl_module)
         self._run = LoopRun(pl_module, lambda: self._optimizer(trainer), lambda: self._example_on(pl_module))
         if self._hook is None:
             def resize_before_load(module, state_dict, prefix, *args):
@@ -251,7 +252,8 @@ def maestro_loss(module: pl.LightningModule, inputs: Any, targets: torch.Tensor,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> torch.Tensor:
     """The MAESTRO objective for one training batch: ``loss_fn(full(x), y)`` plus the cross-entropy
     of one sampled sub-model against ``softmax(full(x))`` (positions whose target is -100 are left
-    out; with the callback's ``sampled_batch`` below 1, on the batch's first examples only).
+    out; with the callback's ``sampled_batch`` below 1, on the batch's first examples only). The
+    sampled pass leaves BatchNorm running statistics to the full pass.
     ``inputs`` go to the module as ``module(inputs)`` (``module(*inputs)`` for a tuple).
     During warm-up epochs it is ``loss_fn(full(x), y)`` alone. Logs both parts."""
     callback = _callback(module)
@@ -262,7 +264,7 @@ def maestro_loss(module: pl.LightningModule, inputs: Any, targets: torch.Tensor,
     teacher = full
     if callback.config.sampled_batch < 1:
         inputs, teacher, targets, _ = first_examples(inputs, full, targets, callback.config.sampled_batch)
-    with sampled_ranks(module, callback.sampler):
+    with sampled_ranks(module, callback.sampler), running_statistics_kept(callback.batchnorms):
         sampled = forward(module, inputs)
     masked = not torch.is_floating_point(targets)
     loss_sampled = soft_loss(sampled, teacher, targets, masked)

@@ -29,6 +29,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
                       "pip install 'maestro-lod[hf]'") from error
 
 from ..config import FactorizeConfig
+from ..engine.batchnorm import batchnorm_layers, running_statistics_kept
 from ..engine.counting import count_macs, count_params
 from ..engine.passes import hard_loss, soft_loss
 from ..errors import CheckpointError, ConfigError, ConfigTypeError
@@ -130,6 +131,7 @@ class MaestroTrainer(Trainer):
             FactorizeConfig.from_dict(factorize) if isinstance(factorize, dict) else None)
         self.penalty = GroupLassoGradient([layer for _, layer in low_rank_layers(self.model)], self.maestro.lambda_gl,
                                           self.maestro.hierarchical)
+        self.batchnorms = batchnorm_layers(self.model)
         self.run = LoopRun(self.model, self.torch_optimizer, self._example_inputs)
         self.scheduler: LambdaScheduler | None = None
         """The group-lasso weight and what a shrink does, planned when training begins."""
@@ -280,7 +282,7 @@ class MaestroTrainer(Trainer):
         teacher = full
         if self.maestro.sampled_batch < 1:
             inputs, teacher, targets, _ = first_examples(inputs, full, targets, self.maestro.sampled_batch)
-        with sampled_ranks(self.accelerator.unwrap_model(model), self.sampler):
+        with sampled_ranks(self.accelerator.unwrap_model(model), self.sampler), running_statistics_kept(self.batchnorms):
             sampled, _ = objective(model(**inputs))
             loss_sampled = soft_loss(sampled, teacher, targets, masked=True)
         self._sums[:2] += torch.stack([loss_full.detach().float().cpu(), loss_sampled.detach().float().cpu()])

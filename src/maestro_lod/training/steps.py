@@ -168,8 +168,6 @@ class MaestroStep(Step):
         sampled_inputs, teacher, sampled_targets, share = inputs, full, targets, 1.0
         if self.sampled_batch < 1:
             sampled_inputs, teacher, sampled_targets, share = first_examples(inputs, full, targets, self.sampled_batch)
-        # the running statistics are restored after the backward pass, which checks that the
-        # tensors it saved (BatchNorm's running statistics among them) were not changed since
         with running_statistics_kept(self.batchnorms), sampled_ranks(self.model, self.sampler, self.layers) as draw:
             changed = {self.by_name[name] for name, rank in draw.items() if rank < self.by_name[name].rank}
             self.passes = [{}, dict(draw)] if changed or self.reuse is None else [{}]
