@@ -90,8 +90,16 @@ class GroupLassoGradient:
         self.weight = float(weight)
         self.hierarchical = hierarchical
         self.factors = _layer_factors(layers)
-        self.scales = None if layer_scales is None else [s for s in layer_scales for _ in range(2)]
+        self.scales: list[float] | None = None
         """Each factor's weight (a layer's ``up`` and ``down`` share it); None: all 1."""
+        self.weigh_layers(layer_scales)
+
+    def weigh_layers(self, layer_scales: list[float] | None) -> None:
+        """Give each layer's groups a weight (one number per layer, in the order of ``layers``;
+        None: all 1). Loops that see their first batch after building the penalty call it then."""
+        if layer_scales is not None and 2 * len(layer_scales) != len(self.factors):
+            raise ValueError(f"layer_scales has {len(layer_scales)} numbers for {len(self.factors) // 2} layers")
+        self.scales = None if layer_scales is None else [s for s in layer_scales for _ in range(2)]
 
     @torch.no_grad()
     def add_to_grads_(self) -> torch.Tensor:

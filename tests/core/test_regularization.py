@@ -105,3 +105,13 @@ def test_layer_scales_weigh_each_layers_value_and_gradient():
     for layer, scale, (up, down) in zip(layers, (2.0, 0.5), plain_grads):
         torch.testing.assert_close(layer.up.grad, scale * up, rtol=1e-12, atol=0)
         torch.testing.assert_close(layer.down.grad, scale * down, rtol=1e-12, atol=0)
+
+
+def test_layers_weighed_after_building_give_what_weighing_at_construction_gives():
+    torch.manual_seed(4)
+    layers = [_layer(4, 5, 3), _layer(6, 3, 2)]
+    penalty = GroupLassoGradient(layers, 0.01)
+    penalty.weigh_layers([2.0, 0.5])
+    assert penalty.add_to_grads_().item() == GroupLassoGradient(layers, 0.01, layer_scales=[2.0, 0.5]).add_to_grads_().item()
+    with pytest.raises(ValueError, match="3 numbers for 2 layers"):
+        penalty.weigh_layers([1.0, 1.0, 1.0])

@@ -15,6 +15,8 @@ from maestro_lod.data.text import pydoc_corpus  # noqa: E402
 from maestro_lod.errors import CheckpointError, ConfigError  # noqa: E402
 from maestro_lod.integrations.transformers import MAESTRO_FILE, MaestroTrainer, load_factorized  # noqa: E402
 from maestro_lod.regularization import GroupLassoGradient  # noqa: E402
+from maestro_lod.training import MaestroConfig  # noqa: E402
+from maestro_lod.training.step_macs import rank_cost_scales  # noqa: E402
 from maestro_lod.training.steps import MaestroStep  # noqa: E402
 
 LENGTH = 32
@@ -123,15 +125,15 @@ def test_bf16_mixed_precision_trains_shrinks_logs_and_keeps_float32_factors(wind
             assert isinstance(factor, torch.nn.Parameter) and factor.dtype == torch.float32, name
 
 
-@pytest.mark.parametrize("sampled_batch", [1.0, 0.25])
-def test_one_step_equals_the_repo_maestro_step(windows, tmp_path, sampled_batch):
+@pytest.mark.parametrize("sampled_batch, group_weights", [(1.0, "uniform"), (0.25, "uniform"), (1.0, "macs")])
+def test_one_step_equals_the_repo_maestro_step(windows, tmp_path, sampled_batch, group_weights):
     vocab, data = windows
     model = gpt2(vocab)
     reference = ml.factorize(copy.deepcopy(model))
     args = arguments(tmp_path, max_steps=1, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
                      max_grad_norm=0.0, per_device_train_batch_size=len(data))
-    trainer = MaestroTrainer(model, args, train_dataset=data, lambda_gl=1e-2, shrink_every=None, sampler_seed=5,
-                             sampler="single", sampled_batch=sampled_batch)
+    options = MaestroConfig(lambda_gl=1e-2, sampler="single", sampled_batch=sampled_batch, group_weights=group_weights)
+    trainer = MaestroTrainer(model, args, train_dataset=data, shrink_every=None, sampler_seed=5, config=options)
     trainer.train()
 
     class Logits(torch.nn.Module):  # the repo's step reads logits and targets: shift them here
@@ -144,9 +146,12 @@ def test_one_step_equals_the_repo_maestro_step(windows, tmp_path, sampled_batch)
 
     wrapped = Logits(reference).train()
     layers = list(ml.low_rank_layers(wrapped))
-    step = MaestroStep(wrapped, layers, ml.SingleLayerSampler(5), contextlib.nullcontext, masked=True,
-                       penalty=GroupLassoGradient([layer for _, layer in layers], 1e-2), sampled_batch=sampled_batch)
     x = next(iter(trainer.get_train_dataloader()))["input_ids"]  # the shuffled order the first examples come from
+    scales = rank_cost_scales(reference, x[:1], [name for name, _ in ml.low_rank_layers(reference)], group_weights)
+    assert (scales is None) == (group_weights == "uniform")
+    step = MaestroStep(wrapped, layers, ml.SingleLayerSampler(5), contextlib.nullcontext, masked=True,
+                       penalty=GroupLassoGradient([layer for _, layer in layers], 1e-2, layer_scales=scales),
+                       sampled_batch=sampled_batch)
     step(x, x[:, 1:], lambda loss: loss.backward())
     step.add_penalty_gradients_()
     torch.optim.SGD(wrapped.parameters(), lr=0.1).step()
@@ -203,6 +208,8 @@ def test_bad_input_names_the_value(windows, tmp_path):
         MaestroTrainer(torch.nn.Embedding(4, 4), arguments(tmp_path), train_dataset=data)
     with pytest.raises(ConfigError, match="shrink_every='weekly'"):
         MaestroTrainer(gpt2(vocab), arguments(tmp_path), train_dataset=data, shrink_every="weekly")
+    with pytest.raises(ConfigError, match="full_pass=False is not offered"):
+        MaestroTrainer(gpt2(vocab), arguments(tmp_path), train_dataset=data, config=MaestroConfig(full_pass=False))
     with pytest.raises(CheckpointError, match="maestro.json"):
         load_factorized(transformers.GPT2LMHeadModel, tmp_path)
 

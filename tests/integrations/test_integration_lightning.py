@@ -15,6 +15,8 @@ from maestro_lod.errors import CheckpointError, ConfigError  # noqa: E402
 from maestro_lod.integrations.lightning import MaestroCallback, maestro_loss  # noqa: E402
 from maestro_lod.models import build_model  # noqa: E402
 from maestro_lod.regularization import GroupLassoGradient  # noqa: E402
+from maestro_lod.training import MaestroConfig  # noqa: E402
+from maestro_lod.training.step_macs import rank_cost_scales  # noqa: E402
 from maestro_lod.training.steps import MaestroStep  # noqa: E402
 
 
@@ -96,22 +98,26 @@ def test_two_epochs_shrink_log_and_resume_restores_ranks(mnist, tmp_path):
 
 
 @pytest.mark.parametrize("sampled_batch", [1.0, 0.25])
-@pytest.mark.parametrize("architecture", ["lenet5", "cnn4"])  # cnn4 has BatchNorm: its running statistics too
-def test_one_step_equals_the_repo_maestro_step(mnist, sampled_batch, architecture):
+@pytest.mark.parametrize("architecture, group_weights", [("lenet5", "uniform"), ("cnn4", "macs")])  # cnn4: BatchNorm
+def test_one_step_equals_the_repo_maestro_step(mnist, sampled_batch, architecture, group_weights):
     data, train, _ = mnist
     torch.manual_seed(1)
     module = LeNet(data, lr=0.1, momentum=0.0, model=architecture)
     reference = copy.deepcopy(module.net)
-    callback = MaestroCallback(lambda_gl=1e-2, eps_ps=0.0, shrink_every=0, seed=7, bn_recal_batches=0, sampler="single",
-                               sampled_batch=sampled_batch)
+    options = MaestroConfig(lambda_gl=1e-2, eps_ps=0.0, sampler="single", sampled_batch=sampled_batch,
+                            group_weights=group_weights)
+    callback = MaestroCallback(shrink_every=0, seed=7, bn_recal_batches=0, config=options)
     trainer(callback, max_steps=1).fit(module, loader(train))
 
     model = ml.factorize(reference)
     layers = list(ml.low_rank_layers(model))
-    step = MaestroStep(model, layers, ml.SingleLayerSampler(7), contextlib.nullcontext, masked=True,
-                       penalty=GroupLassoGradient([layer for _, layer in layers], 1e-2), sampled_batch=sampled_batch)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = next(iter(loader(train)))
+    scales = rank_cost_scales(model, x[:1], [name for name, _ in layers], group_weights)
+    assert (scales is None) == (group_weights == "uniform")
+    step = MaestroStep(model, layers, ml.SingleLayerSampler(7), contextlib.nullcontext, masked=True,
+                       penalty=GroupLassoGradient([layer for _, layer in layers], 1e-2, layer_scales=scales),
+                       sampled_batch=sampled_batch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()
     step(x, y, lambda loss: loss.backward())
     step.add_penalty_gradients_()
@@ -181,6 +187,10 @@ def test_bad_input_names_the_value(mnist, tmp_path):
         MaestroCallback(seed=-1)
     with pytest.raises(TypeError, match="sampler_fraction"):  # a setting MaestroCallback does not have
         MaestroCallback(sampler_fraction=0.5)
+    with pytest.raises(ConfigError, match="full_pass=False is not offered"):
+        MaestroCallback(config=MaestroConfig(full_pass=False))
+    with pytest.raises(ConfigError, match="reuse_prefix='on' is not offered"):
+        MaestroCallback(config=MaestroConfig(reuse_prefix="on"))
 
     class Nothing(pl.LightningModule):
         def __init__(self):

@@ -28,8 +28,10 @@ from ..export import export
 from ..functional import DOWN_RANK_DIM
 from ..inject import factorize
 from ..layers import LowRankLayer, low_rank_layers
+from ..regularization import GroupLassoGradient
 from ..sampling import RankSampler, build_sampler
 from ..training.options import MaestroConfig
+from ..training.step_macs import rank_cost_scales
 
 
 def maestro_config(config: MaestroConfig | None, **options: Any) -> MaestroConfig:
@@ -45,7 +47,25 @@ def maestro_config(config: MaestroConfig | None, **options: Any) -> MaestroConfi
     if given:
         raise ConfigError(f"give MAESTRO's options either as config=MaestroConfig(...) or as keywords, not both "
                           f"({', '.join(given)} given as keywords)")
+    if not config.full_pass:
+        raise ConfigError("full_pass=False is not offered here: the integrations' loss always has the full "
+                          "pass's term (the sampled pass alone is maestro-lod train's --no-full-pass)")
+    if config.reuse_prefix == "on":
+        raise ConfigError("reuse_prefix='on' is not offered here: the integrations' sampled pass runs the whole "
+                          "model; use 'auto' or 'off'")
     return config
+
+
+def weigh_group_lasso(penalty: GroupLassoGradient, model: nn.Module, example_inputs: Any, weighting: str) -> None:
+    """Weigh ``penalty``'s layers by what one of their ranks costs (``group_weights``: ``macs`` or
+    ``params``; ``uniform`` leaves them alike), as :class:`~maestro_lod.training.Trainer` does.
+    The integrations call it at the first optimiser step, when a batch gives the example input
+    that MACs are counted on; a rank's cost does not change with the rank, so once is enough."""
+    if weighting == "macs" and example_inputs is None:
+        raise ConfigError("group_weights='macs' needs the model's MACs, counted on an example input, and none "
+                          "was found in the batches; use group_weights='params'")
+    names = [name for name, _ in low_rank_layers(model)]
+    penalty.weigh_layers(rank_cost_scales(model, example_inputs, names, weighting))
 
 
 class LoopRun:
@@ -94,11 +114,12 @@ def sampler_name(sampler: str | RankSampler) -> str:
     return sampler
 
 
-def make_sampler(sampler: str | RankSampler, seed: int, fraction: float) -> RankSampler:
-    """A sampler object as given, or the registered sampler named ``sampler`` seeded with ``seed``."""
+def make_sampler(sampler: str | RankSampler, config: MaestroConfig, seed: int) -> RankSampler:
+    """A sampler object as given, or the sampler ``config`` names (its ``sampler`` and
+    ``sample_fraction``: the keywords' or a ``config=`` object's) seeded with ``seed``."""
     if isinstance(sampler, RankSampler):
         return sampler
-    return build_sampler(sampler, torch.Generator().manual_seed(int(seed)), fraction=fraction)
+    return build_sampler(config.sampler, torch.Generator().manual_seed(int(seed)), fraction=config.sample_fraction)
 
 
 def factorized_targets(model: nn.Module) -> str:

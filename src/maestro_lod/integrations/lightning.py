@@ -41,7 +41,7 @@ from ..training.budget import LambdaScheduler, importance_cut, lambda_scheduler,
 from ..training.options import MaestroConfig, check_int
 from ..training.steps import first_examples
 from . import (LoopRun, ensure_factorized, fit_state_dict_ranks, generator_state, maestro_config, make_sampler,
-               restore_generator_state, sampler_name, underlying_optimizer)
+               restore_generator_state, sampler_name, underlying_optimizer, weigh_group_lasso)
 
 __all__ = ["MaestroCallback", "maestro_loss"]
 
@@ -90,7 +90,7 @@ class MaestroCallback(pl.Callback):
         self.shrinks_at_all = shrink_every > 0 or config is not None
         if self.config.target is not None and not self.shrinks_at_all:
             raise ConfigError(f"target={self.config.target!r} is reached by shrinking; give shrink_every >= 1")
-        self.sampler = make_sampler(sampler, seed, self.config.sample_fraction)
+        self.sampler = make_sampler(sampler, self.config, seed)
         self.factorize = factorize
         self.bn_recal_batches = bn_recal_batches
         self.inputs = inputs
@@ -114,6 +114,7 @@ class MaestroCallback(pl.Callback):
         self.penalty = GroupLassoGradient([layer for _, layer in low_rank_layers(pl_module)], self.config.lambda_gl,
                                           self.config.hierarchical)
         self.batchnorms = batchnorm_layers(pl_module)
+        self._weighed = self.config.group_weights == "uniform"
         self._run = LoopRun(pl_module, lambda: self._optimizer(trainer), lambda: self._example_on(pl_module))
         if self._hook is None:
             def resize_before_load(module, state_dict, prefix, *args):
@@ -159,6 +160,9 @@ class MaestroCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.penalty is None or self.config.lambda_gl == 0 or self.in_warmup(trainer):
             return
+        if not self._weighed:
+            weigh_group_lasso(self.penalty, pl_module, self._example_on(pl_module), self.config.group_weights)
+            self._weighed = True
         value = self.penalty.add_to_grads_()
         pl_module.log("maestro/penalty", float(value), on_step=False, on_epoch=True)
 

@@ -41,7 +41,7 @@ from ..training.budget import LambdaScheduler, importance_cut, lambda_scheduler,
 from ..training.options import MaestroConfig, check_int, check_number
 from ..training.steps import first_examples
 from . import (LoopRun, ensure_factorized, factorized_targets, generator_state, maestro_config, make_sampler,
-               resize_to, restore_generator_state, sampler_name, underlying_optimizer)
+               resize_to, restore_generator_state, sampler_name, underlying_optimizer, weigh_group_lasso)
 
 MAESTRO_FILE = "maestro.json"
 """Written next to the weights by every save: layers, ranks and the sampler's state."""
@@ -124,14 +124,14 @@ class MaestroTrainer(Trainer):
         self.shrink_every = shrink_every
         self.warmup_steps = warmup_steps
         self.warmup_epochs = float(warmup_epochs)
-        self.sampler = make_sampler(sampler, self.args.seed if sampler_seed is None else sampler_seed,
-                                    self.maestro.sample_fraction)
+        self.sampler = make_sampler(sampler, self.maestro, self.args.seed if sampler_seed is None else sampler_seed)
         self.shift_labels = shift_labels
         self.factorize_config = factorize if isinstance(factorize, FactorizeConfig) else (
             FactorizeConfig.from_dict(factorize) if isinstance(factorize, dict) else None)
         self.penalty = GroupLassoGradient([layer for _, layer in low_rank_layers(self.model)], self.maestro.lambda_gl,
                                           self.maestro.hierarchical)
         self.batchnorms = batchnorm_layers(self.model)
+        self._weighed = self.maestro.group_weights == "uniform"  # weighed at the first step: MACs need a batch
         self.run = LoopRun(self.model, self.torch_optimizer, self._example_inputs)
         self.scheduler: LambdaScheduler | None = None
         """The group-lasso weight and what a shrink does, planned when training begins."""
@@ -201,6 +201,9 @@ class MaestroTrainer(Trainer):
         # Runs inside optimizer.step(): after accumulation, unscaling and clipping, once per update.
         if self.maestro.lambda_gl == 0 or not self.model.training or self.in_warmup():
             return
+        if not self._weighed:
+            weigh_group_lasso(self.penalty, self.model, self._example_inputs(), self.maestro.group_weights)
+            self._weighed = True
         value = self.penalty.add_to_grads_()
         self._sums[2] += float(value)
         self._counts[2] += 1
