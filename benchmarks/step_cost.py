@@ -27,6 +27,9 @@ runs, so load from other processes on a shared machine falls on both alike:
   (69 M factor elements): per-factor ``vector_norm`` and ``addcmul_`` (the formulation it
   replaced) against ``GroupLassoGradient.add_to_grads_`` (rank norms by squares where the rank is
   the last dimension, one ``torch._foreach_addcmul_``).
+* ``sampled-batch``: a cnn4 step with the default independent sampler, its sampled pass on one
+  example, a quarter and the whole batch, against the dense step and the factorised full pass
+  alone: what the sampled pass costs at each share.
 * ``slices``: a sampled layer's forward and backward over a batch with the factors as views of
   the leading ``b`` ranks (``up[..., :b]`` is not contiguous) against the same with contiguous
   copies made beforehand; the difference is what copying the slices costs.
@@ -326,8 +329,37 @@ def measure_slices(repeats: int) -> list[dict]:
     return rows
 
 
+def independent_step(model, inputs, targets, sampled_batch: float) -> Callable[[], None]:
+    """One MAESTRO step with the default independent sampler and no prefix reuse (it truncates the
+    first layer in almost every step), its sampled pass on ``sampled_batch`` of the batch, with the
+    group-lasso gradient, without the optimiser update."""
+    layers = list(ml.low_rank_layers(model))
+    step = MaestroStep(model, layers, ml.IndependentSampler(0), contextlib.nullcontext, masked=False,
+                       penalty=GroupLassoGradient([layer for _, layer in layers], 1e-3), sampled_batch=sampled_batch)
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        step(inputs, targets, torch.Tensor.backward)
+        step.add_penalty_gradients_()
+    return run
+
+
+def measure_sampled_batch(repeats: int) -> list[dict]:
+    """cnn4: what the sampled pass adds to the full pass, on one example, a quarter and the whole
+    batch (the default independent sampler)."""
+    model, inputs, targets = batch("cnn4")
+    factorised = ml.factorize(copy.deepcopy(model))
+    one = 1 / inputs.shape[0]
+    return rows_of("sampled-batch", "cnn4 step, independent sampler", interleaved(
+        {"dense": dense_step(model, inputs, targets), "factorised full pass alone": train_pass(factorised, inputs, targets),
+         "MAESTRO, sampled pass on 1 example": independent_step(factorised, inputs, targets, one),
+         "MAESTRO, sampled pass on a quarter": independent_step(factorised, inputs, targets, 0.25),
+         "MAESTRO, sampled pass on the whole batch": independent_step(factorised, inputs, targets, 1.0)}, repeats))
+
+
 MEASUREMENTS = {"compose": measure_compose, "soft-loss": measure_soft_loss, "backward-order": measure_backward_order,
-                "sampler": measure_sampler, "group-lasso": measure_group_lasso, "slices": measure_slices}
+                "sampler": measure_sampler, "group-lasso": measure_group_lasso, "slices": measure_slices,
+                "sampled-batch": measure_sampled_batch}
 
 
 def main() -> None:
