@@ -25,7 +25,9 @@ training recipe. Rows:
 * ``MAESTRO recipe, sampled pass on half / a quarter of each batch``: the sampled pass trains on
   that share of each batch's examples (``sampled_batch``), so it costs that share of a full pass;
 * ``MAESTRO recipe, budget sampler``: the sampled sub-model's size drawn uniformly, every layer's
-  ranks near it (``sampler = "budget"``).
+  ranks near it (``sampler = "budget"``);
+* ``MAESTRO recipe, sampled loss weighted ½ / ¼``: the distillation loss of the sampled pass
+  weighted 0.5 / 0.25 against the full pass's (``sampled_weight``).
 
 Prints, per row, the best validation accuracy of the front within each budget (mean ± standard
 error over seeds) and the training and search seconds; writes every front to JSON with the
@@ -76,6 +78,8 @@ TRAININGS = {  # name -> (method, config changes over the preset)
     "maestro-half-batch": ("maestro", {**ANNEAL, "sampler": "independent", "sampled_batch": 0.5}),
     "maestro-quarter-batch": ("maestro", {**ANNEAL, "sampler": "independent", "sampled_batch": 0.25}),
     "maestro-budget": ("maestro", {**ANNEAL, "sampler": "budget"}),
+    "maestro-weight-half": ("maestro", {**ANNEAL, "sampler": "independent", "sampled_weight": 0.5}),
+    "maestro-weight-quarter": ("maestro", {**ANNEAL, "sampler": "independent", "sampled_weight": 0.25}),
 }
 """``warmup_share``: that share of the epochs trained dense before factorising (``warmup_epochs``)."""
 ROWS = {  # row -> (training, how the front's model is prepared)
@@ -96,6 +100,8 @@ ROWS = {  # row -> (training, how the front's model is prepared)
     "MAESTRO recipe, sampled pass on half of each batch": ("maestro-half-batch", "canonical"),
     "MAESTRO recipe, sampled pass on a quarter of each batch": ("maestro-quarter-batch", "canonical"),
     "MAESTRO recipe, budget sampler": ("maestro-budget", "canonical"),
+    "MAESTRO recipe, sampled loss weighted ½": ("maestro-weight-half", "canonical"),
+    "MAESTRO recipe, sampled loss weighted ¼": ("maestro-weight-quarter", "canonical"),
 }
 
 

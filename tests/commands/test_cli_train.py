@@ -148,6 +148,8 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     (["--config", "/nonexistent/run.toml"], "cannot read config file '/nonexistent/run.toml'"),
     (["--sampled-batch", "0"], "sampled_batch=0.0 must be a number in (0, 1]"),
     (["--sampled-batch", "0.5", "--reuse-prefix", "on"], "sampled_batch=0.5 cannot reuse the full pass's prefix"),
+    (["--sampled-weight", "0"], "sampled_weight=0.0 must be a number > 0"),
+    (["--sampled-weight", "0.5", "--no-full-pass"], "sampled_weight=0.5 weighs the sampled pass against the full"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     line = one_line_error(capsys, train(*FAST, "--epochs", "1", "--out", str(tmp_path / "run"), *args))

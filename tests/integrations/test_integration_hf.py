@@ -125,14 +125,16 @@ def test_bf16_mixed_precision_trains_shrinks_logs_and_keeps_float32_factors(wind
             assert isinstance(factor, torch.nn.Parameter) and factor.dtype == torch.float32, name
 
 
-@pytest.mark.parametrize("sampled_batch, group_weights", [(1.0, "uniform"), (0.25, "uniform"), (1.0, "macs")])
-def test_one_step_equals_the_repo_maestro_step(windows, tmp_path, sampled_batch, group_weights):
+@pytest.mark.parametrize("sampled_batch, sampled_weight, group_weights",
+                         [(1.0, 1.0, "uniform"), (0.25, 0.5, "uniform"), (1.0, 1.0, "macs")])
+def test_one_step_equals_the_repo_maestro_step(windows, tmp_path, sampled_batch, sampled_weight, group_weights):
     vocab, data = windows
     model = gpt2(vocab)
     reference = ml.factorize(copy.deepcopy(model))
     args = arguments(tmp_path, max_steps=1, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
                      max_grad_norm=0.0, per_device_train_batch_size=len(data))
-    options = MaestroConfig(lambda_gl=1e-2, sampler="single", sampled_batch=sampled_batch, group_weights=group_weights)
+    options = MaestroConfig(lambda_gl=1e-2, sampler="single", sampled_batch=sampled_batch,
+                            sampled_weight=sampled_weight, group_weights=group_weights)
     trainer = MaestroTrainer(model, args, train_dataset=data, shrink_every=None, sampler_seed=5, config=options)
     trainer.train()
 
@@ -151,7 +153,7 @@ def test_one_step_equals_the_repo_maestro_step(windows, tmp_path, sampled_batch,
     assert (scales is None) == (group_weights == "uniform")
     step = MaestroStep(wrapped, layers, ml.SingleLayerSampler(5), contextlib.nullcontext, masked=True,
                        penalty=GroupLassoGradient([layer for _, layer in layers], 1e-2, layer_scales=scales),
-                       sampled_batch=sampled_batch)
+                       sampled_batch=sampled_batch, sampled_weight=sampled_weight)
     step(x, x[:, 1:], lambda loss: loss.backward())
     step.add_penalty_gradients_()
     torch.optim.SGD(wrapped.parameters(), lr=0.1).step()

@@ -97,15 +97,15 @@ def test_two_epochs_shrink_log_and_resume_restores_ranks(mnist, tmp_path):
     assert callback2.sampler.generator.get_state().tolist() != callback.sampler.generator.get_state().tolist()
 
 
-@pytest.mark.parametrize("sampled_batch", [1.0, 0.25])
+@pytest.mark.parametrize("sampled_batch, sampled_weight", [(1.0, 1.0), (0.25, 0.5)])
 @pytest.mark.parametrize("architecture, group_weights", [("lenet5", "uniform"), ("cnn4", "macs")])  # cnn4: BatchNorm
-def test_one_step_equals_the_repo_maestro_step(mnist, sampled_batch, architecture, group_weights):
+def test_one_step_equals_the_repo_maestro_step(mnist, sampled_batch, sampled_weight, architecture, group_weights):
     data, train, _ = mnist
     torch.manual_seed(1)
     module = LeNet(data, lr=0.1, momentum=0.0, model=architecture)
     reference = copy.deepcopy(module.net)
     options = MaestroConfig(lambda_gl=1e-2, eps_ps=0.0, sampler="single", sampled_batch=sampled_batch,
-                            group_weights=group_weights)
+                            sampled_weight=sampled_weight, group_weights=group_weights)
     callback = MaestroCallback(shrink_every=0, seed=7, bn_recal_batches=0, config=options)
     trainer(callback, max_steps=1).fit(module, loader(train))
 
@@ -116,7 +116,7 @@ def test_one_step_equals_the_repo_maestro_step(mnist, sampled_batch, architectur
     assert (scales is None) == (group_weights == "uniform")
     step = MaestroStep(model, layers, ml.SingleLayerSampler(7), contextlib.nullcontext, masked=True,
                        penalty=GroupLassoGradient([layer for _, layer in layers], 1e-2, layer_scales=scales),
-                       sampled_batch=sampled_batch)
+                       sampled_batch=sampled_batch, sampled_weight=sampled_weight)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()
     step(x, y, lambda loss: loss.backward())

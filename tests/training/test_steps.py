@@ -174,6 +174,27 @@ def test_a_sampled_pass_on_part_of_the_batch_distils_those_examples_only():
         torch.testing.assert_close(p.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("reuse", [False, True])
+def test_the_sampled_weight_scales_the_distillation_gradient_only(reuse):
+    """``loss = CE(full, y) + w · CE(sampled, softmax(full))``: with and without prefix reuse (where
+    the full loss is backpropagated separately or together with the sampled one)."""
+    torch.manual_seed(0)
+    model = ml.factorize(SmallConvNet())
+    inputs, targets = torch.randn(10, 1, 8, 8), torch.randint(0, 10, (10,))
+    reference = copy.deepcopy(model)
+    full = reference(inputs)
+    with ml.sampled_ranks(reference, ml.IndependentSampler(3)):
+        loss_sampled = soft_loss(reference(inputs), full, targets, False)
+        (torch.nn.functional.cross_entropy(full, targets) + 0.25 * loss_sampled).backward()
+
+    step = MaestroStep(model, list(ml.low_rank_layers(model)), ml.IndependentSampler(3), contextlib.nullcontext,
+                       reuse=PrefixReuse(model) if reuse else None, sampled_weight=0.25)
+    numbers = step(inputs, targets, lambda loss: loss.backward())
+    assert numbers[2].item() == pytest.approx(loss_sampled.item(), rel=1e-5)  # the unweighted part is logged
+    for (name, p), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_sampled_pass_on_part_of_the_batch_is_counted_at_its_share():
     from maestro_lod.training.step_macs import PassCost
     model = ml.factorize(nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10)))

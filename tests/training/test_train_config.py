@@ -90,7 +90,8 @@ def test_a_config_json_of_the_flat_layout_loads_and_round_trips():
     assert config.model == "mlp" and config.epochs == 1 and config.reference == "none"
     written = config.to_dict()
     added = {key: written.pop(key) for key in set(written) - set(saved)}  # options added since: their defaults
-    assert added == {"lambda_epochs": None, "group_weights": "uniform", "sampled_batch": 1.0}
+    assert added == {"lambda_epochs": None, "group_weights": "uniform", "sampled_batch": 1.0,
+                     "sampled_weight": 1.0}
     assert written == {key: value for key, value in saved.items() if key in written}
     assert TrainConfig.from_dict(config.to_dict()) == config
     pufferfish = TrainConfig.from_dict({**saved, "method": "pufferfish", "rank_ratio": 0.5})

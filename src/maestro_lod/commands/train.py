@@ -121,6 +121,8 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--sampled-batch", "sampled_batch", {"type": float, "metavar": "SHARE",
                                           "help": "share of each batch the sampled pass trains on (1: all; 0.25 "
                                                   "makes a step cost about 1.25 passes instead of 2)"}),
+    ("--sampled-weight", "sampled_weight", {"type": float, "metavar": "W",
+                                            "help": "weight of the sampled pass's distillation loss (1: the paper's)"}),
     ("--full-pass", "full_pass", {"action": argparse.BooleanOptionalAction,
                                   "help": "--no-full-pass: only the sampled pass, on hard labels"}),
     ("--reuse-prefix", "reuse_prefix", {"choices": REUSE_MODES,

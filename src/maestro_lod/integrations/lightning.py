@@ -61,6 +61,7 @@ class MaestroCallback(pl.Callback):
             ``sample_fraction`` for ``"fixed"``; ``seed`` seeds a named sampler.
         sampled_batch: the share of each batch the sampled pass trains on (its first examples; 1 =
             all of it): 0.25 makes a step cost about 1.25 passes instead of 2.
+        sampled_weight: the weight of the sampled pass's distillation loss (1, the paper's).
         warmup_epochs: epochs of plain training of the full-rank factorised model first.
         target, target_by: a size to reach instead of a fixed λ (``"params=0.3"``, ``"macs=0.3"``:
             the exported model's cost as a fraction of the dense model's), planned to be reached
@@ -76,8 +77,8 @@ class MaestroCallback(pl.Callback):
 
     def __init__(self, lambda_gl: float = 1e-3, eps_ps: float = 1e-3, *, hierarchical: bool = True,
                  shrink_every: int = 1, sampler: str | RankSampler = "independent", sample_fraction: float = 0.5,
-                 sampled_batch: float = 1.0, seed: int = 0, warmup_epochs: int = 0, target: str | None = None,
-                 target_by: float = 0.6,
+                 sampled_batch: float = 1.0, sampled_weight: float = 1.0, seed: int = 0, warmup_epochs: int = 0,
+                 target: str | None = None, target_by: float = 0.6,
                  config: MaestroConfig | None = None, factorize: FactorizeConfig | dict | None = None,
                  bn_recal_batches: int = 20, inputs: Callable[[Any], Any] = _first):
         check_int("shrink_every", shrink_every, 0)
@@ -86,6 +87,7 @@ class MaestroCallback(pl.Callback):
         self.config = maestro_config(config, lambda_gl=lambda_gl, eps_ps=eps_ps, hierarchical=hierarchical,
                                      shrink_every=max(shrink_every, 1), sampler=sampler_name(sampler),
                                      sample_fraction=sample_fraction, sampled_batch=sampled_batch,
+                                     sampled_weight=sampled_weight,
                                      warmup_epochs=warmup_epochs, target=target, target_by=target_by)
         self.shrinks_at_all = shrink_every > 0 or config is not None
         if self.config.target is not None and not self.shrinks_at_all:
@@ -254,10 +256,11 @@ def _callback(module: pl.LightningModule) -> MaestroCallback:
 
 def maestro_loss(module: pl.LightningModule, inputs: Any, targets: torch.Tensor,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> torch.Tensor:
-    """The MAESTRO objective for one training batch: ``loss_fn(full(x), y)`` plus the cross-entropy
-    of one sampled sub-model against ``softmax(full(x))`` (positions whose target is -100 are left
-    out; with the callback's ``sampled_batch`` below 1, on the batch's first examples only). The
-    sampled pass leaves BatchNorm running statistics to the full pass.
+    """The MAESTRO objective for one training batch: ``loss_fn(full(x), y)`` plus (times the
+    callback's ``sampled_weight``) the cross-entropy of one sampled sub-model against
+    ``softmax(full(x))`` (positions whose target is -100 are left out; with the callback's
+    ``sampled_batch`` below 1, on the batch's first examples only). The sampled pass leaves
+    BatchNorm running statistics to the full pass.
     ``inputs`` go to the module as ``module(inputs)`` (``module(*inputs)`` for a tuple).
     During warm-up epochs it is ``loss_fn(full(x), y)`` alone. Logs both parts."""
     callback = _callback(module)
@@ -274,4 +277,4 @@ def maestro_loss(module: pl.LightningModule, inputs: Any, targets: torch.Tensor,
     loss_sampled = soft_loss(sampled, teacher, targets, masked)
     module.log("maestro/loss_full", loss_full.detach(), on_step=False, on_epoch=True)
     module.log("maestro/loss_sampled", loss_sampled.detach(), on_step=False, on_epoch=True)
-    return loss_full + loss_sampled
+    return loss_full + callback.config.sampled_weight * loss_sampled

@@ -85,7 +85,8 @@ class MaestroTrainer(Trainer):
     * ``sampler`` (``"independent"``): a registered sampler name or a :class:`RankSampler`;
       ``sample_fraction`` (0.5, for ``"fixed"``), ``sampler_seed`` (the run's ``args.seed``);
     * ``sampled_batch`` (1.0): the share of each batch the sampled pass trains on (its first
-      examples): 0.25 makes a step cost about 1.25 passes instead of 2;
+      examples): 0.25 makes a step cost about 1.25 passes instead of 2; ``sampled_weight`` (1.0):
+      the weight of its distillation loss;
     * ``target``, ``target_by`` (None, 0.6): a size to reach instead of a fixed λ (``"params=0.3"``,
       ``"macs=0.3"``), planned to be reached after ``target_by`` of the run's shrinks;
     * ``config``: a :class:`~maestro_lod.training.MaestroConfig` holding the options above (its
@@ -101,7 +102,8 @@ class MaestroTrainer(Trainer):
 
     def __init__(self, model: nn.Module | None = None, *args, lambda_gl: float = 1e-3, hierarchical: bool = True,
                  eps_ps: float = 1e-3, shrink_every: str | int | None = "epoch", sampler: str | RankSampler = "independent",
-                 sample_fraction: float = 0.5, sampled_batch: float = 1.0, sampler_seed: int | None = None,
+                 sample_fraction: float = 0.5, sampled_batch: float = 1.0, sampled_weight: float = 1.0,
+                 sampler_seed: int | None = None,
                  target: str | None = None, target_by: float = 0.6, config: MaestroConfig | None = None,
                  warmup_steps: int = 0, warmup_epochs: float = 0, factorize: FactorizeConfig | dict | None = None,
                  shift_labels: bool | None = None, **kwargs):
@@ -109,7 +111,8 @@ class MaestroTrainer(Trainer):
             raise ConfigError("MaestroTrainer needs a model (model_init is not supported: the model is factorised once)")
         self.maestro = maestro_config(config, lambda_gl=lambda_gl, hierarchical=hierarchical, eps_ps=eps_ps,
                                       sampler=sampler_name(sampler), sample_fraction=sample_fraction,
-                                      sampled_batch=sampled_batch, target=target, target_by=target_by)
+                                      sampled_batch=sampled_batch, sampled_weight=sampled_weight, target=target,
+                                      target_by=target_by)
         check_number("warmup_epochs", warmup_epochs, 0.0)
         check_int("warmup_steps", warmup_steps, 0)
         if sampler_seed is not None:
@@ -290,7 +293,7 @@ class MaestroTrainer(Trainer):
             loss_sampled = soft_loss(sampled, teacher, targets, masked=True)
         self._sums[:2] += torch.stack([loss_full.detach().float().cpu(), loss_sampled.detach().float().cpu()])
         self._counts[:2] += 1
-        loss = loss_full + loss_sampled
+        loss = loss_full + self.maestro.sampled_weight * loss_sampled
         return (loss, outputs) if return_outputs else loss
 
     # ---- saving and resuming --------------------------------------------------------------------

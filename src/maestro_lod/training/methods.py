@@ -165,7 +165,8 @@ class MaestroMethod(TrainingMethod):
         layers = list(low_rank_layers(trainer.model))
         return MaestroStep(trainer.model, layers, trainer.sampler, trainer.autocast, full_pass=options.full_pass,
                            masked=trainer.kind in LANGUAGE_KINDS, reuse=self._prefix_reuse(trainer),
-                           penalty=self._group_lasso(trainer, layers), sampled_batch=options.sampled_batch)
+                           penalty=self._group_lasso(trainer, layers), sampled_batch=options.sampled_batch,
+                           sampled_weight=options.sampled_weight)
 
     def _group_lasso(self, trainer: TrainerView, layers: list) -> GroupLassoGradient | None:
         """The step's group-lasso gradient over ``layers`` at the scheduler's weight (None for

@@ -110,6 +110,9 @@ class MaestroConfig(MethodConfig):
             passes instead of 2; its gradient is an unbiased estimate from fewer examples. Needs
             outputs whose first dimension is the batch, and no prefix reuse (the full pass's
             recorded outputs are the whole batch's).
+        sampled_weight: the weight ``w`` of the sampled pass's distillation loss,
+            ``loss = CE(full, y) + w · CE(sampled, softmax(full))`` (1, the paper's). Below 1 the
+            full model's own labels weigh more against pulling it towards its sub-models.
         full_pass: False = only the sampled pass, on hard labels (``--no-full-pass``).
         reuse_prefix: let the sampled pass reuse the full pass's outputs of the layers before the
             first layer whose rank was sampled (identical computation). ``auto`` turns it on when
@@ -136,6 +139,7 @@ class MaestroConfig(MethodConfig):
     sampler: str = "independent"
     sample_fraction: float = 0.5
     sampled_batch: float = 1.0
+    sampled_weight: float = 1.0
     full_pass: bool = True
     reuse_prefix: str = "auto"
     lambda_gl: float = 1e-3
@@ -154,10 +158,14 @@ class MaestroConfig(MethodConfig):
         check_choice("sampler", self.sampler, SAMPLERS)
         check_number("sample_fraction", self.sample_fraction, 0.0, strict=True, high=1.0)
         check_number("sampled_batch", self.sampled_batch, 0.0, strict=True, high=1.0)
+        check_number("sampled_weight", self.sampled_weight, 0.0, strict=True)
         check_choice("reuse_prefix", self.reuse_prefix, REUSE_MODES)
         if self.sampled_batch < 1 and not self.full_pass:
             raise ConfigError(f"sampled_batch={self.sampled_batch!r} needs the full pass: without it the sampled "
                               f"pass is the only one and trains on the whole batch")
+        if self.sampled_weight != 1 and not self.full_pass:
+            raise ConfigError(f"sampled_weight={self.sampled_weight!r} weighs the sampled pass against the full "
+                              f"pass; without the full pass there is nothing to weigh it against")
         if self.sampled_batch < 1 and self.reuse_prefix == "on":
             raise ConfigError(f"sampled_batch={self.sampled_batch!r} cannot reuse the full pass's prefix (its "
                               f"recorded outputs are the whole batch's); use reuse_prefix='auto' or 'off'")

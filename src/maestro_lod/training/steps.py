@@ -110,7 +110,8 @@ class MaestroStep(Step):
     """The MAESTRO step: the full model learns from the labels and one sampled sub-model (a draw of
     ``sampler``) learns from the full model,
 
-    ``loss = CE(full(x), y) + CE(sampled(x), softmax(full(x)).detach())``, backward inside the
+    ``loss = CE(full(x), y) + w · CE(sampled(x), softmax(full(x)).detach())`` (``w`` is
+    ``sampled_weight``, 1 in the paper), backward inside the
     sampled-rank scope (without ``reuse``, ``backward`` is called twice: on the full loss before
     the sampled pass, then on the sampled loss). With ``sampled_batch`` below 1 the sampled pass
     runs on the batch's first ``ceil(sampled_batch · batch)`` examples only (the loader shuffles,
@@ -125,7 +126,7 @@ class MaestroStep(Step):
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, LowRankLayer]], sampler: RankSampler,
                  autocast: Autocast, *, full_pass: bool = True, masked: bool = False, reuse: PrefixReuse | None = None,
-                 penalty: GroupLassoGradient | None = None, sampled_batch: float = 1.0):
+                 penalty: GroupLassoGradient | None = None, sampled_batch: float = 1.0, sampled_weight: float = 1.0):
         if sampled_batch < 1 and (reuse is not None or not full_pass):
             raise ValueError(f"sampled_batch={sampled_batch!r} needs the full pass and no prefix reuse")
         self.model = model
@@ -138,6 +139,7 @@ class MaestroStep(Step):
         self.masked = masked
         self.reuse = reuse
         self.sampled_batch = sampled_batch
+        self.sampled_weight = sampled_weight
         self.batchnorms = batchnorm_layers(model)
         self.second_passes_skipped = 0
         """Steps whose draw lowered no rank (no second pass needed); for profiling and tests."""
@@ -184,8 +186,9 @@ class MaestroStep(Step):
                 else:
                     sampled = forward(self.model, sampled_inputs)
                     loss_sampled = soft_loss(sampled, teacher, sampled_targets, self.masked)
-                loss = loss_full + loss_sampled
-            backward(loss if self.reuse is not None else loss_sampled)
+                weighted = self.sampled_weight * loss_sampled
+                loss = loss_full + weighted
+            backward(loss if self.reuse is not None else weighted)
         return _numbers(loss, loss_full, loss_sampled, *count_correct(full, targets))
 
     def add_penalty_gradients_(self) -> torch.Tensor:
