@@ -351,7 +351,8 @@ def measure_sampled_batch(repeats: int) -> list[dict]:
     factorised = ml.factorize(copy.deepcopy(model))
     one = 1 / inputs.shape[0]
     return rows_of("sampled-batch", "cnn4 step, independent sampler", interleaved(
-        {"dense": dense_step(model, inputs, targets), "factorised full pass alone": train_pass(factorised, inputs, targets),
+        {"dense": dense_step(model, inputs, targets),
+         "factorised full pass alone": train_pass(factorised, inputs, targets),
          "MAESTRO, sampled pass on 1 example": independent_step(factorised, inputs, targets, one),
          "MAESTRO, sampled pass on a quarter": independent_step(factorised, inputs, targets, 0.25),
          "MAESTRO, sampled pass on the whole batch": independent_step(factorised, inputs, targets, 1.0)}, repeats))

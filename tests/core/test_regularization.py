@@ -112,6 +112,7 @@ def test_layers_weighed_after_building_give_what_weighing_at_construction_gives(
     layers = [_layer(4, 5, 3), _layer(6, 3, 2)]
     penalty = GroupLassoGradient(layers, 0.01)
     penalty.weigh_layers([2.0, 0.5])
-    assert penalty.add_to_grads_().item() == GroupLassoGradient(layers, 0.01, layer_scales=[2.0, 0.5]).add_to_grads_().item()
+    weighed_at_construction = GroupLassoGradient(layers, 0.01, layer_scales=[2.0, 0.5]).add_to_grads_().item()
+    assert penalty.add_to_grads_().item() == weighed_at_construction
     with pytest.raises(ValueError, match="3 numbers for 2 layers"):
         penalty.weigh_layers([1.0, 1.0, 1.0])

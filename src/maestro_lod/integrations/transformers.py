@@ -288,7 +288,8 @@ class MaestroTrainer(Trainer):
         teacher = full
         if self.maestro.sampled_batch < 1:
             inputs, teacher, targets, _ = first_examples(inputs, full, targets, self.maestro.sampled_batch)
-        with sampled_ranks(self.accelerator.unwrap_model(model), self.sampler), running_statistics_kept(self.batchnorms):
+        unwrapped = self.accelerator.unwrap_model(model)
+        with sampled_ranks(unwrapped, self.sampler), running_statistics_kept(self.batchnorms):
             sampled, _ = objective(model(**inputs))
             loss_sampled = soft_loss(sampled, teacher, targets, masked=True)
         self._sums[:2] += torch.stack([loss_full.detach().float().cpu(), loss_sampled.detach().float().cpu()])
