@@ -161,15 +161,20 @@ def test_one_step_equals_the_repo_maestro_step(windows, tmp_path, sampled_batch,
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_the_sampled_pass_leaves_batchnorm_statistics_to_the_full_pass(tmp_path):
-    """A vision model with BatchNorm (a small ResNet): after one step the running statistics are
-    those of one training-mode forward of the model as it was, i.e. the full pass's batch alone."""
+def tiny_resnet():
+    """A small vision model with BatchNorm, and 32 labelled 16×16 images for it."""
     torch.manual_seed(0)
     config = transformers.ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                        num_labels=3)
-    model = transformers.ResNetForImageClassification(config)
-    reference = copy.deepcopy(model).train()
     data = [{"pixel_values": torch.randn(1, 16, 16), "labels": torch.tensor(i % 3)} for i in range(32)]
+    return transformers.ResNetForImageClassification(config), data
+
+
+def test_the_sampled_pass_leaves_batchnorm_statistics_to_the_full_pass(tmp_path):
+    """A vision model with BatchNorm (a small ResNet): after one step the running statistics are
+    those of one training-mode forward of the model as it was, i.e. the full pass's batch alone."""
+    model, data = tiny_resnet()
+    reference = copy.deepcopy(model).train()
     trainer = MaestroTrainer(model, arguments(tmp_path, max_steps=1, per_device_train_batch_size=len(data)),
                              train_dataset=data, lambda_gl=1e-2, shrink_every=None)
     trainer.train()
@@ -179,6 +184,22 @@ def test_the_sampled_pass_leaves_batchnorm_statistics_to_the_full_pass(tmp_path)
     assert any(name.endswith("running_mean") for name in buffers)
     for name, got in trainer.model.named_buffers():
         torch.testing.assert_close(got, buffers[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_vision_model_counts_its_costs_on_its_main_input(tmp_path):
+    """MACs of a vision model are counted on ``pixel_values``: the group lasso weighed by MACs, and
+    a MACs target reached."""
+    model, data = tiny_resnet()
+    options = MaestroConfig(lambda_gl=1e-2, group_weights="macs", target="macs=0.6", eps_ps=0.05)
+    trainer = MaestroTrainer(model, arguments(tmp_path, num_train_epochs=2, per_device_train_batch_size=8),
+                             train_dataset=data, config=options)
+    trainer.train()
+    names = [name for name, _ in ml.low_rank_layers(model)]
+    example = data[0]["pixel_values"][None]
+    assert trainer.penalty.scales[::2] == pytest.approx(rank_cost_scales(model, example, names, "macs"))
+    assert len(set(trainer.penalty.scales)) > 1  # the convolutions' ranks cost more than the classifier's
+    dense = ml.count_macs(ml.export(trainer.model, merge="always"), example)
+    assert ml.count_macs(ml.export(trainer.model), example) <= 0.6 * dense and trainer.scheduler.met
 
 
 def test_masked_positions_are_ignored(windows, tmp_path):

@@ -62,8 +62,8 @@ def weigh_group_lasso(penalty: GroupLassoGradient, model: nn.Module, example_inp
     The integrations call it at the first optimiser step, when a batch gives the example input
     that MACs are counted on; a rank's cost does not change with the rank, so once is enough."""
     if weighting == "macs" and example_inputs is None:
-        raise ConfigError("group_weights='macs' needs the model's MACs, counted on an example input, and none "
-                          "was found in the batches; use group_weights='params'")
+        raise ConfigError("group_weights='macs' needs the model's MACs, counted on an example input, and the "
+                          "batches hold none that the model takes first; use group_weights='params'")
     names = [name for name, _ in low_rank_layers(model)]
     penalty.weigh_layers(rank_cost_scales(model, example_inputs, names, weighting))
 

@@ -185,8 +185,11 @@ class MaestroTrainer(Trainer):
         self.penalty.weight = self.scheduler.lam
 
     def _example_inputs(self) -> torch.Tensor | None:
-        """The model's positional input for cost counting: the first batch's ``input_ids``."""
-        return None if self._example is None else self._example.get("input_ids")
+        """The model's positional input for cost counting: the first batch's entry named by the
+        model's ``main_input_name`` (``input_ids`` for text, ``pixel_values`` for vision)."""
+        if self._example is None:
+            return None
+        return self._example.get(getattr(self.model, "main_input_name", "input_ids"))
 
     def torch_optimizer(self) -> torch.optim.Optimizer | None:
         """The torch optimiser Trainer created (inside accelerate's wrapper)."""
