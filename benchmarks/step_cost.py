@@ -117,13 +117,17 @@ def forcing_pairs(model, run: Callable[[], None]) -> Callable[[], None]:
     return forced
 
 
-def maestro_step(model, task: str, inputs, targets) -> Callable[[], None]:
-    """One MAESTRO step as the trainer runs it for ``task`` (prefix reuse where the model is
-    deterministic, masked distillation for the language model), without the optimiser update."""
+def maestro_step(model, task: str, inputs, targets, sampler: ml.RankSampler | None = None,
+                 sampled_batch: float = 1.0, reuse: bool = True) -> Callable[[], None]:
+    """One MAESTRO step as the trainer runs it for ``task`` (with ``reuse``, prefix reuse where the
+    model is deterministic; masked distillation for the language model), with ``sampler`` (the
+    single-layer one by default) and the sampled pass on ``sampled_batch`` of the batch, without
+    the optimiser update."""
     layers = list(ml.low_rank_layers(model))
-    reuse = PrefixReuse(model) if prefix_reuse_supported(model) is None else None
-    step = MaestroStep(model, layers, ml.SingleLayerSampler(0), contextlib.nullcontext, masked=task == "char-lm",
-                       reuse=reuse, penalty=GroupLassoGradient([layer for _, layer in layers], 1e-3))
+    reuse_prefix = PrefixReuse(model) if reuse and prefix_reuse_supported(model) is None else None
+    step = MaestroStep(model, layers, sampler or ml.SingleLayerSampler(0), contextlib.nullcontext,
+                       masked=task == "char-lm", reuse=reuse_prefix,
+                       penalty=GroupLassoGradient([layer for _, layer in layers], 1e-3), sampled_batch=sampled_batch)
 
     def run() -> None:
         model.zero_grad(set_to_none=True)
@@ -329,33 +333,21 @@ def measure_slices(repeats: int) -> list[dict]:
     return rows
 
 
-def independent_step(model, inputs, targets, sampled_batch: float) -> Callable[[], None]:
-    """One MAESTRO step with the default independent sampler and no prefix reuse (it truncates the
-    first layer in almost every step), its sampled pass on ``sampled_batch`` of the batch, with the
-    group-lasso gradient, without the optimiser update."""
-    layers = list(ml.low_rank_layers(model))
-    step = MaestroStep(model, layers, ml.IndependentSampler(0), contextlib.nullcontext, masked=False,
-                       penalty=GroupLassoGradient([layer for _, layer in layers], 1e-3), sampled_batch=sampled_batch)
-
-    def run() -> None:
-        model.zero_grad(set_to_none=True)
-        step(inputs, targets, torch.Tensor.backward)
-        step.add_penalty_gradients_()
-    return run
-
-
 def measure_sampled_batch(repeats: int) -> list[dict]:
     """cnn4: what the sampled pass adds to the full pass, on one example, a quarter and the whole
-    batch (the default independent sampler)."""
+    batch (the default independent sampler, which truncates the first layer in almost every step,
+    so no prefix reuse)."""
     model, inputs, targets = batch("cnn4")
     factorised = ml.factorize(copy.deepcopy(model))
-    one = 1 / inputs.shape[0]
+
+    def independent_step(share: float) -> Callable[[], None]:
+        return maestro_step(factorised, "cnn4", inputs, targets, ml.IndependentSampler(0), share, reuse=False)
     return rows_of("sampled-batch", "cnn4 step, independent sampler", interleaved(
         {"dense": dense_step(model, inputs, targets),
          "factorised full pass alone": train_pass(factorised, inputs, targets),
-         "MAESTRO, sampled pass on 1 example": independent_step(factorised, inputs, targets, one),
-         "MAESTRO, sampled pass on a quarter": independent_step(factorised, inputs, targets, 0.25),
-         "MAESTRO, sampled pass on the whole batch": independent_step(factorised, inputs, targets, 1.0)}, repeats))
+         "MAESTRO, sampled pass on 1 example": independent_step(1 / inputs.shape[0]),
+         "MAESTRO, sampled pass on a quarter": independent_step(0.25),
+         "MAESTRO, sampled pass on the whole batch": independent_step(1.0)}, repeats))
 
 
 MEASUREMENTS = {"compose": measure_compose, "soft-loss": measure_soft_loss, "backward-order": measure_backward_order,

@@ -56,18 +56,6 @@ def maestro_config(config: MaestroConfig | None, **options: Any) -> MaestroConfi
     return config
 
 
-def weigh_group_lasso(penalty: GroupLassoGradient, model: nn.Module, example_inputs: Any, weighting: str) -> None:
-    """Weigh ``penalty``'s layers by what one of their ranks costs (``group_weights``: ``macs`` or
-    ``params``; ``uniform`` leaves them alike), as :class:`~maestro_lod.training.Trainer` does.
-    The integrations call it at the first optimiser step, when a batch gives the example input
-    that MACs are counted on; a rank's cost does not change with the rank, so once is enough."""
-    if weighting == "macs" and example_inputs is None:
-        raise ConfigError("group_weights='macs' needs the model's MACs, counted on an example input, and the "
-                          "batches hold none that the model takes first; use group_weights='params'")
-    names = [name for name, _ in low_rank_layers(model)]
-    penalty.weigh_layers(rank_cost_scales(model, example_inputs, names, weighting))
-
-
 class LoopRun:
     """A training loop outside :class:`~maestro_lod.training.Trainer` as a λ scheduler sees it
     (:class:`~maestro_lod.training.protocols.SizedRun`): the model, its optimiser and an example
@@ -88,8 +76,21 @@ class LoopRun:
     def example_inputs(self) -> Any:
         example = self._example_inputs()
         if example is None:
-            raise ConfigError("no training batch seen yet: the model's MACs need an example input")
+            raise ConfigError("the model's MACs need an example input: no training batch seen yet, or none of its "
+                              "entries is the model's input")
         return example
+
+    def weigh_group_lasso(self, penalty: GroupLassoGradient, weighting: str) -> None:
+        """Weigh ``penalty``'s layers by what one of their ranks costs (``group_weights``: ``macs`` or
+        ``params``), as :class:`~maestro_lod.training.Trainer` does. The integrations call it before
+        every group-lasso step; it acts once, at the first, when a batch has given the example input
+        that MACs are counted on (a rank's cost does not change with the rank). ``uniform``, or a
+        penalty already weighed: nothing."""
+        if weighting == "uniform" or penalty.scales is not None:
+            return
+        example = self.example_inputs if weighting == "macs" else None
+        names = [name for name, _ in low_rank_layers(self.model)]
+        penalty.weigh_layers(rank_cost_scales(self.model, example, names, weighting))
 
     @cached_property
     def _dense(self) -> nn.Module:

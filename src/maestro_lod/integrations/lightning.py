@@ -41,7 +41,7 @@ from ..training.budget import LambdaScheduler, importance_cut, lambda_scheduler,
 from ..training.options import MaestroConfig, check_int
 from ..training.steps import first_examples
 from . import (LoopRun, ensure_factorized, fit_state_dict_ranks, generator_state, maestro_config, make_sampler,
-               restore_generator_state, sampler_name, underlying_optimizer, weigh_group_lasso)
+               restore_generator_state, sampler_name, underlying_optimizer)
 
 __all__ = ["MaestroCallback", "maestro_loss"]
 
@@ -116,7 +116,6 @@ class MaestroCallback(pl.Callback):
         self.penalty = GroupLassoGradient([layer for _, layer in low_rank_layers(pl_module)], self.config.lambda_gl,
                                           self.config.hierarchical)
         self.batchnorms = batchnorm_layers(pl_module)
-        self._weighed = self.config.group_weights == "uniform"
         self._run = LoopRun(pl_module, lambda: self._optimizer(trainer), lambda: self._example_on(pl_module))
         if self._hook is None:
             def resize_before_load(module, state_dict, prefix, *args):
@@ -162,9 +161,7 @@ class MaestroCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.penalty is None or self.config.lambda_gl == 0 or self.in_warmup(trainer):
             return
-        if not self._weighed:
-            weigh_group_lasso(self.penalty, pl_module, self._example_on(pl_module), self.config.group_weights)
-            self._weighed = True
+        self._run.weigh_group_lasso(self.penalty, self.config.group_weights)
         value = self.penalty.add_to_grads_()
         pl_module.log("maestro/penalty", float(value), on_step=False, on_epoch=True)
 

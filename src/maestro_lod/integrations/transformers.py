@@ -41,7 +41,7 @@ from ..training.budget import LambdaScheduler, importance_cut, lambda_scheduler,
 from ..training.options import MaestroConfig, check_int, check_number
 from ..training.steps import first_examples
 from . import (LoopRun, ensure_factorized, factorized_targets, generator_state, maestro_config, make_sampler,
-               resize_to, restore_generator_state, sampler_name, underlying_optimizer, weigh_group_lasso)
+               resize_to, restore_generator_state, sampler_name, underlying_optimizer)
 
 MAESTRO_FILE = "maestro.json"
 """Written next to the weights by every save: layers, ranks and the sampler's state."""
@@ -134,7 +134,6 @@ class MaestroTrainer(Trainer):
         self.penalty = GroupLassoGradient([layer for _, layer in low_rank_layers(self.model)], self.maestro.lambda_gl,
                                           self.maestro.hierarchical)
         self.batchnorms = batchnorm_layers(self.model)
-        self._weighed = self.maestro.group_weights == "uniform"  # weighed at the first step: MACs need a batch
         self.run = LoopRun(self.model, self.torch_optimizer, self._example_inputs)
         self.scheduler: LambdaScheduler | None = None
         """The group-lasso weight and what a shrink does, planned when training begins."""
@@ -207,9 +206,7 @@ class MaestroTrainer(Trainer):
         # Runs inside optimizer.step(): after accumulation, unscaling and clipping, once per update.
         if self.maestro.lambda_gl == 0 or not self.model.training or self.in_warmup():
             return
-        if not self._weighed:
-            weigh_group_lasso(self.penalty, self.model, self._example_inputs(), self.maestro.group_weights)
-            self._weighed = True
+        self.run.weigh_group_lasso(self.penalty, self.maestro.group_weights)
         value = self.penalty.add_to_grads_()
         self._sums[2] += float(value)
         self._counts[2] += 1
