@@ -1,6 +1,7 @@
 """MAESTRO's front on a ``fronts``-suite task with one recipe change, beside the suite's own.
 
-Trains the task's MAESTRO cell with ``--set KEY=VALUE`` options over the task's recipe into
+Trains the task's MAESTRO cell with ``--set KEY=VALUE`` options over the task's recipe (and over
+MAESTRO's own options on the task) into
 ``OUT/<task>/<name>/seed<k>`` (resumed or skipped like the suite's cells), searches its fronts by
 parameters and by MACs exactly as ``maestro-lod bench --suite fronts`` does (cached beside the
 suite's curves), and prints, per budget, the mean ± standard error over the seeds of the variant
@@ -57,7 +58,7 @@ def main() -> None:
     result: dict[str, Any] = {"task": task.name, "variant": args.name, "options": dict(args.set),
                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
                               "machine": platform.platform(), "share": front_curves.SHARE, "cells": {}}
-    for name, options in (("maestro", {}), (args.name, dict(args.set))):
+    for name, options in (("maestro", task.maestro), (args.name, {**task.maestro, **dict(args.set)})):
         trained, curves = [], {axis: [] for axis in ("params", "macs")}
         for seed in range(args.seeds):
             cell = runner.cell(task, name, "maestro", seed, 2 * args.seeds, options)

@@ -27,7 +27,9 @@ training recipe. Rows:
 * ``MAESTRO recipe, budget sampler``: the sampled sub-model's size drawn uniformly, every layer's
   ranks near it (``sampler = "budget"``);
 * ``MAESTRO recipe, sampled loss weighted ½ / ¼``: the distillation loss of the sampled pass
-  weighted 0.5 / 0.25 against the full pass's (``sampled_weight``).
+  weighted 0.5 / 0.25 against the full pass's (``sampled_weight``);
+* ``MAESTRO recipe, first and last layer kept dense``: ``conv1`` and ``fc3`` are not factorised
+  (``factorize.keep_ends``), so neither is sampled nor cut.
 
 Prints, per row, the best validation accuracy of the front within each budget (mean ± standard
 error over seeds) and the training and search seconds; writes every front to JSON with the
@@ -80,6 +82,7 @@ TRAININGS = {  # name -> (method, config changes over the preset)
     "maestro-budget": ("maestro", {**ANNEAL, "sampler": "budget"}),
     "maestro-weight-half": ("maestro", {**ANNEAL, "sampler": "independent", "sampled_weight": 0.5}),
     "maestro-weight-quarter": ("maestro", {**ANNEAL, "sampler": "independent", "sampled_weight": 0.25}),
+    "maestro-keep-ends": ("maestro", {**ANNEAL, "sampler": "independent", "factorize": {"keep_ends": True}}),
 }
 """``warmup_share``: that share of the epochs trained dense before factorising (``warmup_epochs``)."""
 ROWS = {  # row -> (training, how the front's model is prepared)
@@ -102,6 +105,7 @@ ROWS = {  # row -> (training, how the front's model is prepared)
     "MAESTRO recipe, budget sampler": ("maestro-budget", "canonical"),
     "MAESTRO recipe, sampled loss weighted ½": ("maestro-weight-half", "canonical"),
     "MAESTRO recipe, sampled loss weighted ¼": ("maestro-weight-quarter", "canonical"),
+    "MAESTRO recipe, first and last layer kept dense": ("maestro-keep-ends", "canonical"),
 }
 
 

@@ -52,6 +52,12 @@ class FactorizeConfig:
             A target that matches no supported layer is an error.
         exclude_modules: same forms; matching modules stay dense. An exclusion that matches no
             factorisable layer is warned about (it is probably misspelt).
+        keep_ends: keep dense the first and the last layer that would otherwise be factorised (in
+            the model's module order: usually the stem and the classifier), as Pufferfish and
+            Cuttlefish do. Their factor pairs never save much (a stem has few input channels, a
+            classifier few outputs), and in MAESTRO training sampling their ranks trains sub-models
+            that a greedy front never uses (it cuts them last) while it disturbs the full model;
+            kept dense, a stem also lets the sampled pass reuse the full pass's first block.
         init: ``"svd"`` (exact at full rank, Eckart–Young at every truncation), ``"random"``, or
             ``"whitened"``: SVD weighted by the layer's inputs on calibration data, exact at full
             rank and with the smallest output error on that data at every truncation. It needs
@@ -75,6 +81,7 @@ class FactorizeConfig:
 
     target_modules: str | list[str] | None = None
     exclude_modules: str | list[str] | None = None
+    keep_ends: bool = False
     init: str = "svd"
     rank: int | float | None = None
     rank_pattern: dict[str, int | float] = field(default_factory=dict)
@@ -85,6 +92,9 @@ class FactorizeConfig:
     def __post_init__(self) -> None:
         self.target_modules = _check_modules(self.target_modules, "target_modules")
         self.exclude_modules = _check_modules(self.exclude_modules, "exclude_modules")
+        if not isinstance(self.keep_ends, bool):
+            raise ConfigTypeError(f"keep_ends={shown(self.keep_ends)} must be true or false, "
+                                  f"got {type(self.keep_ends).__name__}")
         if not isinstance(self.init, str):
             raise ConfigTypeError(f"init={shown(self.init)} must be one of {', '.join(INITS)}, got {type(self.init).__name__}")
         if self.init not in INITS:

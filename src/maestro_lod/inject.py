@@ -197,6 +197,16 @@ def _unmatched_patterns(config: FactorizeConfig, candidate_names: list[str]) -> 
     return messages
 
 
+def _keep_ends_dense(decisions: list[_Decision], decided: list[list[PlanEntry]]) -> None:
+    """``keep_ends``: drop the first and the last decision and mark their plan entries kept dense."""
+    ends = {len(decisions) - 1: "the last", 0: "the first"} if len(decisions) > 1 else {0: "the only"}
+    for index, which in ends.items():
+        if index < len(decisions):
+            del decisions[index]
+            for entry in decided.pop(index):
+                entry.rank, entry.skipped = None, f"keep_ends: {which} factorisable layer stays dense"
+
+
 def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Decision], list[str]]:
     """The plan, the replacements to build, and warnings about patterns that matched nothing."""
     check_module(model)
@@ -211,6 +221,7 @@ def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Dec
 
     owned: list[str] = []  # modules whose sub-modules are handled as part of them
     entries, left_dense, decisions, unsupported, candidates = [], [], [], [], []
+    decided: list[list[PlanEntry]] = []  # the plan entries of each decision
     existing_factors = 0
     explicit = config.target_modules is not None
     for key, module in modules.items():
@@ -248,6 +259,9 @@ def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Dec
                                      tuple(comp_names[1:])))
         if reason is None:
             decisions.append(_Decision(module, handler, names, ranks))
+            decided.append(entries[-len(components):])
+    if config.keep_ends:
+        _keep_ends_dense(decisions, decided)
     if unsupported:
         raise ConfigError(f"targeted module(s) {', '.join(unsupported)} cannot be factorised; "
                           f"supported: {supported_labels()}")

@@ -147,3 +147,26 @@ def test_a_call_on_other_tasks_keeps_the_tasks_reported_before(suite):
     table = (suite / "fronts.md").read_text()
     assert table == result.table
     assert table.index("### lenet5-mnist5k (30 epochs") < table.index(f"### {TASK} (1 epoch, seed 0)")
+
+
+def test_maestro_options_of_a_task_reach_its_cell_and_the_separately_trained_ones(tmp_path, monkeypatch):
+    import dataclasses
+
+    from maestro_lod.bench import fronts
+
+    task = next(t for t in fronts.TASKS if t.name == TASK)
+    own = {"sampled_weight": 0.5, "factorize": {"keep_ends": True}}
+    monkeypatch.setattr(fronts, "TASKS", (dataclasses.replace(task, maestro=own),))
+    run_fronts(tmp_path, tasks=[TASK], seeds=1, epochs=1)
+
+    def config(cell):
+        return json.loads((tmp_path / TASK / cell / "seed0" / "config.json").read_text())
+
+    maestro = config("maestro")
+    assert maestro["sampled_weight"] == 0.5 and maestro["factorize"]["keep_ends"] is True
+    ends = set(json.loads((tmp_path / TASK / "maestro" / "seed0" / "summary.json").read_text())["initial_ranks"])
+    for cell in ("dense", "pufferfish-0.5"):
+        assert not config(cell)["factorize"].get("keep_ends")
+    for index in range(1, len(SEPARATE) + 1):
+        separate = config(f"separate-{index}")
+        assert separate["factorize"]["keep_ends"] is True and set(separate["factorize"]["rank_pattern"]) == ends

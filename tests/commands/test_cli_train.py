@@ -196,3 +196,13 @@ def test_default_run_uses_the_stored_dense_reference(monkeypatch, capsys):
     assert (config.model, config.data, config.method, config.epochs) == ("lenet5", "mnist5k", "maestro", 30)
     reference = report.dense_reference(config, None, quiet=True)
     assert 0.9 < reference["accuracy"] < 1.0 and reference["source"].startswith("stored figure")
+
+
+def test_keep_ends_trains_the_stem_and_the_classifier_dense(tmp_path):
+    out = tmp_path / "run"
+    assert train(*FAST, "--epochs", "1", "--keep-ends", "--out", str(out)) == 0
+    assert json.loads((out / "config.json").read_text())["factorize"]["keep_ends"] is True
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["initial_ranks"] == {"conv2": 16, "fc1": 64, "fc2": 84}
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as file:
+        assert {"model.conv1.weight", "model.fc3.weight", "model.fc1.up"} <= set(file.keys())

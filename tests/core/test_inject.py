@@ -102,3 +102,22 @@ def test_factorising_twice_only_touches_remaining_dense_layers():
     factorize(model)
     assert model.head[0] is first and isinstance(model.features[0], LowRankConv)
     copy.deepcopy(model)  # factorised models stay deep-copyable
+
+
+def test_keep_ends_leaves_the_first_and_the_last_factorisable_layer_dense():
+    model = Net()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    factorize(model, FactorizeConfig(keep_ends=True))
+    assert [name for name, _ in low_rank_layers(model)] == ["head.0"]
+    assert type(model.features[0]) is nn.Conv2d and type(model.head[2]) is nn.Linear
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    entries = {e.name: e for e in plan(Net(), FactorizeConfig(keep_ends=True))}
+    assert entries["features.0"].rank is None and "the first" in entries["features.0"].skipped
+    assert entries["head.2"].rank is None and "the last" in entries["head.2"].skipped
+    assert entries["head.0"].rank == 8 and entries["head.0"].skipped is None
+    # the ends are those of the layers left after the other rules: excluding head.2 keeps head.0 dense
+    with pytest.raises(ValueError, match="keep_ends: the last"):
+        factorize(Net(), FactorizeConfig(keep_ends=True, exclude_modules=["head.2"]))
+    with pytest.raises(TypeError, match="keep_ends='yes'"):
+        FactorizeConfig(keep_ends="yes")

@@ -233,3 +233,29 @@ def test_the_sampled_pass_leaves_batchnorm_statistics_to_the_full_model(sampled_
     assert step.passes[1]  # a sub-model ran through the BatchNorm layers
     for (name, got), (_, want) in zip(model.named_buffers(), reference.named_buffers()):
         assert torch.equal(got, want), name
+
+
+def test_a_stem_kept_dense_is_replayed_under_the_independent_sampler():
+    """The independent sampler lowers the rank of almost every factorised layer in every step, so
+    with the stem factorised the prefix is rarely reusable; kept dense (``keep_ends``), the stem and
+    its BatchNorm come from the full pass in every step, with the same gradients as recomputing
+    them."""
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    steps = 6
+    for keep_ends in (False, True):
+        model = ml.factorize(SmallConvNet(), ml.FactorizeConfig(keep_ends=keep_ends))
+        assert ("conv1" in dict(ml.low_rank_layers(model))) is not keep_ends
+        replaying_steps = 0
+        for seed in range(steps):
+            grads = []
+            for reuse in (None, PrefixReuse(model)):
+                step = MaestroStep(model, list(ml.low_rank_layers(model)), ml.IndependentSampler(seed),
+                                   contextlib.nullcontext, reuse=reuse)
+                model.zero_grad(set_to_none=True)
+                step(inputs, targets, torch.Tensor.backward)
+                grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            replaying_steps += reuse.replayed > 0
+            for name in grads[0]:
+                torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+        assert (replaying_steps == steps) is keep_ends

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..runs.presets import preset
@@ -12,11 +12,15 @@ from ..training.ablations import VARIANTS
 
 @dataclass(frozen=True)
 class Task:
-    """One model on one dataset with one recipe (a partial TrainConfig table)."""
+    """One model on one dataset with one recipe (a partial TrainConfig table). ``maestro`` holds
+    MAESTRO's own options on this task, applied over the recipe to its cells only where a suite
+    trains MAESTRO beside other families (the ``fronts`` suite): what every family shares stays in
+    ``options``."""
 
     name: str
     options: dict[str, Any]
     metric: str = "accuracy"  # or "perplexity"
+    maestro: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,8 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--target-modules", "factorize.target_modules", {"type": _names, "metavar": "NAMES",
                                                       "help": "comma-separated module names to factorise"}),
     ("--exclude-modules", "factorize.exclude_modules", {"type": _names, "metavar": "NAMES"}),
+    ("--keep-ends", "factorize.keep_ends", {"action": argparse.BooleanOptionalAction,
+                                            "help": "keep the first and the last factorisable layer dense"}),
     ("--start-rank", "factorize.rank", {"type": _rank, "metavar": "R",
                                         "help": "start rank: an int, or a fraction of full rank"}),
     ("--min-rank", "factorize.min_rank", {"type": int}),
