@@ -54,10 +54,12 @@ class FactorizeConfig:
             factorisable layer is warned about (it is probably misspelt).
         keep_ends: keep dense the first and the last layer that would otherwise be factorised (in
             the model's module order: usually the stem and the classifier), as Pufferfish and
-            Cuttlefish do. Their factor pairs never save much (a stem has few input channels, a
-            classifier few outputs), and in MAESTRO training sampling their ranks trains sub-models
-            that a greedy front never uses (it cuts them last) while it disturbs the full model;
-            kept dense, a stem also lets the sampled pass reuse the full pass's first block.
+            Cuttlefish do. Their factor pairs save little (a stem has few input channels, a
+            classifier few outputs); in MAESTRO training, sampling their ranks trains sub-models
+            that a greedy front seldom uses (it cuts them among the last) while it disturbs the
+            full model; and a dense stem lets the sampled pass replay the full pass's first block.
+            Where the first layer holds much of the cost (LeNet-5's first convolution: 31 % of the
+            MACs), keeping it dense takes the deep cuts away.
         init: ``"svd"`` (exact at full rank, Eckart–Young at every truncation), ``"random"``, or
             ``"whitened"``: SVD weighted by the layer's inputs on calibration data, exact at full
             rank and with the smallest output error on that data at every truncation. It needs

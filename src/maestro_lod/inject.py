@@ -199,12 +199,13 @@ def _unmatched_patterns(config: FactorizeConfig, candidate_names: list[str]) -> 
 
 def _keep_ends_dense(decisions: list[_Decision], decided: list[list[PlanEntry]]) -> None:
     """``keep_ends``: drop the first and the last decision and mark their plan entries kept dense."""
+    if not decisions:
+        return
     ends = {len(decisions) - 1: "the last", 0: "the first"} if len(decisions) > 1 else {0: "the only"}
-    for index, which in ends.items():
-        if index < len(decisions):
-            del decisions[index]
-            for entry in decided.pop(index):
-                entry.rank, entry.skipped = None, f"keep_ends: {which} factorisable layer stays dense"
+    for index, which in ends.items():  # the last first, so that index 0 stays valid
+        del decisions[index]
+        for entry in decided.pop(index):
+            entry.rank, entry.skipped = None, f"keep_ends: {which} factorisable layer stays dense"
 
 
 def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Decision], list[str]]:

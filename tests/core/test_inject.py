@@ -119,5 +119,7 @@ def test_keep_ends_leaves_the_first_and_the_last_factorisable_layer_dense():
     # the ends are those of the layers left after the other rules: excluding head.2 keeps head.0 dense
     with pytest.raises(ValueError, match="keep_ends: the last"):
         factorize(Net(), FactorizeConfig(keep_ends=True, exclude_modules=["head.2"]))
+    with pytest.raises(ValueError, match="keep_ends: the only"):
+        factorize(nn.Sequential(nn.Linear(4, 3)), FactorizeConfig(keep_ends=True))
     with pytest.raises(TypeError, match="keep_ends='yes'"):
         FactorizeConfig(keep_ends="yes")
