@@ -10,8 +10,8 @@ Setups (parameters as the cost throughout):
 * ``charlm``: the character Transformer LM trained with MAESTRO on pydoc-text (``char-lm-pydoc``,
   ``--charlm-epochs``);
 * ``cnn4``: the four-convolution CNN with BatchNorm trained with MAESTRO on mnist5k (the ``fronts``
-  suite's ``cnn4-mnist5k`` recipe, ``--cnn4-epochs``); BatchNorm statistics are recomputed at
-  every point;
+  suite's ``cnn4-mnist5k`` recipe shared by every family, so the paper's objective with every
+  layer factorised, ``--cnn4-epochs``); BatchNorm statistics are recomputed at every point;
 * ``gpt2``: a GPT-2-style model (12 blocks, width 256, 4 heads; ``transformers.GPT2LMHeadModel`` from
   a config, random weights) factorised at full rank, calibrated on windows of the pydoc text
   (``--gpt2-calibration`` windows of 64 characters). Random weights have no low-rank structure:
