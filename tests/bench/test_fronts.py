@@ -1,14 +1,16 @@
 """``maestro-lod bench --suite fronts`` on a tiny budget: every family is trained and measured,
 a second run trains and searches nothing, the budget tables are the best cached point within each
-budget, and the gap between two curves is an area that vanishes for identical curves."""
+budget, the gap between two curves is an area that vanishes for identical curves, and a task's own
+MAESTRO options reach its MAESTRO cell and the separately trained ones only."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 
 from maestro_lod import cli
-from maestro_lod.bench import run_fronts
+from maestro_lod.bench import fronts, run_fronts
 from maestro_lod.bench.front_tables import advantage, best_within, mean_gap
 from maestro_lod.bench.fronts import FAMILIES, FAMILY_CELLS, FRONT_FAMILIES, PUFFERFISH, SEPARATE
 from maestro_lod.errors import UsageError
@@ -150,10 +152,6 @@ def test_a_call_on_other_tasks_keeps_the_tasks_reported_before(suite):
 
 
 def test_maestro_options_of_a_task_reach_its_cell_and_the_separately_trained_ones(tmp_path, monkeypatch):
-    import dataclasses
-
-    from maestro_lod.bench import fronts
-
     task = next(t for t in fronts.TASKS if t.name == TASK)
     own = {"sampled_weight": 0.5, "factorize": {"keep_ends": True}}
     monkeypatch.setattr(fronts, "TASKS", (dataclasses.replace(task, maestro=own),))
