@@ -125,6 +125,7 @@ class _Decision:
     handler: LayerHandler
     paths: list[str]
     ranks: dict[str, int]
+    entries: list[PlanEntry]  # its weights' rows of the plan
 
 
 def _start_rank(names: list[str], component: Component, config: FactorizeConfig) -> int:
@@ -197,14 +198,16 @@ def _unmatched_patterns(config: FactorizeConfig, candidate_names: list[str]) -> 
     return messages
 
 
-def _keep_ends_dense(decisions: list[_Decision], decided: list[list[PlanEntry]]) -> None:
+def _keep_ends_dense(decisions: list[_Decision]) -> None:
     """``keep_ends``: drop the first and the last decision and mark their plan entries kept dense."""
     if not decisions:
         return
-    ends = {len(decisions) - 1: "the last", 0: "the first"} if len(decisions) > 1 else {0: "the only"}
-    for index, which in ends.items():  # the last first, so that index 0 stays valid
-        del decisions[index]
-        for entry in decided.pop(index):
+    if len(decisions) == 1:
+        ends = [(decisions.pop(), "the only")]
+    else:
+        ends = [(decisions.pop(0), "the first"), (decisions.pop(), "the last")]
+    for decision, which in ends:
+        for entry in decision.entries:
             entry.rank, entry.skipped = None, f"keep_ends: {which} factorisable layer stays dense"
 
 
@@ -222,7 +225,6 @@ def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Dec
 
     owned: list[str] = []  # modules whose sub-modules are handled as part of them
     entries, left_dense, decisions, unsupported, candidates = [], [], [], [], []
-    decided: list[list[PlanEntry]] = []  # the plan entries of each decision
     existing_factors = 0
     explicit = config.target_modules is not None
     for key, module in modules.items():
@@ -259,10 +261,9 @@ def _analyse(model: nn.Module, config: FactorizeConfig) -> tuple[Plan, list[_Dec
                                      comp.out_features, comp.in_features, comp.groups, comp.max_rank, rank, reason,
                                      tuple(comp_names[1:])))
         if reason is None:
-            decisions.append(_Decision(module, handler, names, ranks))
-            decided.append(entries[-len(components):])
+            decisions.append(_Decision(module, handler, names, ranks, entries[-len(components):]))
     if config.keep_ends:
-        _keep_ends_dense(decisions, decided)
+        _keep_ends_dense(decisions)
     if unsupported:
         raise ConfigError(f"targeted module(s) {', '.join(unsupported)} cannot be factorised; "
                           f"supported: {supported_labels()}")

@@ -163,9 +163,11 @@ class Runner:
         curves: dict[str, dict[str, Any]] = {}
         cells: dict[str, Path] = {}
         computed = self.result.computed
-        for source in ("maestro", "dense"):
-            cells[source] = self.cell(task, source, source, seed, total,
-                                      task.maestro if source == "maestro" else None).directory
+        for source, own in (("maestro", task.maestro), ("dense", None)):
+            trained = self.cell(task, source, source, seed, total, own)
+            cells[source] = trained.directory
+            if source == "maestro":  # the models trained at its ranks keep dense what it keeps dense
+                factorize = dict(trained.config.factorize)
             for name, (cell, how) in FRONTS.items():
                 if cell == source:
                     for cost in AXES:
@@ -175,7 +177,6 @@ class Runner:
             name = pufferfish_cell(ratio)
             cells[name] = self.cell(task, name, "pufferfish", seed, total, {"rank_ratio": ratio}).directory
             curves[name] = cell_point(cells[name], self.curve_path(task, seed, name), computed)
-        factorize = {**task.options.get("factorize", {}), **task.maestro.get("factorize", {})}
         for index, ranks in enumerate(separate_ranks(curves["maestro-params"]), start=1):
             name = separate_cell(index)
             options = {"lambda_gl": 0.0, "eps_ps": 0.0, "factorize": {**factorize, "rank_pattern": ranks}}
