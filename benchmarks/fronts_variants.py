@@ -3,8 +3,8 @@
 Trains the task's MAESTRO cell with ``--set KEY=VALUE`` options over the task's recipe (and over
 MAESTRO's own options on the task) into
 ``OUT/<task>/<name>/seed<k>`` (resumed or skipped like the suite's cells), searches its fronts by
-parameters and by MACs exactly as ``maestro-lod bench --suite fronts`` does (cached beside the
-suite's curves), and prints, per budget, the mean ± standard error over the seeds of the variant
+parameters and by MACs exactly as ``maestro-lod bench --suite fronts`` does (the task's order of
+the trained ranks, cached beside the suite's curves), and prints, per budget, the mean ± standard error over the seeds of the variant
 and of the suite's ``maestro`` cell (trained and searched first when missing), with each one's
 trained model (accuracy, size, training seconds). ``--no-fronts`` compares the trained models only
 (minutes instead of the searches' tens of minutes). Writes the figures, options, machine, torch
@@ -67,7 +67,7 @@ def main() -> None:
                 continue
             for axis in curves:
                 curve = front_curves.front_curve(cell.directory, runner.curve_path(task, seed, f"{name}-{axis}"),
-                                                 "canonical", axis)
+                                                 task.maestro_order, axis)
                 curves[axis].append([best_within(normalised(curve, metric), axis, b, metric) for b in BUDGETS])
         final = "final_perplexity" if lower_is_better(metric) else "final_accuracy"
         result["cells"][name] = {

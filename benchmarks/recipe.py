@@ -94,6 +94,7 @@ ROWS = {  # row -> (training, how the front's model is prepared)
     "MAESTRO, anneal, canonical": ("maestro-anneal", "canonical"),
     "MAESTRO, anneal, canonical (whitened)": ("maestro-anneal", "canonical-whitened"),
     "MAESTRO, anneal, independent sampler, canonical": ("maestro-anneal-independent", "canonical"),
+    "MAESTRO recipe, canonical (whitened)": ("maestro-anneal-independent", "canonical-whitened"),
     "dense + SVD, anneal, 10 epochs": ("dense-10", "svd"),
     "MAESTRO recipe, 10 epochs, λ of 30": ("maestro-10", "canonical"),
     "MAESTRO recipe, 10 epochs, λ scaled to 10": ("maestro-10-scaled", "canonical"),

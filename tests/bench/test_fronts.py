@@ -1,5 +1,6 @@
 """``maestro-lod bench --suite fronts`` on a tiny budget: every family is trained and measured,
-a second run trains and searches nothing, the budget tables are the best cached point within each
+a second run trains and searches nothing, MAESTRO's front can start from its pairs re-factorised
+by whitened SVD, the budget tables are the best cached point within each
 budget, the gap between two curves is an area that vanishes for identical curves, and a task's own
 MAESTRO options reach its MAESTRO cell and the separately trained ones only."""
 
@@ -8,12 +9,16 @@ import json
 import math
 
 import pytest
+import torch
 
 from maestro_lod import cli
 from maestro_lod.bench import fronts, run_fronts
+from maestro_lod.bench.front_curves import prepared, run_inputs
 from maestro_lod.bench.front_tables import advantage, best_within, mean_gap
 from maestro_lod.bench.fronts import FAMILIES, FAMILY_CELLS, FRONT_FAMILIES, PUFFERFISH, SEPARATE
 from maestro_lod.errors import UsageError
+from maestro_lod.layers import low_rank_layers
+from maestro_lod.runs.loading import load_run
 
 TASK = "mlp-digits"
 
@@ -154,8 +159,11 @@ def test_a_call_on_other_tasks_keeps_the_tasks_reported_before(suite):
 def test_maestro_options_of_a_task_reach_its_cell_and_the_separately_trained_ones(tmp_path, monkeypatch):
     task = next(t for t in fronts.TASKS if t.name == TASK)
     own = {"sampled_weight": 0.5, "factorize": {"keep_ends": True}}
-    monkeypatch.setattr(fronts, "TASKS", (dataclasses.replace(task, maestro=own),))
+    monkeypatch.setattr(fronts, "TASKS", (dataclasses.replace(task, maestro=own, maestro_order="canonical-whitened"),))
     run_fronts(tmp_path, tasks=[TASK], seeds=1, epochs=1)
+    curves = _curves(tmp_path)
+    assert {curves[f"{name}-params"]["key"]["prepare"] for name in ("maestro", "dense-svd", "dense-whitened")} == {
+        "canonical-whitened", "svd", "whitened"}  # the task's order applies to MAESTRO's front only
 
     def config(cell):
         return json.loads((tmp_path / TASK / cell / "seed0" / "config.json").read_text())
@@ -168,3 +176,25 @@ def test_maestro_options_of_a_task_reach_its_cell_and_the_separately_trained_one
     for index in range(1, len(SEPARATE) + 1):
         separate = config(f"separate-{index}")
         assert separate["factorize"]["keep_ends"] is True and set(separate["factorize"]["rank_pattern"]) == ends
+
+
+def test_a_front_prepared_by_whitened_canonical_order_keeps_the_function_and_reorders_the_ranks(suite):
+    run = load_run(suite / TASK / "maestro" / "seed0")
+    inputs = run_inputs(run)
+    plain, whitened = (prepared(run, how, inputs) for how in ("canonical", "canonical-whitened"))
+    batch = inputs.calibration[0][0]
+    with torch.no_grad():
+        expected = run.model.eval()(batch)
+        assert torch.allclose(whitened(batch), expected, atol=1e-4) and torch.allclose(plain(batch), expected, atol=1e-4)
+    # the leading ranks differ from the plain SVD's: the calibration inputs decided their order
+    layers = dict(low_rank_layers(whitened))
+    assert any(not torch.allclose(layer.down[:1].abs(), dict(low_rank_layers(plain))[name].down[:1].abs(), atol=1e-3)
+               for name, layer in layers.items())
+
+
+def test_an_unknown_maestro_order_is_refused_in_one_line(tmp_path, monkeypatch):
+    task = next(t for t in fronts.TASKS if t.name == TASK)
+    monkeypatch.setattr(fronts, "TASKS", (dataclasses.replace(task, maestro_order="whitened"),))
+    with pytest.raises(UsageError, match="maestro_order='whitened' must be"):
+        run_fronts(tmp_path / "out", tasks=[TASK], seeds=1, epochs=1)
+    assert not (tmp_path / "out").exists()  # refused before anything was trained

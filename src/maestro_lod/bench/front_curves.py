@@ -51,9 +51,10 @@ SHARE = LAZY_SHARE
 """The search a front is cached for (its step, kind and the share of a lazy round; a front cached
 without a share was searched with one removal per round, share 0); a front cached for another
 search is computed again."""
-PREPARATIONS = ("canonical", "svd", "whitened")
+PREPARATIONS = ("canonical", "canonical-whitened", "svd", "whitened")
 """How a front's model is prepared: ``canonical`` (MAESTRO's trained pairs re-factorised by SVD),
-``svd`` and ``whitened`` (a dense model factorised at full rank by SVD / by whitened SVD)."""
+``canonical-whitened`` (re-factorised by whitened SVD on the calibration set), ``svd`` and
+``whitened`` (a dense model factorised at full rank by SVD / by whitened SVD)."""
 
 
 def source_digest(directory: Path) -> str:
@@ -105,6 +106,8 @@ def prepared(run: LoadedRun, how: str, inputs: Inputs) -> torch.nn.Module:
     model = copy.deepcopy(run.model).eval()
     if how == "canonical":
         return canonicalize_(model)
+    if how == "canonical-whitened":
+        return canonicalize_(model, calibration=inputs.calibration)
     base = dataclasses.replace(run.config.factorize_config(), init=how, rank=None, rank_pattern={})
     calibration = inputs.calibration if how == "whitened" else None
     return factorize(model, base, calibration=calibration).eval()

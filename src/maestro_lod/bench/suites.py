@@ -15,12 +15,15 @@ class Task:
     """One model on one dataset with one recipe (a partial TrainConfig table). ``maestro`` holds
     MAESTRO's own options on this task, applied over the recipe to its cells only where a suite
     trains MAESTRO beside other families (the ``fronts`` suite): what every family shares stays in
-    ``options``."""
+    ``options``. ``maestro_order`` is how that suite orders MAESTRO's trained ranks before its
+    search: ``canonical`` (each pair re-factorised by SVD) or ``canonical-whitened`` (by whitened
+    SVD on the calibration set)."""
 
     name: str
     options: dict[str, Any]
     metric: str = "accuracy"  # or "perplexity"
     maestro: dict[str, Any] = field(default_factory=dict)
+    maestro_order: str = "canonical"
 
 
 @dataclass(frozen=True)
