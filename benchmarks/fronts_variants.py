@@ -1,17 +1,18 @@
 """MAESTRO's front on a ``fronts``-suite task with one recipe change, beside the suite's own.
 
 Trains the task's MAESTRO cell with ``--set KEY=VALUE`` options over the task's recipe (and over
-MAESTRO's own options on the task) into
-``OUT/<task>/<name>/seed<k>`` (resumed or skipped like the suite's cells), searches its fronts by
-parameters and by MACs exactly as ``maestro-lod bench --suite fronts`` does (the task's order of
-the trained ranks, cached beside the suite's curves), and prints, per budget, the mean ± standard error over the seeds of the variant
-and of the suite's ``maestro`` cell (trained and searched first when missing), with each one's
-trained model (accuracy, size, training seconds). ``--no-fronts`` compares the trained models only
+MAESTRO's own options on the task) into ``OUT/<task>/<name>/seed<k>`` (resumed or skipped like the
+suite's cells), searches its fronts by parameters and by MACs exactly as ``maestro-lod bench
+--suite fronts`` does (cached beside the suite's curves; ``--order`` orders the trained ranks of
+both cells another way than the task does), and prints, per budget, the mean ± standard error
+over the seeds of the variant and of the suite's ``maestro`` cell (trained and searched first when
+missing), with each one's trained model (accuracy, size, training seconds). ``--no-fronts`` compares the trained models only
 (minutes instead of the searches' tens of minutes). Writes the figures, options, machine, torch
 version and date to JSON (``benchmarks/results/fronts_variants-<task>-<name>.json``).
 
     python benchmarks/fronts_variants.py --task cnn4-mnist5k --name maestro-e12 --set epochs=12 --share 0
     python benchmarks/fronts_variants.py --task cnn4-mnist5k --name maestro-nogl --set lambda_gl=0 --no-fronts
+    python benchmarks/fronts_variants.py --task cnn4-mnist5k --name maestro-recipe-budget --set sampler=budget --share 0 --order canonical
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-fronts"))
     parser.add_argument("--share", type=float, default=None,
                         help="the lazy search's share per round (default: the search's; 0: one removal per round)")
+    parser.add_argument("--order", choices=("canonical", "canonical-whitened"), default=None,
+                        help="how the trained ranks are ordered before both searches (default: the task's, "
+                             "as the suite orders them; another order caches its curves under its own name)")
     parser.add_argument("--no-fronts", action="store_true", help="compare the trained models only")
     parser.add_argument("--json", type=Path, default=None,
                         help="default: benchmarks/results/fronts_variants-<task>-<name>.json")
@@ -52,12 +56,14 @@ def main() -> None:
     if args.share is not None:
         front_curves.SHARE = args.share
     task = next(t for t in TASKS if t.name == args.task)
+    order = args.order or task.maestro_order
     metric = task.metric
     scale = 1.0 if lower_is_better(metric) else 100.0
     runner = Runner(args.out, None, False, print, FrontsResult(args.out))
     result: dict[str, Any] = {"task": task.name, "variant": args.name, "options": dict(args.set),
                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-                              "machine": platform.platform(), "share": front_curves.SHARE, "cells": {}}
+                              "machine": platform.platform(), "share": front_curves.SHARE, "order": order,
+                              "cells": {}}
     for name, options in (("maestro", task.maestro), (args.name, {**task.maestro, **dict(args.set)})):
         trained, curves = [], {axis: [] for axis in ("params", "macs")}
         for seed in range(args.seeds):
@@ -65,9 +71,10 @@ def main() -> None:
             trained.append(json.loads((cell.directory / "summary.json").read_text()))
             if args.no_fronts:
                 continue
+            cached = name if order == task.maestro_order else f"{name}-{order}"
             for axis in curves:
-                curve = front_curves.front_curve(cell.directory, runner.curve_path(task, seed, f"{name}-{axis}"),
-                                                 task.maestro_order, axis)
+                curve = front_curves.front_curve(cell.directory, runner.curve_path(task, seed, f"{cached}-{axis}"),
+                                                 order, axis)
                 curves[axis].append([best_within(normalised(curve, metric), axis, b, metric) for b in BUDGETS])
         final = "final_perplexity" if lower_is_better(metric) else "final_accuracy"
         result["cells"][name] = {
