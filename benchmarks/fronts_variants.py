@@ -6,9 +6,10 @@ suite's cells), searches its fronts by parameters and by MACs exactly as ``maest
 --suite fronts`` does (cached beside the suite's curves; ``--order`` orders the trained ranks of
 both cells another way than the task does), and prints, per budget, the mean ± standard error
 over the seeds of the variant and of the suite's ``maestro`` cell (trained and searched first when
-missing), with each one's trained model (accuracy, size, training seconds). ``--no-fronts`` compares the trained models only
-(minutes instead of the searches' tens of minutes). Writes the figures, options, machine, torch
-version and date to JSON (``benchmarks/results/fronts_variants-<task>-<name>.json``).
+missing), with each one's trained model (accuracy, size, training seconds). ``--no-fronts``
+compares the trained models only (minutes instead of the searches' tens of minutes). Writes the
+figures, options, machine, torch version and date to JSON
+(``benchmarks/results/fronts_variants-<task>-<name>.json``).
 
     python benchmarks/fronts_variants.py --task cnn4-mnist5k --name maestro-e12 --set epochs=12 --share 0
     python benchmarks/fronts_variants.py --task cnn4-mnist5k --name maestro-nogl --set lambda_gl=0 --no-fronts
@@ -29,7 +30,7 @@ import torch
 from cli_options import key_value
 
 import maestro_lod.bench.front_curves as front_curves
-from maestro_lod.bench.fronts import TASKS, FrontsResult, Runner
+from maestro_lod.bench.fronts import MAESTRO_ORDERS, TASKS, FrontsResult, Runner
 from maestro_lod.bench.front_tables import BUDGETS, best_within, lower_is_better, normalised, shown
 from maestro_lod.files import write_json_atomic
 from maestro_lod.tables import format_table
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-fronts"))
     parser.add_argument("--share", type=float, default=None,
                         help="the lazy search's share per round (default: the search's; 0: one removal per round)")
-    parser.add_argument("--order", choices=("canonical", "canonical-whitened"), default=None,
+    parser.add_argument("--order", choices=MAESTRO_ORDERS, default=None,
                         help="how the trained ranks are ordered before both searches (default: the task's, "
                              "as the suite orders them; another order caches its curves under its own name)")
     parser.add_argument("--no-fronts", action="store_true", help="compare the trained models only")

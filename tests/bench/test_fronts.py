@@ -195,6 +195,6 @@ def test_a_front_prepared_by_whitened_canonical_order_keeps_the_function_and_reo
 def test_an_unknown_maestro_order_is_refused_in_one_line(tmp_path, monkeypatch):
     task = next(t for t in fronts.TASKS if t.name == TASK)
     monkeypatch.setattr(fronts, "TASKS", (dataclasses.replace(task, maestro_order="whitened"),))
-    with pytest.raises(UsageError, match="maestro_order='whitened' must be"):
+    with pytest.raises(UsageError, match="maestro_order='whitened' must be one of canonical, canonical-whitened"):
         run_fronts(tmp_path / "out", tasks=[TASK], seeds=1, epochs=1)
     assert not (tmp_path / "out").exists()  # refused before anything was trained

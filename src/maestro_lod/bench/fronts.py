@@ -93,11 +93,15 @@ FRONT_FAMILIES = {MAESTRO: "maestro", DENSE_SVD: "dense-svd", DENSE_WHITENED: "d
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "fronts.json", "fronts.md", "fronts.png"
 
 
+MAESTRO_ORDERS = ("canonical", "canonical-whitened")
+"""How MAESTRO's trained ranks can be ordered before its search (``Task.maestro_order``)."""
+
+
 def task_fronts(task: Task) -> dict[str, tuple[str, str]]:
     """:data:`FRONTS` of one task: MAESTRO's trained ranks ordered as ``task.maestro_order`` says."""
-    if task.maestro_order not in ("canonical", "canonical-whitened"):
-        raise UsageError(f"task {task.name}: maestro_order={task.maestro_order!r} must be 'canonical' or "
-                         "'canonical-whitened'")
+    if task.maestro_order not in MAESTRO_ORDERS:
+        raise UsageError(f"task {task.name}: maestro_order={task.maestro_order!r} must be one of "
+                         f"{', '.join(MAESTRO_ORDERS)}")
     return {**FRONTS, "maestro": ("maestro", task.maestro_order)}
 
 
