@@ -30,7 +30,7 @@ import torch
 from cli_options import key_value
 
 import maestro_lod.bench.front_curves as front_curves
-from maestro_lod.bench.fronts import MAESTRO_ORDERS, TASKS, FrontsResult, Runner
+from maestro_lod.bench.fronts import TASKS, FrontsResult, Runner
 from maestro_lod.bench.front_tables import BUDGETS, best_within, lower_is_better, normalised, shown
 from maestro_lod.files import write_json_atomic
 from maestro_lod.tables import format_table
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-fronts"))
     parser.add_argument("--share", type=float, default=None,
                         help="the lazy search's share per round (default: the search's; 0: one removal per round)")
-    parser.add_argument("--order", choices=MAESTRO_ORDERS, default=None,
+    parser.add_argument("--order", choices=front_curves.ORDERINGS, default=None,
                         help="how the trained ranks are ordered before both searches (default: the task's, "
                              "as the suite orders them; another order caches its curves under its own name)")
     parser.add_argument("--no-fronts", action="store_true", help="compare the trained models only")
@@ -67,12 +67,12 @@ def main() -> None:
                               "cells": {}}
     for name, options in (("maestro", task.maestro), (args.name, {**task.maestro, **dict(args.set)})):
         trained, curves = [], {axis: [] for axis in ("params", "macs")}
+        cached = name if order == task.maestro_order else f"{name}-{order}"  # the suite's curves stay its own
         for seed in range(args.seeds):
             cell = runner.cell(task, name, "maestro", seed, 2 * args.seeds, options)
             trained.append(json.loads((cell.directory / "summary.json").read_text()))
             if args.no_fronts:
                 continue
-            cached = name if order == task.maestro_order else f"{name}-{order}"
             for axis in curves:
                 curve = front_curves.front_curve(cell.directory, runner.curve_path(task, seed, f"{cached}-{axis}"),
                                                  order, axis)

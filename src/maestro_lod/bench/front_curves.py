@@ -51,9 +51,11 @@ SHARE = LAZY_SHARE
 """The search a front is cached for (its step, kind and the share of a lazy round; a front cached
 without a share was searched with one removal per round, share 0); a front cached for another
 search is computed again."""
-PREPARATIONS = ("canonical", "canonical-whitened", "svd", "whitened")
-"""How a front's model is prepared: ``canonical`` (MAESTRO's trained pairs re-factorised by SVD),
-``canonical-whitened`` (re-factorised by whitened SVD on the calibration set), ``svd`` and
+ORDERINGS = ("canonical", "canonical-whitened")
+"""How a trained factorised model's ranks are ordered before its front: its pairs re-factorised by
+SVD, or by whitened SVD on the calibration set."""
+PREPARATIONS = (*ORDERINGS, "svd", "whitened")
+"""How a front's model is prepared: one of :data:`ORDERINGS` (a MAESTRO run), or ``svd`` and
 ``whitened`` (a dense model factorised at full rank by SVD / by whitened SVD)."""
 
 

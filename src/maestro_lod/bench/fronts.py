@@ -42,7 +42,7 @@ from ..files import write_json_atomic, write_text_atomic
 from ..runs.directory import SUMMARY_FILE
 from ..runs.presets import preset
 from .cells import Cell, cell_config, is_finished, train_cell
-from .front_curves import cell_point, front_curve
+from .front_curves import ORDERINGS, cell_point, front_curve
 from .front_plots import plot_fronts
 from .front_tables import AXES, BUDGETS, RANGE, budget_table, gap_table, markdown, normalised
 from .suites import SUITES, Task
@@ -91,23 +91,24 @@ SEPARATE = (0.7, 0.4, 0.2)
 MAESTRO, DENSE_SVD, DENSE_WHITENED, PUFFER, SEPARATELY = (
     "MAESTRO", "dense + SVD", "dense + whitened SVD", "Pufferfish", "separately trained")
 FAMILIES = (MAESTRO, DENSE_SVD, DENSE_WHITENED, PUFFER, SEPARATELY)
-FRONTS = {"maestro": ("maestro", "canonical"), "dense-svd": ("dense", "svd"), "dense-whitened": ("dense", "whitened")}
-"""Front curve → (the cell it is searched on, how the model is prepared); each by both axes.
-MAESTRO's preparation is the task's (:func:`task_fronts`)."""
 FRONT_FAMILIES = {MAESTRO: "maestro", DENSE_SVD: "dense-svd", DENSE_WHITENED: "dense-whitened"}
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "fronts.json", "fronts.md", "fronts.png"
 
 
-MAESTRO_ORDERS = ("canonical", "canonical-whitened")
-"""How MAESTRO's trained ranks can be ordered before its search (``Task.maestro_order``)."""
+def check_maestro_order(task: Task) -> None:
+    """A one-line UsageError when ``task.maestro_order`` is not one of :data:`ORDERINGS`."""
+    if task.maestro_order not in ORDERINGS:
+        raise UsageError(f"task {task.name}: maestro_order={task.maestro_order!r} must be one of "
+                         f"{', '.join(ORDERINGS)}")
 
 
 def task_fronts(task: Task) -> dict[str, tuple[str, str]]:
-    """:data:`FRONTS` of one task: MAESTRO's trained ranks ordered as ``task.maestro_order`` says."""
-    if task.maestro_order not in MAESTRO_ORDERS:
-        raise UsageError(f"task {task.name}: maestro_order={task.maestro_order!r} must be one of "
-                         f"{', '.join(MAESTRO_ORDERS)}")
-    return {**FRONTS, "maestro": ("maestro", task.maestro_order)}
+    """Front curve → (the cell it is searched on, how its model is prepared), each searched by both
+    axes: MAESTRO's trained ranks ordered as the task says, the dense model factorised by SVD and
+    by whitened SVD."""
+    check_maestro_order(task)
+    return {"maestro": ("maestro", task.maestro_order), "dense-svd": ("dense", "svd"),
+            "dense-whitened": ("dense", "whitened")}
 
 
 def pufferfish_cell(ratio: float) -> str:
@@ -284,7 +285,7 @@ def run_fronts(out: str | Path | None = None, *, tasks: list[str] | None = None,
         raise UsageError(f"--seeds {seeds} must be at least 1")
     selected = [t for t in TASKS if tasks is None or t.name in tasks]
     for task in selected:
-        task_fronts(task)  # refuses an unknown order before anything is trained
+        check_maestro_order(task)
     seed_list = list(range(seeds if seeds is not None else SEEDS))
     out = Path(out or "runs/bench-fronts")
     result = FrontsResult(out)
