@@ -6,14 +6,18 @@ suite's cells), searches its fronts by parameters and by MACs exactly as ``maest
 --suite fronts`` does (cached beside the suite's curves; ``--order`` orders the trained ranks of
 both cells another way than the task does), and prints, per budget, the mean ± standard error
 over the seeds of the variant and of the suite's ``maestro`` cell (trained and searched first when
-missing), with each one's trained model (accuracy, size, training seconds). ``--no-fronts``
-compares the trained models only (minutes instead of the searches' tens of minutes). Writes the
-figures, options, machine, torch version and date to JSON
-(``benchmarks/results/fronts_variants-<task>-<name>.json``).
+missing), with each one's trained model (accuracy, size, training seconds) and the variant's
+difference from the suite's cell seed by seed (both cells of a seed share its data split and
+initialisation, so the paired difference has a smaller error than the two means apart).
+``--pufferfish`` also trains the suite's Pufferfish cells at the same seeds and compares both cells
+with each Pufferfish model at its own size, paired by seed. ``--no-fronts`` compares the trained
+models only (minutes instead of the searches' tens of minutes). Writes the figures, options,
+machine, torch version and date to JSON (``benchmarks/results/fronts_variants-<task>-<name>.json``).
 
     python benchmarks/fronts_variants.py --task cnn4-mnist5k --name maestro-e12 --set epochs=12 --share 0
     python benchmarks/fronts_variants.py --task cnn4-mnist5k --name maestro-nogl --set lambda_gl=0 --no-fronts
     python benchmarks/fronts_variants.py --task cnn4-mnist5k --name maestro-recipe-budget --set sampler=budget --share 0 --order canonical
+    python benchmarks/fronts_variants.py --task cnn4-mnist5k --name maestro-recipe-eighth-batch-norecal --set sampled_batch=0.125 --set bn_recal_batches=0 --share 0 --seeds 5 --pufferfish
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import torch
 from cli_options import key_value
 
 import maestro_lod.bench.front_curves as front_curves
-from maestro_lod.bench.fronts import TASKS, FrontsResult, Runner
-from maestro_lod.bench.front_tables import BUDGETS, best_within, lower_is_better, normalised, shown
+from maestro_lod.bench.fronts import PUFFERFISH, TASKS, FrontsResult, Runner, pufferfish_cell
+from maestro_lod.bench.suites import Task
+from maestro_lod.bench.front_tables import BUDGETS, Point, best_within, lower_is_better, normalised, shown
 from maestro_lod.files import write_json_atomic
 from maestro_lod.tables import format_table
 
@@ -49,6 +54,8 @@ def main() -> None:
     parser.add_argument("--order", choices=front_curves.ORDERINGS, default=None,
                         help="how the trained ranks are ordered before both searches (default: the task's, "
                              "as the suite orders them; another order caches its curves under its own name)")
+    parser.add_argument("--pufferfish", action="store_true",
+                        help="compare both cells with the suite's Pufferfish models (trained when missing)")
     parser.add_argument("--no-fronts", action="store_true", help="compare the trained models only")
     parser.add_argument("--json", type=Path, default=None,
                         help="default: benchmarks/results/fronts_variants-<task>-<name>.json")
@@ -65,18 +72,22 @@ def main() -> None:
                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
                               "machine": platform.platform(), "share": front_curves.SHARE, "order": order,
                               "cells": {}}
+    searched: dict[str, dict[str, list[list[Point]]]] = {}
+    total = args.seeds * (2 + len(PUFFERFISH) * (args.pufferfish and not args.no_fronts))
     for name, options in (("maestro", task.maestro), (args.name, {**task.maestro, **dict(args.set)})):
         trained, curves = [], {axis: [] for axis in ("params", "macs")}
+        searched[name] = {axis: [] for axis in curves}
         cached = name if order == task.maestro_order else f"{name}-{order}"  # the suite's curves stay its own
         for seed in range(args.seeds):
-            cell = runner.cell(task, name, "maestro", seed, 2 * args.seeds, options)
+            cell = runner.cell(task, name, "maestro", seed, total, options)
             trained.append(json.loads((cell.directory / "summary.json").read_text()))
             if args.no_fronts:
                 continue
             for axis in curves:
                 curve = front_curves.front_curve(cell.directory, runner.curve_path(task, seed, f"{cached}-{axis}"),
                                                  order, axis)
-                curves[axis].append([best_within(normalised(curve, metric), axis, b, metric) for b in BUDGETS])
+                searched[name][axis].append(normalised(curve, metric))
+                curves[axis].append([best_within(searched[name][axis][-1], axis, b, metric) for b in BUDGETS])
         final = "final_perplexity" if lower_is_better(metric) else "final_accuracy"
         result["cells"][name] = {
             "trained": [t[final] for t in trained], "params": [t["params_ratio"] for t in trained],
@@ -85,6 +96,9 @@ def main() -> None:
     for name, cell in result["cells"].items():
         rows.append((name, shown(cell["trained"], scale=scale), f"{statistics.fmean(cell['params']):.3f}",
                      f"{statistics.median(cell['train_s']):.0f}"))
+    suite, variant = result["cells"]["maestro"], result["cells"][args.name]
+    difference = [v - m for v, m in zip(variant["trained"], suite["trained"])]
+    rows.append(("difference, seed by seed", shown(difference, scale=scale), "", ""))
     print(f"\n{task.name}, {args.seeds} seed(s): the trained models")
     print(format_table(rows))
     if not args.no_fronts:
@@ -93,11 +107,56 @@ def main() -> None:
             for name, cell in result["cells"].items():
                 rows.append((name, *(shown([seed[i] for seed in cell["fronts"][axis]], scale=scale)
                                      for i in range(len(BUDGETS)))))
+            differences = (paired(variant["fronts"][axis], suite["fronts"][axis], i) for i in range(len(BUDGETS)))
+            rows.append(("difference, seed by seed", *(shown(d, scale=scale) for d in differences)))
             print(f"\nbest val {metric} within a {axis} budget, mean ± s.e. over seeds")
             print(format_table(rows))
+        if args.pufferfish:
+            result["pufferfish"] = against_pufferfish(runner, task, args.seeds, total, searched, metric)
+            print(f"\nat each Pufferfish model's own size: its val {metric} and each cell's best within that size "
+                  f"minus it, seed by seed (mean ± s.e.)")
+            print(format_table(pufferfish_rows(result["pufferfish"], scale)))
     path = args.json or Path(__file__).parent / "results" / f"fronts_variants-{task.name}-{args.name}.json"
     write_json_atomic(path, result)
     print(f"\nwrote {path}")
+
+
+def paired(values: list[list[float | None]], reference: list[list[float | None]],
+           index: int) -> list[float | None]:
+    """Per seed, the value at ``index`` minus the reference's (None where either has none)."""
+    return [None if a[index] is None or b[index] is None else a[index] - b[index] for a, b in zip(values, reference)]
+
+
+def against_pufferfish(runner: Runner, task: Task, seeds: int, total: int, searched: dict[str, dict[str, list[list[Point]]]],
+                       metric: str) -> dict[str, Any]:
+    """For each Pufferfish ratio of the suite: its model's size and score per seed, and each searched
+    cell's best score within that model's size (by parameters and by MACs) on the same seed."""
+    result = {}
+    for ratio in PUFFERFISH:
+        name = pufferfish_cell(ratio)
+        points = []
+        for seed in range(seeds):
+            cell = runner.cell(task, name, "pufferfish", seed, total, {"rank_ratio": ratio})
+            points.append(normalised(front_curves.cell_point(cell.directory, runner.curve_path(task, seed, name)),
+                                     metric)[0])
+        result[name] = {"models": points, "cells": {
+            cell: {axis: [best_within(fronts[axis][seed], axis, points[seed][axis], metric) for seed in range(seeds)]
+                   for axis in fronts} for cell, fronts in searched.items()}}
+    return result
+
+
+def pufferfish_rows(comparison: dict[str, Any], scale: float) -> list[tuple[str, ...]]:
+    rows = [("Pufferfish", "params (× dense)", "MACs (× dense)", "its score", "cell", "by params", "by MACs")]
+    for name, entry in comparison.items():
+        models = entry["models"]
+        own = [m["score"] for m in models]
+        first = (name, shown([m["params"] for m in models], 3), shown([m["macs"] for m in models], 3),
+                 shown(own, scale=scale))
+        for index, (cell, best) in enumerate(entry["cells"].items()):
+            differences = [shown([None if b is None else b - o for b, o in zip(best[axis], own)], scale=scale)
+                           for axis in ("params", "macs")]
+            rows.append((*(first if index == 0 else ("", "", "", "")), cell, *differences))
+    return rows
 
 
 if __name__ == "__main__":
