@@ -9,7 +9,7 @@ from maestro_lod.commands.train import build_config
 from maestro_lod.data import DATASETS
 from maestro_lod.errors import ConfigError
 from maestro_lod.models import MODELS
-from maestro_lod.runs.presets import PRESETS, preset
+from maestro_lod.runs.presets import METHOD_OPTIONS, PRESETS, preset
 from maestro_lod.training.train_config import TrainConfig, config_keys
 
 CIFAR = {"data": "cifar10", "epochs": 300, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
@@ -104,3 +104,36 @@ def test_a_preset_can_be_registered():
             PRESETS.add(name, {})
     finally:
         del PRESETS[name]
+
+
+@pytest.mark.parametrize("name,methods", sorted(METHOD_OPTIONS.items()))
+def test_a_presets_method_options_build_a_valid_config_of_that_method(name, methods):
+    assert name in PRESETS
+    for method, options in methods.items():
+        config = TrainConfig.from_dict({**preset(name, method), "method": method})
+        flat = config.to_dict()
+        assert all(flat[key] == value for key, value in options.items())
+
+
+def test_the_char_lm_preset_samples_40_percent_of_each_batch_for_maestro_only(tmp_path):
+    assert preset("char-lm-pydoc", "maestro")["sampled_batch"] == 0.4
+    assert "sampled_batch" not in preset("char-lm-pydoc")  # the shared recipe, as benchmarks build tasks from it
+    assert build_config(_args(preset="char-lm-pydoc")).method_options.sampled_batch == 0.4
+    for ablation in ("maestro-no-shrink", "maestro-full"):
+        assert build_config(_args(preset="char-lm-pydoc", method=ablation)).method_options.sampled_batch == 1.0
+    assert build_config(_args(preset="char-lm-pydoc", method="dense")).method == "dense"
+    # a flag or a config file sets it over the preset
+    assert build_config(_args(preset="char-lm-pydoc", sampled_batch=0.5)).method_options.sampled_batch == 0.5
+    toml = tmp_path / "run.toml"
+    toml.write_text("sampled_batch = 1.0\n")
+    assert build_config(_args(preset="char-lm-pydoc", config=str(toml))).method_options.sampled_batch == 1.0
+
+
+def test_a_conflict_with_a_presets_method_option_names_the_preset():
+    with pytest.raises(ConfigError, match=r"sampled_batch=0.4 comes from --preset char-lm-pydoc"):
+        build_config(_args(preset="char-lm-pydoc", full_pass=False))
+    config = build_config(_args(preset="char-lm-pydoc", full_pass=False, sampled_batch=1.0))
+    assert config.method_options.full_pass is False
+    with pytest.raises(ConfigError, match=r"^lr=-1") as caught:  # another option's error is its own
+        build_config(_args(preset="char-lm-pydoc", full_pass=False, lr=-1.0))
+    assert "preset" not in str(caught.value)

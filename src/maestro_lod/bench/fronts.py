@@ -40,7 +40,7 @@ import torch
 from ..errors import UsageError
 from ..files import write_json_atomic, write_text_atomic
 from ..runs.directory import SUMMARY_FILE
-from ..runs.presets import preset
+from ..runs.presets import method_options, preset
 from .cells import Cell, cell_config, is_finished, train_cell
 from .front_curves import ORDERINGS, cell_point, front_curve
 from .front_plots import plot_fronts
@@ -65,11 +65,11 @@ change helped (its first convolution holds 31 % of its MACs), and the ¼ weight 
 the character LM at deep cuts. cnn4's front also orders the trained ranks by whitened SVD (the
 outputs' error on the calibration set, not the weights'), which lifted its deep cuts (+0.7 points
 within 0.16× the MACs, 3 seeds); on LeNet-5 that order moved every budget within the noise."""
-CHAR_LM_MAESTRO = {"sampled_batch": 0.4}
-"""MAESTRO's recipe on the character LM: the sampled pass on 40 % of each batch, which trains in
-1.44× the dense time instead of 1.85× with the trained model and the fronts within about one
-standard error of the whole batch's (3 seeds; a quarter of the batch cost up to 1.3 % perplexity
-beyond the noise at deep cuts)."""
+CHAR_LM_MAESTRO = method_options("char-lm-pydoc", "maestro")
+"""MAESTRO's recipe on the character LM, the ``char-lm-pydoc`` preset's for MAESTRO: the sampled
+pass on 40 % of each batch, which trains in 1.44× the dense time instead of 1.85× with the trained
+model and the fronts within about one standard error of the whole batch's (3 seeds; a quarter of
+the batch cost up to 1.3 % perplexity beyond the noise at deep cuts)."""
 TASKS: tuple[Task, ...] = (
     Task("lenet5-mnist5k", {**preset("lenet5-mnist5k"), "threads": 1}),
     Task("cnn4-mnist5k", {**_CPU["cnn4-mnist5k"].options, **RECIPE}, maestro=CNN4_MAESTRO,

@@ -18,14 +18,14 @@ from typing import Any
 
 from ..config import INITS
 from ..data import DATASETS
-from ..errors import UsageError
+from ..errors import ConfigError, UsageError
 from ..models import MODELS
 from ..sampling import SAMPLERS
 from ..training.distributed import Distributed, DistributedError, env_rank, launched_by_torchrun
 from ..training.options import GROUP_WEIGHTS, REUSE_MODES
 from ..training.train_config import DEVICES, EXECUTION_KEYS, METHODS, REFERENCES, TrainConfig, check_nesting, read_toml
 from ..training.optim import OPTIMIZERS, SCHEDULES
-from ..runs.presets import PRESETS, preset
+from ..runs.presets import PRESETS, method_options, preset
 from ..training.loop import resolve_device
 from ..runs.directory import CONFIG_FILE, RunDirectory, RunLock
 from ..runs.loading import Claim, DataAccess, claim_output, claim_resume
@@ -198,10 +198,8 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def build_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < ``--preset`` < ``--config`` < flags; tables (factorize, model_options) merge key by key."""
-    layers = [preset(args.preset) if "preset" in args else {}, read_toml(args.config) if "config" in args else {},
-              _given(args)]
+def _merged(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Later layers over earlier ones; tables (factorize, model_options) merge key by key."""
     merged: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
@@ -209,7 +207,25 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                 merged[key] = {**merged.get(key, {}), **value}
             else:
                 merged[key] = value
-    config = TrainConfig.from_dict(merged)
+    return merged
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < ``--preset`` (with its options for the run's method) < ``--config`` < flags."""
+    above = [read_toml(args.config) if "config" in args else {}, _given(args)]
+    merged = _merged([preset(args.preset) if "preset" in args else {}, *above])
+    method = merged.get("method", TrainConfig.method)
+    own = method_options(args.preset, method) if "preset" in args and isinstance(method, str) else {}
+    if not own:
+        config = TrainConfig.from_dict(merged)
+    else:
+        try:
+            config = TrainConfig.from_dict(_merged([preset(args.preset, method), *above]))
+        except ConfigError as error:
+            TrainConfig.from_dict(merged)  # an error of the other options is reported as it is
+            given = ", ".join(f"{key}={value!r}" for key, value in own.items())
+            raise ConfigError(f"{error} ({given} comes from --preset {args.preset} for --method {method}; "
+                              f"set it with a flag to override)") from None
     MODELS.lookup(config.model)  # unknown names fail here, before any work, listing the known ones
     DATASETS.lookup(config.data)
     return config
