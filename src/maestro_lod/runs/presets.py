@@ -14,9 +14,10 @@ met"). The two language presets are small offline recipes sized for a CPU.
 A preset may also hold options for one training method only (:data:`METHOD_OPTIONS`), applied when
 the run uses that method: ``char-lm-pydoc`` runs MAESTRO's sampled pass on 40 % of each batch,
 which trains in 1.44× the dense time instead of 1.85× with the trained model and the fronts within
-about one standard error of the whole batch's (3 seeds). The ablations trained from the same preset
-(``maestro-no-shrink``, ``maestro-full``, no full pass) keep their own defaults: a run without the
-full pass has nothing but the sampled pass to train on the batch.
+about one standard error of the whole batch's (3 seeds). The ablation methods trained from the same
+preset (``maestro-no-shrink``, ``maestro-full``) keep their own defaults; MAESTRO without its full
+pass (``--no-full-pass``) is refused until ``--sampled-batch 1`` is given, since its sampled pass is
+then the only one and trains on the whole batch.
 """
 
 from __future__ import annotations
