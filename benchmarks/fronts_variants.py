@@ -27,6 +27,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,8 @@ def main() -> None:
         rows.append((name, shown(cell["trained"], scale=scale), f"{statistics.fmean(cell['params']):.3f}",
                      f"{statistics.median(cell['train_s']):.0f}"))
     suite, variant = result["cells"]["maestro"], result["cells"][args.name]
-    difference = [v - m for v, m in zip(variant["trained"], suite["trained"])]
-    rows.append(("difference, seed by seed", shown(difference, scale=scale), "", ""))
+    rows.append(("difference, seed by seed", shown(differences(variant["trained"], suite["trained"]), scale=scale),
+                 "", ""))
     print(f"\n{task.name}, {args.seeds} seed(s): the trained models")
     print(format_table(rows))
     if not args.no_fronts:
@@ -107,8 +108,8 @@ def main() -> None:
             for name, cell in result["cells"].items():
                 rows.append((name, *(shown([seed[i] for seed in cell["fronts"][axis]], scale=scale)
                                      for i in range(len(BUDGETS)))))
-            differences = (paired(variant["fronts"][axis], suite["fronts"][axis], i) for i in range(len(BUDGETS)))
-            rows.append(("difference, seed by seed", *(shown(d, scale=scale) for d in differences)))
+            by_budget = zip(zip(*variant["fronts"][axis]), zip(*suite["fronts"][axis]))  # per budget, the seeds
+            rows.append(("difference, seed by seed", *(shown(differences(v, m), scale=scale) for v, m in by_budget)))
             print(f"\nbest val {metric} within a {axis} budget, mean ± s.e. over seeds")
             print(format_table(rows))
         if args.pufferfish:
@@ -121,14 +122,13 @@ def main() -> None:
     print(f"\nwrote {path}")
 
 
-def paired(values: list[list[float | None]], reference: list[list[float | None]],
-           index: int) -> list[float | None]:
-    """Per seed, the value at ``index`` minus the reference's (None where either has none)."""
-    return [None if a[index] is None or b[index] is None else a[index] - b[index] for a, b in zip(values, reference)]
+def differences(values: Sequence[float | None], reference: Sequence[float | None]) -> list[float | None]:
+    """Seed by seed, each value minus the reference's on the same seed (None where either has none)."""
+    return [None if a is None or b is None else a - b for a, b in zip(values, reference)]
 
 
-def against_pufferfish(runner: Runner, task: Task, seeds: int, total: int, searched: dict[str, dict[str, list[list[Point]]]],
-                       metric: str) -> dict[str, Any]:
+def against_pufferfish(runner: Runner, task: Task, seeds: int, total: int,
+                       searched: dict[str, dict[str, list[list[Point]]]], metric: str) -> dict[str, Any]:
     """For each Pufferfish ratio of the suite: its model's size and score per seed, and each searched
     cell's best score within that model's size (by parameters and by MACs) on the same seed."""
     result = {}
@@ -153,9 +153,8 @@ def pufferfish_rows(comparison: dict[str, Any], scale: float) -> list[tuple[str,
         first = (name, shown([m["params"] for m in models], 3), shown([m["macs"] for m in models], 3),
                  shown(own, scale=scale))
         for index, (cell, best) in enumerate(entry["cells"].items()):
-            differences = [shown([None if b is None else b - o for b, o in zip(best[axis], own)], scale=scale)
-                           for axis in ("params", "macs")]
-            rows.append((*(first if index == 0 else ("", "", "", "")), cell, *differences))
+            gaps = [shown(differences(best[axis], own), scale=scale) for axis in ("params", "macs")]
+            rows.append((*(first if index == 0 else ("", "", "", "")), cell, *gaps))
     return rows
 
 

@@ -108,9 +108,8 @@ def check_maestro_order(task: Task) -> None:
 
 def task_fronts(task: Task) -> dict[str, tuple[str, str]]:
     """Front curve → (the cell it is searched on, how its model is prepared), each searched by both
-    axes: MAESTRO's trained ranks ordered as the task says, the dense model factorised by SVD and
-    by whitened SVD."""
-    check_maestro_order(task)
+    axes: MAESTRO's trained ranks ordered as the task says (checked by :func:`run_fronts` before
+    anything runs), the dense model factorised by SVD and by whitened SVD."""
     return {"maestro": ("maestro", task.maestro_order), "dense-svd": ("dense", "svd"),
             "dense-whitened": ("dense", "whitened")}
 
